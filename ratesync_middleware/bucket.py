@@ -1,0 +1,125 @@
+"""GCRA token bucket maths: pure functions over one number per group, its theoretical arrival time.
+
+Times are integer nanoseconds so that sums of intervals are exact. With emission interval `T` and
+capacity `burst`, a request of `cost` at `now` against a stored `tat` gives
+`new_tat = max(tat, now) + cost*T`, allowed iff `new_tat - burst*T <= now`. A denial changes nothing.
+The interval is rounded up to whole nanoseconds, so the admitted rate never exceeds the configured one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+NS_PER_SECOND = 1_000_000_000
+
+PERIOD_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a limiter allows: `burst` cost at once, refilled one unit every `interval_ns`."""
+
+    name: str
+    interval_ns: int
+    burst: int
+
+    def __post_init__(self) -> None:
+        if self.interval_ns < 1:
+            raise ValueError("interval_ns must be >= 1")
+        if self.burst < 1:
+            raise ValueError("burst must be >= 1")
+
+    @classmethod
+    def per_second(cls, name: str, rate: float, burst: int) -> Policy:
+        """`rate` units per second (may be fractional), capacity `burst`."""
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError("rate must be a positive finite number")
+        return cls(name, max(1, math.ceil(NS_PER_SECOND / rate)), burst)
+
+    @classmethod
+    def per_period(cls, name: str, count: int, period_seconds: int, burst: int) -> Policy:
+        """`count` units per `period_seconds`, exact in integers (600/minute: one per 100 ms)."""
+        if count < 1 or period_seconds < 1:
+            raise ValueError("count and period must be >= 1")
+        return cls(name, -(-period_seconds * NS_PER_SECOND // count), burst)
+
+    @property
+    def rate(self) -> float:
+        """Refill rate in units per second."""
+        return NS_PER_SECOND / self.interval_ns
+
+    @property
+    def window_ns(self) -> int:
+        """Time for an empty bucket to refill completely."""
+        return self.burst * self.interval_ns
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one request.
+
+    `limit` is the burst, `remaining` whole units left after this request, `retry_after` seconds
+    until this same request would be allowed (0 when allowed, `inf` when it can never be),
+    `reset_after` seconds until the bucket is full again, `policy` the limiter's name.
+    `degraded` is true when the store failed and the answer is the limiter's fail-open/closed rule.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after: float
+    reset_after: float
+    policy: str
+    reason: str = ""
+    degraded: bool = False
+
+
+def consume(policy: Policy, tat: int, now: int, cost: int = 1) -> tuple[int | None, Decision]:
+    """Apply one request to a bucket whose state is `tat`; return the new state (None if denied)."""
+    interval = policy.interval_ns
+    window = policy.burst * interval
+    start = tat if tat > now else now
+    if cost > policy.burst:
+        return None, Decision(
+            allowed=False,
+            limit=policy.burst,
+            remaining=max(0, (window - (start - now)) // interval),
+            retry_after=math.inf,
+            reset_after=(start - now) / NS_PER_SECOND,
+            policy=policy.name,
+            reason=f"cost {cost} exceeds the burst {policy.burst} of limiter {policy.name!r}",
+        )
+    new_tat = start + cost * interval
+    allow_at = new_tat - window
+    if allow_at <= now:
+        return new_tat, Decision(
+            allowed=True,
+            limit=policy.burst,
+            remaining=(now - allow_at) // interval,
+            retry_after=0.0,
+            reset_after=(new_tat - now) / NS_PER_SECOND,
+            policy=policy.name,
+        )
+    return None, Decision(
+        allowed=False,
+        limit=policy.burst,
+        remaining=max(0, (window - (start - now)) // interval),
+        retry_after=(allow_at - now) / NS_PER_SECOND,
+        reset_after=(start - now) / NS_PER_SECOND,
+        policy=policy.name,
+        reason=f"rate limit {policy.name!r} exceeded",
+    )
+
+
+def peek(policy: Policy, tat: int, now: int) -> Decision:
+    """The bucket as a zero-cost request sees it: remaining units and time to full, changing nothing."""
+    start = tat if tat > now else now
+    return Decision(
+        allowed=True,
+        limit=policy.burst,
+        remaining=max(0, (policy.window_ns - (start - now)) // policy.interval_ns),
+        retry_after=0.0,
+        reset_after=(start - now) / NS_PER_SECOND,
+        policy=policy.name,
+    )

