@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import ssl
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,11 +31,14 @@ async def _ignore(error: Exception) -> None:
     """An error callback that keeps nats-py from logging expected failures with tracebacks."""
 
 
-async def _wait_for_jetstream(url: str, timeout: float = 10.0) -> None:
+async def _wait_for_jetstream(url: str, timeout: float = 10.0, tls_ca: str | None = None) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
+    tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     while True:
         try:
-            nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False, error_cb=_ignore)
+            nc = await nats.connect(
+                url, connect_timeout=1, allow_reconnect=False, error_cb=_ignore, tls=tls
+            )
             try:
                 await nc.jetstream(timeout=1).account_info()
                 return
@@ -47,7 +51,11 @@ async def _wait_for_jetstream(url: str, timeout: float = 10.0) -> None:
 
 
 def start_server(
-    *args: str, jetstream: bool = True, config: str | None = None, login: str = ""
+    *args: str,
+    jetstream: bool = True,
+    config: str | None = None,
+    login: str = "",
+    tls_ca: str | None = None,
 ) -> NatsServer:
     """Start a nats-server and, with JetStream, wait until `account_info()` answers.
 
@@ -59,7 +67,7 @@ def start_server(
         url = server.url.replace("://", f"://{login}@") if login else server.url
         # In a thread of its own: the caller may be a coroutine with a running loop.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, _wait_for_jetstream(url)).result()
+            pool.submit(asyncio.run, _wait_for_jetstream(url, tls_ca=tls_ca)).result()
     return server
 
 
