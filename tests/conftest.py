@@ -94,3 +94,40 @@ def bucket_name() -> str:
 def nats_store(nats_url: str, bucket_name: str) -> dict[str, Any]:
     """A `[stores.<name>]` table for the session server and a fresh bucket."""
     return {"engine": "nats", "url": nats_url, "bucket_name": bucket_name}
+
+
+@pytest.fixture(scope="session")
+def server_without_jetstream() -> Iterator[NatsServer]:
+    server = start_server(jetstream=False)
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def token_server() -> Iterator[NatsServer]:
+    server = start_server("--auth", "s3cret-token", login="s3cret-token")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def users_server() -> Iterator[NatsServer]:
+    # `limited` may use an existing bucket but not create one; `admin` may do anything.
+    server = start_server(
+        jetstream=False,
+        config="""
+        jetstream { store_dir: "{store_dir}" }
+        authorization {
+          users = [
+            { user: admin, password: "adm1n-pw" }
+            { user: limited, password: "l1mited-pw", permissions: {
+                publish: { allow: ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.DIRECT.GET.>",
+                                   "$KV.>", "_INBOX.>"] },
+                subscribe: { allow: ["_INBOX.>"] } } }
+          ]
+        }
+        """,
+        login="admin:adm1n-pw",
+    )
+    yield server
+    server.cleanup()

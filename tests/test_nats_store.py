@@ -145,25 +145,11 @@ async def test_auto_create_false_uses_an_existing_bucket(nats_url: str, bucket_n
     await store.aclose()
 
 
-@pytest.fixture(scope="module")
-def server_without_jetstream() -> Any:
-    server = start_server(jetstream=False)
-    yield server
-    server.cleanup()
-
-
 async def test_server_without_jetstream(server_without_jetstream: NatsServer) -> None:
     store = NatsStore_for(server_without_jetstream.url)
     with pytest.raises(JetStreamNotEnabledError, match="^JetStream not enabled") as raised:
         await store.ready()
     assert "-js" in str(raised.value)
-
-
-@pytest.fixture(scope="module")
-def token_server() -> Any:
-    server = start_server("--auth", "s3cret-token", login="s3cret-token")
-    yield server
-    server.cleanup()
 
 
 async def test_token_authentication(token_server: NatsServer) -> None:
@@ -180,29 +166,6 @@ async def test_wrong_token_is_an_authentication_violation(token_server: NatsServ
     assert time.monotonic() - started < 2.0  # a rejected login fails at once, not at the deadline
     assert "wrong-token-value" not in str(raised.value)
     assert "wrong-token-value" not in repr(store)
-
-
-@pytest.fixture(scope="module")
-def users_server() -> Any:
-    # `limited` may use an existing bucket but not create one; `admin` may do anything.
-    server = start_server(
-        jetstream=False,
-        config="""
-        jetstream { store_dir: "{store_dir}" }
-        authorization {
-          users = [
-            { user: admin, password: "adm1n-pw" }
-            { user: limited, password: "l1mited-pw", permissions: {
-                publish: { allow: ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.DIRECT.GET.>",
-                                   "$KV.>", "_INBOX.>"] },
-                subscribe: { allow: ["_INBOX.>"] } } }
-          ]
-        }
-        """,
-        login="admin:adm1n-pw",
-    )
-    yield server
-    server.cleanup()
 
 
 async def test_user_password_in_the_url(users_server: NatsServer, bucket_name: str) -> None:

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import nats
@@ -63,16 +64,47 @@ def encode_value(tat: int, policy: Policy) -> bytes:
     ).encode()
 
 
-def decode_tat(data: bytes | None) -> int:
-    """The `tat` of a stored value; 0 (a full bucket) for an empty or foreign value."""
+def decode_value(data: bytes | None) -> dict[str, int] | None:
+    """The fields of a stored value, or None for an empty or foreign one (a full bucket)."""
     if not data:
-        return 0
+        return None
     try:
         value = json.loads(data)
-        tat = value["tat_ns"]
-    except (ValueError, TypeError, KeyError):
-        return 0
-    return tat if isinstance(tat, int) and not isinstance(tat, bool) else 0
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    fields = {name: value.get(name) for name in ("v", "tat_ns", "interval_ns", "burst")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()):
+        return None
+    return fields  # type: ignore[return-value]
+
+
+def decode_tat(data: bytes | None) -> int:
+    """The `tat` of a stored value; 0 (a full bucket) for an empty or foreign value."""
+    value = decode_value(data)
+    return value["tat_ns"] if value is not None else 0
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One key as NATS holds it, decoded (for `ratesync get` and `watch`)."""
+
+    key: str
+    revision: int
+    written_at: datetime | None
+    deleted: bool
+    value: dict[str, int] | None
+
+    def policy(self) -> Policy | None:
+        """The policy the last writer used, when the value carries one."""
+        if self.value is None or self.value["interval_ns"] < 1 or self.value["burst"] < 1:
+            return None
+        return Policy(self.key, self.value["interval_ns"], self.value["burst"])
+
+    @property
+    def tat_ns(self) -> int:
+        return 0 if self.deleted or self.value is None else self.value["tat_ns"]
 
 
 @dataclass(eq=False)
@@ -157,10 +189,10 @@ class NatsStore:
         self._cache.clear()
 
     async def _open(self) -> None:
-        nc = await self._connect()
+        nc = await self.connect()
         try:
             js = nc.jetstream(timeout=self.config.timeout)
-            info = await self._open_bucket(js)
+            info = await self.open_bucket(js)
         except BaseException:
             await self._close_client(nc)
             raise
@@ -168,7 +200,7 @@ class NatsStore:
         self._nc, self._js, self._loop = nc, js, asyncio.get_running_loop()
         self._cache.clear()
 
-    async def _connect(self) -> NatsClient:
+    async def connect(self) -> NatsClient:
         """Connect within `connect_timeout` over all URLs, failing early on a rejected login."""
         loop = asyncio.get_running_loop()
         self._connect_errors = []
@@ -265,7 +297,7 @@ class NatsStore:
             "(e.g. `telnet HOST 4222`)."
         )
 
-    async def _open_bucket(self, js: JetStreamContext) -> StreamInfo:
+    async def open_bucket(self, js: JetStreamContext) -> StreamInfo:
         """Open the bucket, creating it with the guide's settings when allowed and missing."""
         bucket = self.config.bucket_name
         try:
@@ -482,15 +514,33 @@ class NatsStore:
 
     async def _read(self, subject: str) -> tuple[int, int]:
         """The stored `(tat, revision)` of a subject; `(0, 0)` when it never existed."""
+        entry = await self._read_entry(subject)
+        return (entry.tat_ns, entry.revision) if entry is not None else (0, 0)
+
+    async def _read_entry(self, subject: str) -> StoredEntry | None:
         assert self._js is not None
         try:
             message = await self._js.get_msg(self._stream, subject=subject, direct=self._direct)
         except nats.js.errors.NotFoundError:
-            return 0, 0
+            return None
         headers = message.headers or {}
-        if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
-            return 0, int(message.seq or 0)
-        return decode_tat(message.data), int(message.seq or 0)
+        return StoredEntry(
+            key=subject[len(self._prefix) :],
+            revision=int(message.seq or 0),
+            written_at=message.time,
+            deleted=headers.get(_KV_OPERATION) in ("DEL", "PURGE"),
+            value=decode_value(message.data),
+        )
+
+    async def read_entry(self, key: str) -> StoredEntry | None:
+        """The stored entry of `key` as it is in NATS now; None when it never existed."""
+        await self.ready()
+        try:
+            return await self._read_entry(self._prefix + key)
+        except (nats.errors.Error, OSError) as error:
+            raise StoreUnavailableError(
+                f"store {self.config.name!r}: read failed ({error!r})"
+            ) from None
 
     async def peek(self, key: str, policy: Policy) -> Decision:
         await self.ready()

@@ -1,0 +1,371 @@
+"""`ratesync`: check a NATS set-up and inspect the shared buckets, without the `nats` CLI.
+
+    ratesync check  [--config PATH] [--store NAME]   the setup guide's verification steps
+    ratesync status                                  bucket settings, key count, bytes
+    ratesync get GROUP | reset GROUP | watch         one group's decoded state; delete it; live
+
+Human-readable by default, `--json` for scripts. Exit status 0 on success, 1 when a check fails or
+a store cannot be reached, 2 for a bad command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import nats.js.errors
+
+from .bucket import peek
+from .config import Config, StoreConfig, load_config
+from .errors import (
+    PRECREATE_COMMAND,
+    AuthenticationError,
+    ConfigError,
+    RateSyncError,
+    StoreError,
+)
+from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
+
+
+@dataclass
+class Step:
+    """One line of `ratesync check`."""
+
+    store: str
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"  {'ok  ' if self.ok else 'FAIL'}  {self.name:<24} {self.detail}"
+
+
+# -- check --------------------------------------------------------------------------------------
+
+
+async def check_store(config: StoreConfig) -> list[Step]:
+    """The guide's verification steps for one store, stopping at the first that fails."""
+    if config.engine != "nats":
+        return [Step(config.name, "memory store", True, "in-process, nothing to set up")]
+    steps: list[Step] = []
+
+    def step(name: str, ok: bool, detail: str) -> bool:
+        steps.append(Step(config.name, name, ok, detail))
+        return ok
+
+    servers = ", ".join(config.redacted_servers)
+    store = NatsStore(config)
+    try:
+        nc = await store.connect()
+    except AuthenticationError as error:
+        step("server reachable", True, servers)
+        step("authentication accepted", False, str(error))
+        return steps
+    except StoreError as error:
+        step("server reachable", False, str(error))
+        return steps
+    try:
+        step("server reachable", True, f"{servers} (nats-server {nc.connected_server_version})")
+        step("authentication accepted", True, _auth_form(config))
+        js = nc.jetstream(timeout=max(config.timeout, 2.0))
+        try:
+            await js.account_info()
+        except Exception as error:
+            step("JetStream enabled", False, str(store._jetstream_failure(error)))
+            return steps
+        step("JetStream enabled", True, "account info answered")
+        existed = await _bucket_exists(js, config.bucket_name)
+        try:
+            info = await store.open_bucket(js)
+        except StoreError as error:
+            step(
+                "bucket present" if not config.auto_create else "bucket creatable",
+                False,
+                str(error),
+            )
+            return steps
+        if existed:
+            step("bucket present", True, config.bucket_name)
+        else:
+            step("bucket creatable", True, f"{config.bucket_name} created (auto_create = true)")
+        step(*_settings_step(config, info))
+    finally:
+        await store._close_client(nc)
+    return steps
+
+
+def _auth_form(config: StoreConfig) -> str:
+    if config.creds:
+        return "creds file"
+    if config.nkey:
+        return "nkey"
+    if config.token:
+        return "token"
+    if any("@" in url for url in config.servers):
+        return "user and password"
+    return "no authentication"
+
+
+async def _bucket_exists(js: Any, bucket: str) -> bool:
+    try:
+        await js.stream_info(f"KV_{bucket}")
+    except Exception:
+        return False
+    return True
+
+
+def _settings_step(config: StoreConfig, info: Any) -> tuple[str, bool, str]:
+    history = info.config.max_msgs_per_subject
+    ttl = info.config.max_age or 0
+    replicas = info.config.num_replicas or 1
+    shown = f"history {history}, TTL {_duration(ttl)}, replicas {replicas}"
+    wrong = []
+    if history != BUCKET_HISTORY:
+        wrong.append(f"history is {history}, the guide's is {BUCKET_HISTORY}")
+    if abs(ttl - BUCKET_TTL_SECONDS) > 1:
+        wrong.append(f"TTL is {_duration(ttl)}, the guide's is 24h")
+    if replicas != config.replicas:
+        wrong.append(f"replicas is {replicas}, configured {config.replicas}")
+    if not wrong:
+        return "bucket settings", True, shown
+    bucket = config.bucket_name
+    fix = f"fix: `nats kv rm {bucket}` then `{PRECREATE_COMMAND.format(bucket=bucket)}`"
+    return "bucket settings", False, f"{'; '.join(wrong)} ({fix})"
+
+
+def _duration(seconds: float) -> str:
+    if not seconds:
+        return "none"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return (
+        "".join(
+            f"{value}{unit}" for value, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if value
+        )
+        or f"{seconds:g}s"
+    )
+
+
+# -- status, get, reset, watch ------------------------------------------------------------------
+
+
+async def bucket_status(store: NatsStore) -> dict[str, Any]:
+    """Settings and size of the store's bucket."""
+    js = await store.ready()
+    info = await js.stream_info(f"KV_{store.config.bucket_name}")
+    kv = await js.key_value(store.config.bucket_name)
+    try:
+        keys = len(await kv.keys())
+    except nats.js.errors.NoKeysError:
+        keys = 0
+    return {
+        "store": store.config.name,
+        "bucket": store.config.bucket_name,
+        "history": info.config.max_msgs_per_subject,
+        "ttl_seconds": info.config.max_age,
+        "replicas": info.config.num_replicas,
+        "keys": keys,
+        "bytes": info.state.bytes,
+        "storage": str(getattr(info.config.storage, "value", info.config.storage) or "file"),
+    }
+
+
+def describe_entry(entry: StoredEntry | None, group: str, now_ns: int) -> dict[str, Any]:
+    """A group's decoded state: tokens available now, time to full, last update, revision."""
+    if entry is None:
+        return {"group": group, "exists": False}
+    result: dict[str, Any] = {
+        "group": group,
+        "exists": not entry.deleted,
+        "revision": entry.revision,
+        "updated": entry.written_at.isoformat() if entry.written_at else None,
+    }
+    policy = entry.policy()
+    if entry.deleted or policy is None:
+        result["state"] = "deleted (a full bucket)" if entry.deleted else "not a ratesync value"
+        return result
+    state = peek(policy, entry.tat_ns, now_ns)
+    result.update(
+        burst=policy.burst,
+        rate_per_second=round(policy.rate, 6),
+        available=state.remaining,
+        full_in_seconds=round(state.reset_after, 3),
+        tat_ns=entry.tat_ns,
+    )
+    return result
+
+
+def _format_entry(described: dict[str, Any]) -> str:
+    if not described.get("exists") and "revision" not in described:
+        return f"{described['group']}: no state (a full bucket, or idle for longer than the TTL)"
+    lines = [f"{'group':<12} {described['group']}"]
+    labels = {
+        "revision": "revision",
+        "updated": "updated",
+        "state": "state",
+        "available": "available",
+        "burst": "burst",
+        "rate_per_second": "rate/s",
+        "full_in_seconds": "full in (s)",
+    }
+    for key, label in labels.items():
+        if key in described and described[key] is not None:
+            value = described[key]
+            if key == "available":
+                value = f"{value} of {described['burst']}"
+            lines.append(f"{label:<12} {value}")
+    return "\n".join(lines)
+
+
+async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Event) -> None:
+    """Print decoded updates of the bucket until `stop` is set."""
+    js = await store.ready()
+    kv = await js.key_value(store.config.bucket_name)
+    watcher: Any = await kv.watchall()
+    try:
+        while not stop.is_set():
+            try:
+                update = await watcher.updates(timeout=0.5)
+            except Exception:
+                continue
+            if update is None:
+                continue
+            deleted = update.operation in ("DEL", "PURGE")
+            entry = StoredEntry(
+                key=update.key,
+                revision=update.revision or 0,
+                written_at=update.created,
+                deleted=deleted,
+                value=None if deleted else decode_value(update.value),
+            )
+            described = describe_entry(entry, update.key, time.time_ns())
+            if as_json:
+                out.write(json.dumps(described) + "\n")
+            elif deleted:
+                out.write(f"{update.key}: deleted (rev {entry.revision})\n")
+            else:
+                available = described.get("available", "?")
+                out.write(
+                    f"{update.key}: {available}/{described.get('burst', '?')} available, "
+                    f"full in {described.get('full_in_seconds', '?')}s (rev {entry.revision})\n"
+                )
+            out.flush()
+    finally:
+        await watcher.stop()
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="rate-sync.toml (default: discovery)")
+    common.add_argument(
+        "--store", help="the store to use (default: every NATS store / the only one)"
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    parser = argparse.ArgumentParser(
+        prog="ratesync", description=__doc__.splitlines()[0], parents=[common]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check", parents=[common], help="verify NATS set-up as the guide does")
+    commands.add_parser("status", parents=[common], help="bucket settings, key count, bytes")
+    get = commands.add_parser("get", parents=[common], help="one group's decoded state")
+    get.add_argument("group", help="the KV key, e.g. api_external or api.user-42")
+    reset = commands.add_parser("reset", parents=[common], help="delete one group's state")
+    reset.add_argument("group")
+    commands.add_parser("watch", parents=[common], help="live decoded updates until Ctrl-C")
+    return parser
+
+
+def _nats_stores(config: Config, name: str | None) -> list[StoreConfig]:
+    if name is not None:
+        if name not in config.stores:
+            raise ConfigError(
+                f"{config.source}: no store {name!r} (defined: {', '.join(config.stores)})"
+            )
+        return [config.stores[name]]
+    return [store for store in config.stores.values() if store.engine == "nats"]
+
+
+def _one_nats_store(config: Config, name: str | None) -> StoreConfig:
+    stores = _nats_stores(config, name)
+    if len(stores) != 1 or stores[0].engine != "nats":
+        names = ", ".join(s.name for s in stores) or "none"
+        raise ConfigError(
+            f"{config.source}: name one NATS store with --store (NATS stores: {names})"
+        )
+    return stores[0]
+
+
+async def _run(args: argparse.Namespace, out: TextIO) -> int:
+    config = load_config(args.config)
+    if args.command == "check":
+        stores = _nats_stores(config, args.store) or list(config.stores.values())
+        steps = [step for store in stores for step in await check_store(store)]
+        if args.json:
+            out.write(json.dumps([step.__dict__ for step in steps], indent=2) + "\n")
+        else:
+            current = None
+            for step in steps:
+                if step.store != current:
+                    current = step.store
+                    out.write(f"store {current}\n")
+                out.write(step.line() + "\n")
+        return 0 if all(step.ok for step in steps) else 1
+
+    store = NatsStore(_one_nats_store(config, args.store))
+    try:
+        if args.command == "status":
+            status = await bucket_status(store)
+            _emit(out, args.json, status, lambda s: "\n".join(f"{k:<12} {v}" for k, v in s.items()))
+        elif args.command == "get":
+            entry = await store.read_entry(args.group)
+            _emit(out, args.json, describe_entry(entry, args.group, time.time_ns()), _format_entry)
+        elif args.command == "reset":
+            await store.reset(args.group)
+            _emit(
+                out,
+                args.json,
+                {"group": args.group, "reset": True},
+                lambda r: f"{args.group}: reset",
+            )
+        elif args.command == "watch":
+            stop = asyncio.Event()
+            try:
+                await watch(store, out, args.json, stop)
+            except asyncio.CancelledError:
+                stop.set()
+    finally:
+        await store.aclose()
+    return 0
+
+
+def _emit(out: TextIO, as_json: bool, value: Any, human: Callable[[Any], str]) -> None:
+    out.write((json.dumps(value, indent=2, default=str) if as_json else human(value)) + "\n")
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Entry point of the `ratesync` console script."""
+    args = _parser().parse_args(argv)
+    out = out or sys.stdout
+    try:
+        return asyncio.run(_run(args, out))
+    except KeyboardInterrupt:
+        return 0
+    except ConfigError as error:
+        sys.stderr.write(f"ratesync: {error}\n")
+        return 2
+    except RateSyncError as error:
+        sys.stderr.write(f"ratesync: {error}\n")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Decisions as HTTP: rate-limit headers, `Retry-After`, and the RFC 9457 bodies of 429 and 503.
+
+Header modes (`[middleware] headers`):
+
+- `draft`, after draft-ietf-httpapi-ratelimit-headers-11:
+  `RateLimit-Policy: "api";q=20;w=2` (quota = the burst, window = seconds to refill it) and
+  `RateLimit: "api";r=7;t=1` (remaining units; seconds until the bucket is full, or on a denial
+  until the request can be retried, so that `Retry-After` never points before the window's end).
+- `legacy`: `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (Unix time of that
+  same moment, as GitHub, flask-limiter and slowapi send it).
+- `none`: no rate-limit headers; 429 and 503 still carry `Retry-After`.
+
+Headers are `(name, value)` pairs of latin-1 bytes, lower-case names, as ASGI sends them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from .bucket import NS_PER_SECOND, Decision, Policy
+from .config import HeadersMode
+
+__all__ = [
+    "PROBLEM_CONTENT_TYPE",
+    "QUOTA_EXCEEDED",
+    "Denial",
+    "Header",
+    "RateLimitHeaders",
+    "retry_after_seconds",
+]
+
+Header = tuple[bytes, bytes]
+
+PROBLEM_CONTENT_TYPE: Final = b"application/problem+json"
+QUOTA_EXCEEDED: Final = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+
+def retry_after_seconds(seconds: float) -> int | None:
+    """`Retry-After` for a wait of `seconds`: whole seconds rounded up, at least 1; None if never."""
+    if not math.isfinite(seconds):
+        return None
+    return max(1, math.ceil(seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A refusal ready to send: status, headers (content type and length included), body."""
+
+    status: int
+    headers: list[Header]
+    body: bytes
+
+
+def _problem(status: int, title: str, detail: str, problem_type: str, **extra: object) -> bytes:
+    document: dict[str, object] = {
+        "type": problem_type,
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    document.update(extra)
+    return json.dumps(document).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Precomputed:
+    policy_header: Header  # RateLimit-Policy: constant per limiter
+    limit: bytes  # X-RateLimit-Limit
+    exceeded: bytes  # 429 body
+    impossible: bytes  # 429 body when the cost exceeds the burst
+    unavailable: bytes  # 503 body
+
+
+class RateLimitHeaders:
+    """Headers and refusals for the limiters of one configuration, precomputed per limiter."""
+
+    def __init__(self, mode: HeadersMode, policies: Iterable[Policy]) -> None:
+        if mode not in ("draft", "legacy", "none"):
+            raise ValueError(f"headers mode must be 'draft', 'legacy' or 'none', not {mode!r}")
+        self.mode = mode
+        self._by_name = {policy.name: self._precompute(policy) for policy in policies}
+
+    @staticmethod
+    def _precompute(policy: Policy) -> _Precomputed:
+        name = policy.name
+        window = max(1, math.ceil(policy.window_ns / NS_PER_SECOND))
+        return _Precomputed(
+            policy_header=(b"ratelimit-policy", f'"{name}";q={policy.burst};w={window}'.encode()),
+            limit=str(policy.burst).encode(),
+            exceeded=_problem(
+                429,
+                "Too Many Requests",
+                f"Rate limit {name!r} exceeded.",
+                QUOTA_EXCEEDED,
+                **{"violated-policies": [name]},
+            ),
+            impossible=_problem(
+                429,
+                "Too Many Requests",
+                f"The request costs more than the burst of rate limit {name!r} ({policy.burst});"
+                " it can never be allowed.",
+                QUOTA_EXCEEDED,
+                **{"violated-policies": [name]},
+            ),
+            unavailable=_problem(
+                503,
+                "Service Unavailable",
+                f"Rate limit {name!r} cannot be checked right now; try again later.",
+                "about:blank",
+            ),
+        )
+
+    def _entry(self, decision: Decision) -> _Precomputed:
+        entry = self._by_name.get(decision.policy)
+        if entry is None:  # a decision from a policy this object was not built with
+            policy = Policy(decision.policy, NS_PER_SECOND, max(1, decision.limit))
+            entry = self._by_name[decision.policy] = self._precompute(policy)
+        return entry
+
+    def headers(self, decision: Decision | None) -> list[Header]:
+        """The rate-limit headers for a response under `decision` (none for fail-open guesses)."""
+        if decision is None or self.mode == "none" or decision.degraded:
+            return []
+        if decision.allowed or not math.isfinite(decision.retry_after):
+            seconds = math.ceil(decision.reset_after)
+        else:
+            seconds = max(1, math.ceil(decision.retry_after))
+        entry = self._entry(decision)
+        if self.mode == "draft":
+            return [
+                entry.policy_header,
+                (
+                    b"ratelimit",
+                    f'"{decision.policy}";r={decision.remaining};t={seconds}'.encode(),
+                ),
+            ]
+        return [
+            (b"x-ratelimit-limit", entry.limit),
+            (b"x-ratelimit-remaining", str(decision.remaining).encode()),
+            (b"x-ratelimit-reset", str(math.ceil(time.time()) + seconds).encode()),
+        ]
+
+    def retry_after(self, decision: Decision) -> list[Header]:
+        """`Retry-After` for a refused request; none when it can never succeed."""
+        seconds = retry_after_seconds(decision.retry_after)
+        return [] if seconds is None else [(b"retry-after", str(seconds).encode())]
+
+    def denial(self, decision: Decision) -> Denial:
+        """The 429 (or, for a fail-closed store failure, 503) for a refused request."""
+        entry = self._entry(decision)
+        if decision.degraded:
+            status, body = 503, entry.unavailable
+        elif math.isfinite(decision.retry_after):
+            status, body = 429, entry.exceeded
+        else:
+            status, body = 429, entry.impossible
+        headers = [
+            (b"content-type", PROBLEM_CONTENT_TYPE),
+            (b"content-length", str(len(body)).encode()),
+            *self.retry_after(decision),
+            *self.headers(decision),
+        ]
+        return Denial(status, headers, body)
