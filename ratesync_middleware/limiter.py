@@ -10,7 +10,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from . import _portal
@@ -38,6 +39,21 @@ def create_store(config: StoreConfig, clock: Clock = wall_clock) -> Store:
     raise ConfigError(f"{config.name}: unknown engine {config.engine!r}")  # pragma: no cover
 
 
+@dataclass(frozen=True, slots=True)
+class DecisionEvent:
+    """What the `on_decision` hook receives for every decision."""
+
+    limiter: str
+    key: str | None  # the identity as given to `hit`
+    store: str
+    decision: Decision
+    seconds: float  # time spent waiting for the store
+    error: StoreError | None  # set when the store failed and the decision is degraded
+
+
+DecisionHook = Callable[[DecisionEvent], None]
+
+
 class _FailureLog:
     """One warning per store per interval during an outage, with the count of failures since."""
 
@@ -55,6 +71,12 @@ class _FailureLog:
         more = f" ({suppressed} more failures since the last report)" if suppressed else ""
         logger.warning("store %r failed: %s%s", store, error, more)
 
+    def report_hook(self, limiter: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(f"hook:{limiter}", -math.inf) >= _WARNING_INTERVAL:
+            self._last[f"hook:{limiter}"] = now
+            logger.exception("the on_decision hook failed for limiter %r", limiter)
+
 
 class AsyncRateLimiter:
     """Decisions for the limiters of one configuration.
@@ -69,8 +91,10 @@ class AsyncRateLimiter:
         config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
         *,
         clock: Clock = wall_clock,
+        on_decision: DecisionHook | None = None,
     ) -> None:
         self.config = load_config(config)
+        self.on_decision = on_decision
         self._clock = clock
         self._stores: dict[str, Store] = {}
         self._failures = _FailureLog()
@@ -106,10 +130,36 @@ class AsyncRateLimiter:
         """
         config, store, store_key = self.resolve(limiter, key)
         _check_cost(cost)
+        started = time.perf_counter()
         try:
-            return await store.hit(store_key, config.policy, cost)
+            decision = await store.hit(store_key, config.policy, cost)
         except StoreError as error:
-            return self.degraded(config, error)
+            decision = self.degraded(config, error)
+            self.notify(config, key, decision, started, error)
+            return decision
+        if self.on_decision is not None:
+            self.notify(config, key, decision, started, None)
+        return decision
+
+    def notify(
+        self,
+        config: LimiterConfig,
+        key: str | None,
+        decision: Decision,
+        started: float,
+        error: StoreError | None,
+    ) -> None:
+        """Tell the `on_decision` hook; a failing hook is logged, never raised into a request."""
+        hook = self.on_decision
+        if hook is None:
+            return
+        event = DecisionEvent(
+            config.name, key, config.store, decision, time.perf_counter() - started, error
+        )
+        try:
+            hook(event)
+        except Exception:
+            self._failures.report_hook(config.name)
 
     async def peek(self, limiter: str, key: str | None = None) -> Decision:
         """The bucket's state now, changing nothing; raises `StoreError` when the store fails."""
@@ -167,18 +217,22 @@ class RateLimiter:
         config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
         *,
         clock: Clock = wall_clock,
+        on_decision: DecisionHook | None = None,
     ) -> None:
         self.config = load_config(config)
         self._clock = clock
+        self._on_decision = on_decision
         self._pid = os.getpid()
-        self._async = AsyncRateLimiter(self.config, clock=clock)
+        self._async = AsyncRateLimiter(self.config, clock=clock, on_decision=on_decision)
 
     @property
     def async_limiter(self) -> AsyncRateLimiter:
         """The async core, rebuilt in a forked child (the parent's connections belong to it)."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._async = AsyncRateLimiter(self.config, clock=self._clock)
+            self._async = AsyncRateLimiter(
+                self.config, clock=self._clock, on_decision=self._on_decision
+            )
         return self._async
 
     def _deadline(self, limiter: str) -> float:
@@ -193,10 +247,13 @@ class RateLimiter:
         config, store, store_key = core.resolve(limiter, key)
         _check_cost(cost)
         if isinstance(store, MemoryStore):  # nothing to wait for: skip the hop to the loop thread
-            return store.hit_now(store_key, config.policy, cost)
+            started = time.perf_counter()
+            decision = store.hit_now(store_key, config.policy, cost)
+            core.notify(config, key, decision, started, None)
+            return decision
         try:
-            return _portal.run(store.hit(store_key, config.policy, cost), self._deadline(limiter))
-        except StoreError as error:
+            return _portal.run(core.hit(limiter, key, cost), self._deadline(limiter))
+        except StoreError as error:  # the loop thread itself did not answer in time
             return core.degraded(config, error)
 
     def peek(self, limiter: str, key: str | None = None) -> Decision:

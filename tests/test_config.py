@@ -690,12 +690,12 @@ def test_routes_must_be_an_array_of_tables() -> None:
 
 # --- anything in, ConfigError or a Config out ----------------------------------------------------
 
-KNOWN_KEYS = [
-    *("engine", "url", "token", "bucket_name", "auto_create", "replicas", "creds", "tls_cert"),
-    *("tls_key", "timeout", "max_keys", "retry_interval", "store", "rate_per_second", "limit"),
-    *("window_seconds", "burst", "key", "fail_closed", "algorithm", "default", "headers"),
-    *("trusted_proxies", "ipv6_prefix", "path", "methods", "limiters", "exempt"),
-]
+STORE_KEYS = ["engine", "url", "token", "bucket_name", "auto_create", "replicas", "tls_cert"]
+STORE_KEYS += ["tls_key", "timeout", "max_keys", "retry_interval"]
+LIMITER_KEYS = ["store", "rate_per_second", "limit", "window_seconds", "burst", "key"]
+LIMITER_KEYS += ["fail_closed", "algorithm", "max_concurrent"]
+MIDDLEWARE_KEYS = ["default", "headers", "trusted_proxies", "ipv6_prefix"]
+ROUTE_KEYS = ["path", "methods", "limiters", "exempt"]
 INTERESTING_STRINGS = [
     *("nats", "memory", "nats://h:4222", "nats://a,tls://b", "http://u:p@h", "nats://h:0x"),
     *("600/minute", "10/s", "0/d", "ip", "global", "header:X", "header:", "a.b:c", "/x/*"),
@@ -711,20 +711,28 @@ scalars = st.one_of(
     st.sampled_from(INTERESTING_STRINGS),
 )
 values = st.one_of(scalars, st.lists(scalars, max_size=3))
-tables = st.dictionaries(
-    st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=6)), values, max_size=5
-)
+
+
+def tables(known: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Mostly the section's own keys (to get past "unknown key"), sometimes anything."""
+    anything = st.one_of(st.sampled_from(known), st.text(max_size=6))
+    return st.one_of(
+        st.dictionaries(st.sampled_from(known), values, max_size=4),
+        st.dictionaries(anything, values, max_size=3),
+    )
+
+
 names = st.one_of(
     st.sampled_from(["api", "prod", "default", "${RATESYNC_TEST_UNSET:-x}"]), st.text(max_size=5)
 )
 documents = st.fixed_dictionaries(
     {},
     optional={
-        "stores": st.dictionaries(names, tables, max_size=3),
-        "limiters": st.dictionaries(names, tables, max_size=3),
-        "middleware": tables,
-        "routes": st.lists(tables, max_size=3),
-        "extra": st.dictionaries(st.text(max_size=5), tables, max_size=1),
+        "stores": st.dictionaries(names, tables(STORE_KEYS), max_size=3),
+        "limiters": st.dictionaries(names, tables(LIMITER_KEYS), max_size=3),
+        "middleware": tables(MIDDLEWARE_KEYS),
+        "routes": st.lists(tables(ROUTE_KEYS), max_size=3),
+        "extra": st.dictionaries(st.text(max_size=5), tables(ROUTE_KEYS), max_size=1),
     },
 )
 
