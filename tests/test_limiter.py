@@ -74,7 +74,9 @@ def test_sync_and_async_share_the_config_type() -> None:
     assert AsyncRateLimiter(config).config is config
 
 
-async def test_store_failures_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+async def test_store_failures_are_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     config = {
         "stores": {"down": {"engine": "nats", "url": "nats://127.0.0.1:1", "connect_timeout": 0.1}},
         "limiters": {"api": {"store": "down", "rate_per_second": 1.0}},

@@ -29,7 +29,10 @@ pytestmark = pytest.mark.nats
 
 
 def config(store: dict[str, Any], **limiters: dict[str, Any]) -> dict[str, Any]:
-    return {"stores": {"prod": store}, "limiters": {n: {"store": "prod", **t} for n, t in limiters.items()}}
+    return {
+        "stores": {"prod": store},
+        "limiters": {n: {"store": "prod", **t} for n, t in limiters.items()},
+    }
 
 
 async def bucket_status(url: str, bucket: str) -> Any:
@@ -169,7 +172,9 @@ async def test_wrong_token_is_an_authentication_violation(token_server: NatsServ
 
 
 async def test_user_password_in_the_url(users_server: NatsServer, bucket_name: str) -> None:
-    store = NatsStore_for(f"nats://admin:adm1n-pw@127.0.0.1:{users_server.port}", bucket_name=bucket_name)
+    store = NatsStore_for(
+        f"nats://admin:adm1n-pw@127.0.0.1:{users_server.port}", bucket_name=bucket_name
+    )
     await store.ready()
     assert "adm1n-pw" not in repr(store)
     await store.aclose()
@@ -183,7 +188,9 @@ async def test_wrong_password_is_an_authentication_violation(users_server: NatsS
     assert "user and password" in str(raised.value)
 
 
-async def test_user_who_may_not_create_the_bucket(users_server: NatsServer, bucket_name: str) -> None:
+async def test_user_who_may_not_create_the_bucket(
+    users_server: NatsServer, bucket_name: str
+) -> None:
     url = f"nats://limited:l1mited-pw@127.0.0.1:{users_server.port}"
     store = NatsStore_for(url, bucket_name=bucket_name, timeout=0.5)
     with pytest.raises(InsufficientPermissionsError, match="^Insufficient permissions") as raised:
@@ -191,7 +198,9 @@ async def test_user_who_may_not_create_the_bucket(users_server: NatsServer, buck
     assert "auto_create = false" in str(raised.value)
     assert "l1mited-pw" not in str(raised.value)
 
-    admin = NatsStore_for(f"nats://admin:adm1n-pw@127.0.0.1:{users_server.port}", bucket_name=bucket_name)
+    admin = NatsStore_for(
+        f"nats://admin:adm1n-pw@127.0.0.1:{users_server.port}", bucket_name=bucket_name
+    )
     await admin.ready()  # the administrator pre-creates it
     await admin.aclose()
     limited = AsyncRateLimiter(
@@ -240,7 +249,9 @@ async def test_limiting_resumes_after_the_server_returns(bucket_name: str) -> No
     server = start_server()
     try:
         store = {"engine": "nats", "url": server.url, "bucket_name": bucket_name, "backoff": 0.2}
-        async with AsyncRateLimiter(config(store, api={"rate_per_second": 0.001, "burst": 3})) as limiter:
+        async with AsyncRateLimiter(
+            config(store, api={"rate_per_second": 0.001, "burst": 3})
+        ) as limiter:
             assert (await limiter.hit("api", key="k")).allowed
             server.kill()
             during = await limiter.hit("api", key="k")
@@ -267,8 +278,12 @@ def out_messages(store: NatsStore) -> int:
     return int(store._nc.stats["out_msgs"])
 
 
-async def test_steady_state_is_one_round_trip_and_denials_cost_none(nats_store: dict[str, Any]) -> None:
-    async with AsyncRateLimiter(config(nats_store, api={"rate_per_second": 0.01, "burst": 10})) as limiter:
+async def test_steady_state_is_one_round_trip_and_denials_cost_none(
+    nats_store: dict[str, Any],
+) -> None:
+    async with AsyncRateLimiter(
+        config(nats_store, api={"rate_per_second": 0.01, "burst": 10})
+    ) as limiter:
         await limiter.hit("api", key="warm")  # connects, creates the bucket and the key
         store = nats_store_of(limiter)
         before = out_messages(store)
@@ -283,7 +298,9 @@ async def test_steady_state_is_one_round_trip_and_denials_cost_none(nats_store: 
 
 
 async def test_concurrent_decisions_on_one_key_are_coalesced(nats_store: dict[str, Any]) -> None:
-    async with AsyncRateLimiter(config(nats_store, api={"rate_per_second": 0.01, "burst": 50})) as limiter:
+    async with AsyncRateLimiter(
+        config(nats_store, api={"rate_per_second": 0.01, "burst": 50})
+    ) as limiter:
         await limiter.hit("api", key="hot")
         store = nats_store_of(limiter)
         before = out_messages(store)
@@ -305,7 +322,9 @@ async def test_a_stale_cache_is_corrected_by_compare_and_set(nats_store: dict[st
 
 
 async def test_reset_refills_a_group(nats_store: dict[str, Any]) -> None:
-    async with AsyncRateLimiter(config(nats_store, api={"rate_per_second": 0.01, "burst": 1})) as limiter:
+    async with AsyncRateLimiter(
+        config(nats_store, api={"rate_per_second": 0.01, "burst": 1})
+    ) as limiter:
         assert (await limiter.hit("api", key="k")).allowed
         assert not (await limiter.hit("api", key="k")).allowed
         assert (await limiter.peek("api", key="k")).remaining == 0
@@ -318,7 +337,9 @@ async def test_reset_refills_a_group(nats_store: dict[str, Any]) -> None:
 
 
 def _spend(url: str, bucket: str, attempts: int, results: Any) -> None:
-    limiter = RateLimiter(config({"engine": "nats", "url": url, "bucket_name": bucket}, api={"limit": "20/hour"}))
+    limiter = RateLimiter(
+        config({"engine": "nats", "url": url, "bucket_name": bucket}, api={"limit": "20/hour"})
+    )
     allowed = sum(limiter.hit("api", key="shared").allowed for _ in range(attempts))
     limiter.close()
     results.put(allowed)
@@ -327,7 +348,9 @@ def _spend(url: str, bucket: str, attempts: int, results: Any) -> None:
 def test_two_processes_admit_exactly_the_burst(nats_url: str, bucket_name: str) -> None:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    workers = [context.Process(target=_spend, args=(nats_url, bucket_name, 15, results)) for _ in range(2)]
+    workers = [
+        context.Process(target=_spend, args=(nats_url, bucket_name, 15, results)) for _ in range(2)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -367,3 +390,19 @@ def NatsStore_for(url: str, **options: Any) -> NatsStore:  # noqa: N802 - reads 
 
     return NatsStore(StoreConfig(name="prod", engine="nats", servers=(url,), **options))
 
+
+async def test_a_deleted_bucket_is_created_again(nats_store: dict[str, Any]) -> None:
+    limits = config({**nats_store, "backoff": 0.1}, api={"rate_per_second": 0.01, "burst": 5})
+    async with AsyncRateLimiter(limits) as limiter:
+        assert (await limiter.hit("api", key="k")).allowed
+        nc = await nats.connect(nats_store["url"])
+        await nc.jetstream().delete_key_value(nats_store["bucket_name"])
+        await nc.close()
+        lost = await limiter.hit("api", key="k")
+        assert lost.degraded and lost.allowed
+        await asyncio.sleep(0.2)
+        recreated = await limiter.hit("api", key="k")
+        assert recreated.allowed and not recreated.degraded
+        assert recreated.remaining == 4  # the state went with the bucket: a fresh, full bucket
+    status = await bucket_status(nats_store["url"], nats_store["bucket_name"])
+    assert status.history == 1

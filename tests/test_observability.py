@@ -77,7 +77,9 @@ async def test_prometheus_metrics() -> None:
     assert value("ratesync_store_seconds_count", store="default") == 3
 
 
-async def test_outage_logs_are_throttled_and_hold_no_secret(caplog: pytest.LogCaptureFixture) -> None:
+async def test_outage_logs_are_throttled_and_hold_no_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level(logging.DEBUG):
         async with AsyncRateLimiter(DOWN) as limiter:
             for _ in range(50):

@@ -188,6 +188,13 @@ class NatsStore:
         self._nc = self._js = None
         self._cache.clear()
 
+    def _drop_connection(self) -> None:
+        """Forget the connection now and close it in the background."""
+        nc = self._nc
+        self._forget_connection()
+        if nc is not None:
+            asyncio.get_running_loop().create_task(self._close_client(nc))
+
     async def _open(self) -> None:
         nc = await self.connect()
         try:
@@ -498,6 +505,10 @@ class NatsStore:
         failure = StoreUnavailableError(
             f"store {self.config.name!r}: NATS call failed ({type(error).__name__})"
         )
+        if isinstance(error, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+            # Nobody stores `$KV.<bucket>.>` any more: the bucket was deleted. Open it afresh
+            # (creating it when allowed) once the back-off ends.
+            self._drop_connection()
         self._last_error = failure
         self._retry_at = time.monotonic() + self.config.backoff
         return failure
