@@ -79,7 +79,8 @@ class NatsServer:
         ready = threading.Event()
 
         def read_log() -> None:
-            assert self.process is not None and self.process.stderr is not None
+            assert self.process is not None
+            assert self.process.stderr is not None
             for line in self.process.stderr:
                 self.log.append(line)
                 match = _LISTENING.search(line)

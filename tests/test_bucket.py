@@ -30,14 +30,17 @@ def test_burst_then_refill() -> None:
     tat = 0
     for expected_remaining in (4, 3, 2, 1, 0):
         new_tat, decision = consume(policy, tat, NOW)
-        assert decision.allowed and decision.remaining == expected_remaining
+        assert decision.allowed
+        assert decision.remaining == expected_remaining
         assert new_tat is not None
         tat = new_tat
     new_tat, denied = consume(policy, tat, NOW)
-    assert new_tat is None and not denied.allowed
+    assert new_tat is None
+    assert not denied.allowed
     assert denied.retry_after == pytest.approx(0.1)
     assert denied.reset_after == pytest.approx(0.5)
-    assert denied.limit == 5 and denied.policy == "api"
+    assert denied.limit == 5
+    assert denied.policy == "api"
     _, later = consume(policy, tat, NOW + NS_PER_SECOND // 10)
     assert later.allowed
 
@@ -99,7 +102,8 @@ def test_remaining_and_retry_after_tell_the_truth(
 
     new_tat, decision = consume(policy, tat, now, cost)
     if cost > burst:
-        assert not decision.allowed and decision.retry_after == math.inf
+        assert not decision.allowed
+        assert decision.retry_after == math.inf
         return
     if decision.allowed:
         assert decision.retry_after == 0

@@ -52,10 +52,12 @@ def test_check_a_healthy_server(nats_url: str, bucket_name: str, tmp_path: Path)
     for step in ("server reachable", "authentication accepted", "JetStream enabled"):
         assert f"ok    {step}" in output
     assert f"{bucket_name} created (auto_create = true)" in output
-    assert "ok    bucket settings" in output and "history 1, TTL 24h, replicas 1" in output
+    assert "ok    bucket settings" in output
+    assert "history 1, TTL 24h, replicas 1" in output
 
     status, output = ratesync("check", "--config", write_config(tmp_path, nats_url, bucket_name))
-    assert status == 0 and "ok    bucket present" in output
+    assert status == 0
+    assert "ok    bucket present" in output
 
 
 def test_check_as_a_console_script(nats_url: str, bucket_name: str, tmp_path: Path) -> None:
@@ -85,7 +87,8 @@ def test_check_without_jetstream(server_without_jetstream: NatsServer, tmp_path:
     status, output = ratesync("check", "--config", config)
     assert status == 1
     assert "FAIL  JetStream enabled" in output
-    assert "JetStream not enabled" in output and "-js" in output
+    assert "JetStream not enabled" in output
+    assert "-js" in output
 
 
 def test_check_with_a_wrong_token(token_server: NatsServer, tmp_path: Path) -> None:
@@ -93,7 +96,8 @@ def test_check_with_a_wrong_token(token_server: NatsServer, tmp_path: Path) -> N
     status, output = ratesync("check", "--config", config)
     assert status == 1
     assert "ok    server reachable" in output
-    assert "FAIL  authentication accepted" in output and "Authentication violation" in output
+    assert "FAIL  authentication accepted" in output
+    assert "Authentication violation" in output
     assert "not-the-token" not in output
 
 
@@ -101,7 +105,8 @@ def test_check_a_closed_port(tmp_path: Path) -> None:
     config = write_config(tmp_path, "nats://127.0.0.1:1", "rate_limits", connect_timeout=0.3)
     status, output = ratesync("check", "--config", config)
     assert status == 1
-    assert "FAIL  server reachable" in output and "Connection refused" in output
+    assert "FAIL  server reachable" in output
+    assert "Connection refused" in output
 
 
 def test_check_a_bucket_with_other_settings(
@@ -118,7 +123,8 @@ def test_check_a_bucket_with_other_settings(
     status, output = ratesync("check", "--config", write_config(tmp_path, nats_url, bucket_name))
     assert status == 1
     assert "FAIL  bucket settings" in output
-    assert "history is 3" in output and "TTL is 1h" in output
+    assert "history is 3" in output
+    assert "TTL is 1h" in output
     assert f"nats kv add {bucket_name} --history=1 --ttl=24h" in output
 
 
@@ -130,12 +136,14 @@ def test_check_a_user_who_may_not_create_the_bucket(
         "check", "--config", write_config(tmp_path, url, bucket_name, timeout=0.5)
     )
     assert status == 1
-    assert "FAIL  bucket creatable" in output and "Insufficient permissions" in output
+    assert "FAIL  bucket creatable" in output
+    assert "Insufficient permissions" in output
     assert "l1mited-pw" not in output
 
     config = write_config(tmp_path, url, bucket_name, auto_create=False)
     status, output = ratesync("check", "--config", config)
-    assert status == 1 and "Bucket not found" in output
+    assert status == 1
+    assert "Bucket not found" in output
 
     admin = f"nats://admin:adm1n-pw@127.0.0.1:{users_server.port}"
     assert ratesync("check", "--config", write_config(tmp_path, admin, bucket_name))[0] == 0
@@ -148,7 +156,8 @@ def test_memory_stores_need_nothing(tmp_path: Path) -> None:
     path = tmp_path / "rate-sync.toml"
     path.write_text('[stores.dev]\nengine = "memory"\n')
     status, output = ratesync("check", "--config", path)
-    assert status == 0 and "nothing to set up" in output
+    assert status == 0
+    assert "nothing to set up" in output
 
 
 def test_status_get_reset(nats_url: str, bucket_name: str, tmp_path: Path) -> None:
@@ -163,14 +172,18 @@ def test_status_get_reset(nats_url: str, bucket_name: str, tmp_path: Path) -> No
     status, output = ratesync("get", "api_external", "--config", config)
     assert status == 0
     assert "available    97 of 100" in output or "available    98 of 100" in output
-    assert "revision" in output and "full in (s)" in output
+    assert "revision" in output
+    assert "full in (s)" in output
 
     status, output = ratesync("get", "api_external", "--json", "--config", config)
     state = json.loads(output)
-    assert state["burst"] == 100 and state["available"] in (97, 98) and state["revision"] >= 1
+    assert state["burst"] == 100
+    assert state["available"] in (97, 98)
+    assert state["revision"] >= 1
 
     status, output = ratesync("status", "--json", "--config", config)
-    assert json.loads(output)["keys"] == 1 and json.loads(output)["history"] == 1
+    assert json.loads(output)["keys"] == 1
+    assert json.loads(output)["history"] == 1
 
     assert ratesync("reset", "api_external", "--config", config) == (0, "api_external: reset\n")
     state = json.loads(ratesync("get", "api_external", "--json", "--config", config)[1])
@@ -212,4 +225,5 @@ def test_watch_shows_decoded_updates(nats_url: str, bucket_name: str, tmp_path: 
         process.wait(10)
         reader.join(5)
     update = json.loads(lines[0])
-    assert update["group"] == "api_external" and update["available"] == 99
+    assert update["group"] == "api_external"
+    assert update["available"] == 99

@@ -726,16 +726,17 @@ def tables(known: list[str]) -> st.SearchStrategy[dict[str, Any]]:
 names = st.one_of(
     st.sampled_from(["api", "prod", "default", "${RATESYNC_TEST_UNSET:-x}"]), st.text(max_size=5)
 )
-documents = st.fixed_dictionaries(
+sections = st.fixed_dictionaries(
     {},
     optional={
         "stores": st.dictionaries(names, tables(STORE_KEYS), max_size=3),
         "limiters": st.dictionaries(names, tables(LIMITER_KEYS), max_size=3),
         "middleware": tables(MIDDLEWARE_KEYS),
         "routes": st.lists(tables(ROUTE_KEYS), max_size=3),
-        "extra": st.just({}) | st.dictionaries(st.text(max_size=5), tables([]), max_size=1),
     },
 )
+strays = st.just({}) | st.dictionaries(st.text(max_size=5), tables([]), max_size=1)
+documents = st.builds(lambda stray, known: {**stray, **known}, strays, sections)
 
 
 def toml_value(value: Any) -> str:
@@ -756,18 +757,16 @@ def toml_value(value: Any) -> str:
 
 def to_toml(document: dict[str, Any]) -> str:
     lines: list[str] = []
-
-    def table(header: str, content: dict[str, Any]) -> None:
-        lines.append(header)
-        lines.extend(f"{toml_value(k)} = {toml_value(v)}" for k, v in content.items())
-
-    for section in ("stores", "limiters", "extra"):
-        for name, content in document.get(section, {}).items():
-            table(f"[{toml_value(section)}.{toml_value(name)}]", content)
-    if "middleware" in document:
-        table("[middleware]", document["middleware"])
-    for content in document.get("routes", []):
-        table("[[routes]]", content)
+    for section, content in document.items():
+        if isinstance(content, list):  # [[routes]]
+            tables = [(f"[[{toml_value(section)}]]", table) for table in content]
+        elif all(isinstance(table, dict) for table in content.values()):  # [stores.NAME]
+            tables = [(f"[{toml_value(section)}.{toml_value(n)}]", t) for n, t in content.items()]
+        else:  # [middleware]
+            tables = [(f"[{toml_value(section)}]", content)]
+        for header, table in tables:
+            lines.append(header)
+            lines.extend(f"{toml_value(k)} = {toml_value(v)}" for k, v in table.items())
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,6 @@ from ratesync_middleware.errors import (
     ConnectionRefusedError,
     InsufficientPermissionsError,
     JetStreamNotEnabledError,
-    StoreError,
 )
 from ratesync_middleware.stores.nats import NatsStore
 from tests.conftest import start_server
@@ -133,7 +132,7 @@ async def test_auto_create_false_without_bucket_is_bucket_not_found(
     nats_url: str, bucket_name: str
 ) -> None:
     store = NatsStore_for(nats_url, bucket_name=bucket_name, auto_create=False)
-    with pytest.raises(BucketNotFoundError, match="^Bucket not found") as raised:
+    with pytest.raises(BucketNotFoundError, match=r"^Bucket not found") as raised:
         await store.ready()
     assert f"nats kv add {bucket_name} --history=1 --ttl=24h" in str(raised.value)
     assert "auto_create = false" in str(raised.value)
@@ -150,7 +149,7 @@ async def test_auto_create_false_uses_an_existing_bucket(nats_url: str, bucket_n
 
 async def test_server_without_jetstream(server_without_jetstream: NatsServer) -> None:
     store = NatsStore_for(server_without_jetstream.url)
-    with pytest.raises(JetStreamNotEnabledError, match="^JetStream not enabled") as raised:
+    with pytest.raises(JetStreamNotEnabledError, match=r"^JetStream not enabled") as raised:
         await store.ready()
     assert "-js" in str(raised.value)
 
@@ -164,7 +163,7 @@ async def test_token_authentication(token_server: NatsServer) -> None:
 async def test_wrong_token_is_an_authentication_violation(token_server: NatsServer) -> None:
     store = NatsStore_for(token_server.url, token="wrong-token-value", connect_timeout=5.0)
     started = time.monotonic()
-    with pytest.raises(AuthenticationError, match="^Authentication violation") as raised:
+    with pytest.raises(AuthenticationError, match=r"^Authentication violation") as raised:
         await store.ready()
     assert time.monotonic() - started < 2.0  # a rejected login fails at once, not at the deadline
     assert "wrong-token-value" not in str(raised.value)
@@ -182,7 +181,7 @@ async def test_user_password_in_the_url(users_server: NatsServer, bucket_name: s
 
 async def test_wrong_password_is_an_authentication_violation(users_server: NatsServer) -> None:
     store = NatsStore_for(f"nats://admin:not-the-pw@127.0.0.1:{users_server.port}")
-    with pytest.raises(AuthenticationError, match="^Authentication violation") as raised:
+    with pytest.raises(AuthenticationError, match=r"^Authentication violation") as raised:
         await store.ready()
     assert "not-the-pw" not in str(raised.value)
     assert "user and password" in str(raised.value)
@@ -193,7 +192,7 @@ async def test_user_who_may_not_create_the_bucket(
 ) -> None:
     url = f"nats://limited:l1mited-pw@127.0.0.1:{users_server.port}"
     store = NatsStore_for(url, bucket_name=bucket_name, timeout=0.5)
-    with pytest.raises(InsufficientPermissionsError, match="^Insufficient permissions") as raised:
+    with pytest.raises(InsufficientPermissionsError, match=r"^Insufficient permissions") as raised:
         await store.ready()
     assert "auto_create = false" in str(raised.value)
     assert "l1mited-pw" not in str(raised.value)
@@ -218,7 +217,7 @@ async def test_user_who_may_not_create_the_bucket(
 async def test_closed_port_is_connection_refused_within_the_deadline() -> None:
     store = NatsStore_for("nats://user:pa55word@127.0.0.1:1", connect_timeout=0.5)
     started = time.monotonic()
-    with pytest.raises(ConnectionRefusedError, match="^Connection refused") as raised:
+    with pytest.raises(ConnectionRefusedError, match=r"^Connection refused") as raised:
         await store.ready()
     assert time.monotonic() - started < 1.5
     assert "pa55word" not in str(raised.value)
@@ -237,11 +236,13 @@ async def test_fail_open_and_fail_closed_while_the_store_is_down() -> None:
     )
     async with AsyncRateLimiter(limits) as limiter:
         opened = await limiter.hit("open", key="k")
-        assert opened.allowed and opened.degraded
+        assert opened.allowed
+        assert opened.degraded
         started = time.monotonic()
         closed = await limiter.hit("closed", key="k")
         assert time.monotonic() - started < 0.05  # the back-off answers at once
-        assert not closed.allowed and closed.degraded
+        assert not closed.allowed
+        assert closed.degraded
         assert closed.retry_after == 5.0
 
 
@@ -255,7 +256,8 @@ async def test_limiting_resumes_after_the_server_returns(bucket_name: str) -> No
             assert (await limiter.hit("api", key="k")).allowed
             server.kill()
             during = await limiter.hit("api", key="k")
-            assert during.allowed and during.degraded  # fail-open
+            assert during.allowed
+            assert during.degraded
             server.start()
             deadline = time.monotonic() + 10
             decision = await limiter.hit("api", key="k")
@@ -317,7 +319,8 @@ async def test_a_stale_cache_is_corrected_by_compare_and_set(nats_store: dict[st
         assert (await second.hit("api", key="k")).allowed  # conflict, read, retry
         assert (await first.hit("api", key="k")).allowed  # first's cache was stale
         last = await second.hit("api", key="k")
-        assert last.allowed and last.remaining == 0
+        assert last.allowed
+        assert last.remaining == 0
         assert not (await first.hit("api", key="k")).allowed
 
 
@@ -399,10 +402,12 @@ async def test_a_deleted_bucket_is_created_again(nats_store: dict[str, Any]) -> 
         await nc.jetstream().delete_key_value(nats_store["bucket_name"])
         await nc.close()
         lost = await limiter.hit("api", key="k")
-        assert lost.degraded and lost.allowed
+        assert lost.degraded
+        assert lost.allowed
         await asyncio.sleep(0.2)
         recreated = await limiter.hit("api", key="k")
-        assert recreated.allowed and not recreated.degraded
+        assert recreated.allowed
+        assert not recreated.degraded
         assert recreated.remaining == 4  # the state went with the bucket: a fresh, full bucket
     status = await bucket_status(nats_store["url"], nats_store["bucket_name"])
     assert status.history == 1

@@ -42,7 +42,8 @@ def test_sync_limiter_calls_the_hook_too() -> None:
     events: list[DecisionEvent] = []
     with RateLimiter(LIMITS, on_decision=events.append) as limiter:
         limiter.hit("api", key="k")
-    assert len(events) == 1 and events[0].decision.allowed
+    assert len(events) == 1
+    assert events[0].decision.allowed
 
 
 async def test_a_failing_hook_never_breaks_a_decision(caplog: pytest.LogCaptureFixture) -> None:
