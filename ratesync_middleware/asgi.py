@@ -157,6 +157,8 @@ class RateLimitMiddleware:
         )
         self._plans = _BoundedCache(ROUTE_CACHE_SIZE)
         self._host_dependent = False  # a `Host` route makes the endpoint depend on a header
+        # Per routes list (held, so its id stays unique): its length then, routes worth matching.
+        self._scan_lengths: dict[int, tuple[list[BaseRoute], int, int]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -257,8 +259,13 @@ class RateLimitMiddleware:
             return None
 
     def _search(self, routes: list[BaseRoute], scope: Scope, depth: int) -> Any:
+        # Only routes up to the last one with marks in it can change the plan, so the scan stops
+        # there unless a 405-style partial match needs a later full match to overrule it.
+        stop = self._scan_length(routes)
         partial: tuple[BaseRoute, Scope] | None = None
-        for route in routes:
+        for index, route in enumerate(routes):
+            if index >= stop and partial is None:
+                return None
             match, child_scope = route.matches(scope)
             if match is Match.FULL:
                 return self._enter(route, {**scope, **child_scope}, depth)
@@ -268,10 +275,22 @@ class RateLimitMiddleware:
             return self._enter(partial[0], {**scope, **partial[1]}, depth)
         return None
 
-    def _enter(self, route: BaseRoute, scope: Scope, depth: int) -> Any:
-        if isinstance(route, (Mount, Host)):
+    def _scan_length(self, routes: list[BaseRoute]) -> int:
+        """How many leading routes of `routes` to match: up to the last one with marks inside."""
+        known = self._scan_lengths.get(id(routes))
+        if known is not None and known[0] is routes and known[1] == len(routes):
+            return known[2]
+        length = 0
+        for index, route in enumerate(routes):
             if isinstance(route, Host):
                 self._host_dependent = True
+            if any(get_marks(endpoint) is not None for endpoint in self._endpoints([route])):
+                length = index + 1
+        self._scan_lengths[id(routes)] = (routes, len(routes), length)
+        return length
+
+    def _enter(self, route: BaseRoute, scope: Scope, depth: int) -> Any:
+        if isinstance(route, (Mount, Host)):
             inner = route.app
             if get_marks(inner) is not None:  # exempt(StaticFiles(...)) marks a whole mount
                 return inner

@@ -31,13 +31,20 @@ async def _ignore(error: Exception) -> None:
     """An error callback that keeps nats-py from logging expected failures with tracebacks."""
 
 
-async def _wait_for_jetstream(url: str, timeout: float = 10.0, tls_ca: str | None = None) -> None:
+async def _wait_for_jetstream(
+    url: str, timeout: float = 10.0, tls_ca: str | None = None, nkey_seed: str | None = None
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     tls = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     while True:
         try:
             nc = await nats.connect(
-                url, connect_timeout=1, allow_reconnect=False, error_cb=_ignore, tls=tls
+                url,
+                connect_timeout=1,
+                allow_reconnect=False,
+                error_cb=_ignore,
+                tls=tls,
+                nkeys_seed=nkey_seed,
             )
             try:
                 await nc.jetstream(timeout=1).account_info()
@@ -56,6 +63,7 @@ def start_server(
     config: str | None = None,
     login: str = "",
     tls_ca: str | None = None,
+    nkey_seed: str | None = None,
 ) -> NatsServer:
     """Start a nats-server and, with JetStream, wait until `account_info()` answers.
 
@@ -67,7 +75,8 @@ def start_server(
         url = server.url.replace("://", f"://{login}@") if login else server.url
         # In a thread of its own: the caller may be a coroutine with a running loop.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, _wait_for_jetstream(url, tls_ca=tls_ca)).result()
+            wait = _wait_for_jetstream(url, tls_ca=tls_ca, nkey_seed=nkey_seed)
+            pool.submit(asyncio.run, wait).result()
     return server
 
 

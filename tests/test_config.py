@@ -735,7 +735,9 @@ sections = st.fixed_dictionaries(
         "routes": st.lists(tables(ROUTE_KEYS), max_size=3),
     },
 )
-strays = st.just({}) | st.dictionaries(st.text(max_size=5), tables([]), max_size=1)
+strays: st.SearchStrategy[dict[str, Any]] = st.just({}) | st.dictionaries(
+    st.text(max_size=5), tables([]), max_size=1
+)
 documents = st.builds(lambda stray, known: {**stray, **known}, strays, sections)
 
 
