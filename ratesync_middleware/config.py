@@ -214,7 +214,7 @@ def _integer(low: int, high: int | None = None) -> Check:
 
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _BadValueError(what)
+            raise _BadValueError(what)  # bool is an int subclass, but `burst = true` is a mistake
         if value < low or (high is not None and value > high):
             raise _BadValueError(what)
         return value
@@ -223,16 +223,14 @@ def _integer(low: int, high: int | None = None) -> Check:
 
 
 def _positive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _BadValueError("a number > 0")
-    if not (0 < value < math.inf):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise _BadValueError("a number > 0")
     return float(value)
 
 
 def _choice(*options: str) -> Check:
     def check(value: Any) -> str:
-        if value not in options or not isinstance(value, str):
+        if not isinstance(value, str) or value not in options:
             raise _BadValueError("one of " + ", ".join(repr(o) for o in options))
         return value
 
@@ -417,7 +415,9 @@ def _fields(
                 values[key] = spec[key](value)
             except _BadValueError as exc:
                 got = exc.got or (
-                    f"a {type(value).__name__}" if key in _SECRET_KEYS else _show(value)
+                    f"a value of type {type(value).__name__}"
+                    if key in _SECRET_KEYS
+                    else _show(value)
                 )
                 raise where.error(key, f"expected {exc.what}, got {got}") from None
     return values
@@ -494,11 +494,9 @@ def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Policy:
     rate: float | None = values.get("rate_per_second")
     limit: tuple[int, int | None] | None = values.get("limit")
     window: int | None = values.get("window_seconds")
-    if (rate is None) == (limit is None):
-        raise where.error(
-            "rate_per_second" if rate is not None else "limit",
-            'set exactly one of rate_per_second = 10.0 or limit = "600/minute"',
-        )
+    one_of = 'set exactly one of rate_per_second = 10.0 or limit = "600/minute"'
+    if rate is not None and limit is not None:
+        raise where.error("rate_per_second", one_of)
     if limit is not None:
         count, period = limit
         if period is None:
@@ -508,9 +506,10 @@ def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Policy:
         elif window is not None:
             raise where.error("window_seconds", f'cannot be combined with limit = "{count}/period"')
         return Policy.per_period(name, count, period, values.get("burst", count))
+    if rate is None:
+        raise where.error("limit", f"missing: {one_of}")
     if window is not None:
         raise where.error("window_seconds", "goes with an integer limit, not rate_per_second")
-    assert rate is not None
     try:
         return Policy.per_second(name, rate, values.get("burst", max(1, math.ceil(rate))))
     except (ValueError, OverflowError) as exc:  # a rate so small its interval overflows
@@ -551,11 +550,10 @@ def _undefined(
 
 def _check_limiters(
     where: _Where, key: str, names: tuple[str, ...], limiters: Mapping[str, LimiterConfig]
-) -> tuple[str, ...]:
+) -> None:
     for name in names:
         if name not in limiters:
             raise _undefined(where, key, name, "limiter", limiters)
-    return names
 
 
 def _middleware(
@@ -594,7 +592,7 @@ def _validate(data: Mapping[Any, Any], source: str) -> Config:
         if key not in _SECTIONS:
             raise _unknown(_Where(source), key, _SECTIONS)
     stores = {name: _store(w, name, t) for w, name, t in _named_tables(source, data, "stores")}
-    stores = stores or {DEFAULT_STORE_NAME: StoreConfig(DEFAULT_STORE_NAME)}
+    stores = stores or {DEFAULT_STORE_NAME: StoreConfig(DEFAULT_STORE_NAME)}  # embedded default
     limiters = {
         name: _limiter(w, name, t, stores) for w, name, t in _named_tables(source, data, "limiters")
     }
@@ -649,8 +647,7 @@ def load_config(
     if source is None:
         source = discover_config_path()
         if source is None:
-            stores = {DEFAULT_STORE_NAME: StoreConfig(DEFAULT_STORE_NAME)}
-            return Config(stores=stores, limiters={}, source="<default>")
+            return _validate({}, "<default>")  # an empty file: the default memory store
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"config must be a path, a mapping or a Config, not {type(source).__name__}"

@@ -307,7 +307,7 @@ def test_bad_urls_are_errors_without_the_password(url: str) -> None:
 
 def test_a_token_of_the_wrong_type_is_not_echoed() -> None:
     message = load_error("[stores.prod]\nengine='nats'\nurl='nats://h'\ntoken=918273\n")
-    assert "[stores.prod] token: expected a string, got a int" in message
+    assert "[stores.prod] token: expected a string, got a value of type int" in message
     assert "918273" not in message
 
 
