@@ -1,0 +1,102 @@
+"""The request-to-decision path for synchronous adapters (WSGI, Flask, Django under WSGI).
+
+The same `RequestLimiter` as the ASGI adapter, driven without an event loop of the caller's:
+a plan whose stores are all in-process (memory) and whose keys need no awaiting never suspends, so
+its coroutine is run to completion inline; anything else runs on the process's background loop
+(`_portal`). After `fork()` the child builds its own `RequestLimiter` (fresh connections).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
+
+from . import _portal
+from .bucket import Decision
+from .errors import StoreError
+from .limiter import AsyncRateLimiter
+from .requests import ConfigSource, Plan, RequestFacts, RequestLimiter
+from .stores.memory import MemoryStore
+
+T = TypeVar("T")
+
+_OUTER_DEADLINE_MARGIN = 1.0  # seconds beyond the stores' own deadlines before giving up
+
+
+def run_inline(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends, without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coro.close()
+    raise RuntimeError("ratesync: a coroutine expected to complete at once suspended")
+
+
+class SyncRequestLimiter:
+    """`RequestLimiter` for synchronous callers: `plan(...)` as there, `check(facts, plan)` blocking.
+
+    core = SyncRequestLimiter("rate-sync.toml")
+    decision = core.check(facts, core.plan(method, path, view))
+    """
+
+    def __init__(self, config: ConfigSource | AsyncRateLimiter = None) -> None:
+        self._source = config
+        self._pid = os.getpid()
+        self.core = RequestLimiter(config)
+        self.config = self.core.config
+        self._inline: dict[Plan, bool] = {}
+        stores = self.config.stores.values()
+        self._deadline = _OUTER_DEADLINE_MARGIN + max(
+            (store.connect_timeout + 4 * store.timeout for store in stores), default=0.0
+        )
+
+    @property
+    def current(self) -> RequestLimiter:
+        """This process's `RequestLimiter`, rebuilt in a forked child."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            source = self._source
+            if isinstance(source, AsyncRateLimiter):  # its connections belong to the parent
+                source = AsyncRateLimiter(source.config, on_decision=source.on_decision)
+            self.core = RequestLimiter(source)
+            self._inline = {}
+        return self.core
+
+    def plan(self, method: str, path: str, endpoint: object = None) -> Plan:
+        """See `RequestLimiter.plan`."""
+        return self.current.plan(method, path, endpoint)
+
+    def check(self, facts: RequestFacts, plan: Plan) -> Decision | None:
+        """See `RequestLimiter.check`; blocks at most the stores' deadlines."""
+        core = self.current
+        if not plan:
+            return None
+        inline = self._inline.get(plan)
+        if inline is None:
+            inline = self._inline[plan] = self._never_suspends(core, plan)
+        if inline:
+            return run_inline(core.check(facts, plan))
+        try:
+            return _portal.run(core.check(facts, plan), self._deadline)
+        except StoreError as error:  # the loop thread itself did not answer in time
+            limiter = core.limiter.limiter(plan[0].name)
+            return core.limiter.degraded(limiter, error)
+
+    @staticmethod
+    def _never_suspends(core: RequestLimiter, plan: Plan) -> bool:
+        for item in plan:
+            store = core.limiter.store(core.limiter.limiter(item.name).store)
+            if not (isinstance(store, MemoryStore) and item.identity.sync):
+                return False
+        return True
+
+    def startup(self, endpoints: Iterable[object] = ()) -> None:
+        """See `RequestLimiter.startup` (imports key functions, checks marks, opens stores)."""
+        _portal.run(self.current.startup(endpoints), self._deadline + 5.0)
+
+    def close(self) -> None:
+        """Close the stores of this process."""
+        _portal.run(self.current.aclose(), 10.0)

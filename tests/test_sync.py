@@ -1,0 +1,85 @@
+"""The synchronous request path shared by the WSGI, Flask and Django adapters."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import pytest
+
+from ratesync_middleware.requests import ClientAddress, RequestFacts
+from ratesync_middleware.sync import SyncRequestLimiter, run_inline
+
+
+class Facts(RequestFacts):
+    def __init__(self, path: str, peer: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__("GET", path, peer, ClientAddress())
+        self._headers = headers or {}
+
+    def header(self, name: str) -> str | None:
+        return self._headers.get(name)
+
+
+def limits(store: dict[str, Any] | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "limiters": {"api": {"rate_per_second": 0.01, "burst": 2}},
+        "middleware": {"default": "api"},
+    }
+    if store is not None:
+        config["stores"] = {"prod": store}
+    return config
+
+
+def spend(core: SyncRequestLimiter, peer: str = "203.0.113.7") -> list[bool]:
+    decisions = [core.check(Facts("/x", peer), core.plan("GET", "/x")) for _ in range(3)]
+    return [d is not None and d.allowed for d in decisions]
+
+
+def test_memory_plans_run_inline_without_the_loop_thread() -> None:
+    core = SyncRequestLimiter(limits())
+    assert spend(core) == [True, True, False]
+    assert spend(core, peer="203.0.113.8") == [True, True, False]
+
+
+class Suspend:
+    def __await__(self) -> Any:
+        yield
+
+
+async def suspends() -> None:
+    await Suspend()
+
+
+def test_run_inline_refuses_a_coroutine_that_suspends() -> None:
+    with pytest.raises(RuntimeError, match="suspended"):
+        run_inline(suspends())
+
+
+@pytest.mark.nats
+def test_nats_plans_run_on_the_background_loop(nats_store: dict[str, Any]) -> None:
+    core = SyncRequestLimiter(limits(nats_store))
+    assert spend(core) == [True, True, False]
+    core.close()
+
+
+def _child(core: SyncRequestLimiter, results: Any) -> None:
+    decision = core.check(Facts("/x", "203.0.113.7"), core.plan("GET", "/x"))
+    results.put(decision is not None and decision.allowed and not decision.degraded)
+
+
+@pytest.mark.nats
+def test_a_forked_child_gets_its_own_connection(nats_store: dict[str, Any]) -> None:
+    core = SyncRequestLimiter(limits(nats_store))
+    first = core.check(Facts("/x", "203.0.113.7"), core.plan("GET", "/x"))
+    assert first is not None
+    assert first.allowed
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_child, args=(core, results))
+    child.start()
+    child.join(30)
+    assert results.get(timeout=5) is True
+    last = core.check(Facts("/x", "203.0.113.7"), core.plan("GET", "/x"))
+    assert last is not None
+    assert not last.allowed  # parent and child shared the bucket of 2
+    core.close()
