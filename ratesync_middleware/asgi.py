@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Host, Match, Mount
+from starlette.routing import BaseRoute, Host, Match, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .bucket import Decision
-from .errors import ConfigError
 from .headers import Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
 from .requests import (
+    BoundedCache,
     ClientAddress,
     ConfigSource,
     Plan,
     RequestFacts,
     RequestLimiter,
-    _BoundedCache,
     exempt,
     get_marks,
     limit,
@@ -44,6 +45,7 @@ WS_POLICY_VIOLATION: Final = 1008  # a websocket refused for its rate limit
 WS_TRY_AGAIN_LATER: Final = 1013  # a websocket refused because the store failed (fail_closed)
 ROUTE_CACHE_SIZE: Final = 4096  # (type, method, path) -> plan entries kept
 _MAX_DEPTH: Final = 16  # mounts and wrapping middleware followed when looking for routes
+_STARLETTE_ROUTES: Final = (Route, WebSocketRoute, Mount, Host)
 
 
 class ScopeFacts(RequestFacts):
@@ -124,6 +126,104 @@ def _handler(endpoint: Any, scope: Scope) -> Any:
     return endpoint
 
 
+def _candidates(routes: list[BaseRoute]) -> list[Any]:
+    """The routes in the order the router tries them.
+
+    FastAPI (0.16x) keeps an included `APIRouter` as one lazy route whose `matches` names no
+    endpoint; its public `iter_route_contexts` lists the effective routes inside.
+    """
+    expand = getattr(sys.modules.get("fastapi.routing"), "iter_route_contexts", None)
+    if expand is None or all(isinstance(route, _STARLETTE_ROUTES) for route in routes):
+        return list(routes)
+    return list(expand(routes))
+
+
+def _container(route: Any) -> bool:
+    """A `Mount` or `Host` (also as FastAPI's effective route of an included router)."""
+    return isinstance(getattr(route, "original_route", route), (Mount, Host))
+
+
+@dataclass
+class _RouteTable:
+    source: list[BaseRoute]  # held, so that its id stays unique while cached
+    size: int  # len(source) when built: routes added later rebuild the table
+    candidates: list[Any]
+    scan_length: int  # leading candidates that can lead to a marked endpoint
+
+
+class _RouteFinder:
+    """Finds the endpoint a Starlette/FastAPI router will call, the way the router does.
+
+    Only candidates up to the last one with marks inside are matched: later ones cannot change
+    the plan, so an app without `@limit`/`@exempt` pays nothing.
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[int, _RouteTable] = {}
+        self.host_dependent = False  # a `Host` route makes the endpoint depend on a header
+
+    def _table(self, routes: list[BaseRoute]) -> _RouteTable:
+        table = self._tables.get(id(routes))
+        if table is not None and table.source is routes and table.size == len(routes):
+            return table
+        candidates = _candidates(routes)
+        scan_length = 0
+        for index, candidate in enumerate(candidates):
+            if isinstance(getattr(candidate, "original_route", candidate), Host):
+                self.host_dependent = True
+            if any(get_marks(endpoint) is not None for endpoint in self._below(candidate, 0)):
+                scan_length = index + 1
+        table = self._tables[id(routes)] = _RouteTable(routes, len(routes), candidates, scan_length)
+        return table
+
+    def find(self, routes: list[BaseRoute], scope: Scope, depth: int = 0) -> Any:
+        """The endpoint for `scope` among `routes`; None when unmatched or unmarked anyway."""
+        table = self._table(routes)
+        stop = table.scan_length
+        partial: tuple[Any, Scope] | None = None
+        for index, route in enumerate(table.candidates):
+            if index >= stop and partial is None:
+                return None
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                return self._enter(route, {**scope, **child_scope}, depth)
+            if match is Match.PARTIAL and partial is None:
+                partial = (route, child_scope)
+        if partial is not None:  # the router answers 405 with this route
+            return self._enter(partial[0], {**scope, **partial[1]}, depth)
+        return None
+
+    def _enter(self, route: Any, scope: Scope, depth: int) -> Any:
+        if _container(route):
+            inner = route.app
+            if get_marks(inner) is not None:  # exempt(StaticFiles(...)) marks a whole mount
+                return inner
+            routes = _routes_of(inner)
+            if routes is None or depth >= _MAX_DEPTH:
+                return inner
+            return self.find(routes, scope, depth + 1)
+        return _handler(getattr(route, "endpoint", None), scope)
+
+    def endpoints(self, routes: list[BaseRoute] | None) -> Iterator[Any]:
+        """Every endpoint (and `HTTPEndpoint` method) under `routes`, for start-up checks."""
+        for candidate in _candidates(routes or []):
+            yield from self._below(candidate, 0)
+
+    def _below(self, route: Any, depth: int) -> Iterator[Any]:
+        if _container(route):
+            yield route.app
+            if depth < _MAX_DEPTH:
+                for candidate in _candidates(_routes_of(route.app) or []):
+                    yield from self._below(candidate, depth + 1)
+            return
+        endpoint = getattr(route, "endpoint", None)
+        while isinstance(endpoint, functools.partial):
+            endpoint = endpoint.func
+        yield endpoint
+        if inspect.isclass(endpoint):
+            yield from (getattr(endpoint, name, None) for name in dir(endpoint))
+
+
 class RateLimitMiddleware:
     """Rate limiting for Starlette and FastAPI apps, configured by a `rate-sync.toml`.
 
@@ -155,10 +255,8 @@ class RateLimitMiddleware:
             self.config.middleware.headers,
             (limiter.policy for limiter in self.config.limiters.values()),
         )
-        self._plans = _BoundedCache(ROUTE_CACHE_SIZE)
-        self._host_dependent = False  # a `Host` route makes the endpoint depend on a header
-        # Per routes list (held, so its id stays unique): its length then, routes worth matching.
-        self._scan_lengths: dict[int, tuple[list[BaseRoute], int, int]] = {}
+        self._plans = BoundedCache(ROUTE_CACHE_SIZE)
+        self._routes = _RouteFinder()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -234,7 +332,7 @@ class RateLimitMiddleware:
         plan = self._plans.get(key)
         if plan is None:
             plan = self.core.plan(method, path, self._endpoint(scope))
-            if not self._host_dependent:
+            if not self._routes.host_dependent:
                 self._plans.put(key, plan)
         return plan
 
@@ -253,67 +351,17 @@ class RateLimitMiddleware:
         if not routes:
             return None
         try:
-            return self._search(routes, scope, 0)
+            return self._routes.find(routes, scope)
         except Exception:  # an odd route must not break the request; the router will judge it
             logger.debug("ratesync: no endpoint found for %r", scope.get("path"), exc_info=True)
             return None
 
-    def _search(self, routes: list[BaseRoute], scope: Scope, depth: int) -> Any:
-        # Only routes up to the last one with marks in it can change the plan, so the scan stops
-        # there unless a 405-style partial match needs a later full match to overrule it.
-        stop = self._scan_length(routes)
-        partial: tuple[BaseRoute, Scope] | None = None
-        for index, route in enumerate(routes):
-            if index >= stop and partial is None:
-                return None
-            match, child_scope = route.matches(scope)
-            if match is Match.FULL:
-                return self._enter(route, {**scope, **child_scope}, depth)
-            if match is Match.PARTIAL and partial is None:
-                partial = (route, child_scope)
-        if partial is not None:  # the router answers 405 with this route
-            return self._enter(partial[0], {**scope, **partial[1]}, depth)
-        return None
-
-    def _scan_length(self, routes: list[BaseRoute]) -> int:
-        """How many leading routes of `routes` to match: up to the last one with marks inside."""
-        known = self._scan_lengths.get(id(routes))
-        if known is not None and known[0] is routes and known[1] == len(routes):
-            return known[2]
-        length = 0
-        for index, route in enumerate(routes):
-            if isinstance(route, Host):
-                self._host_dependent = True
-            if any(get_marks(endpoint) is not None for endpoint in self._endpoints([route])):
-                length = index + 1
-        self._scan_lengths[id(routes)] = (routes, len(routes), length)
-        return length
-
-    def _enter(self, route: BaseRoute, scope: Scope, depth: int) -> Any:
-        if isinstance(route, (Mount, Host)):
-            inner = route.app
-            if get_marks(inner) is not None:  # exempt(StaticFiles(...)) marks a whole mount
-                return inner
-            routes = _routes_of(inner)
-            if routes is None or depth >= _MAX_DEPTH:
-                return inner
-            return self._search(routes, scope, depth + 1)
-        return _handler(getattr(route, "endpoint", None), scope)
-
-    def _endpoints(self, routes: list[BaseRoute] | None, depth: int = 0) -> Iterator[Any]:
-        """Every endpoint (and marked `HTTPEndpoint` method) under `routes`, for start-up checks."""
-        for route in routes or ():
-            if isinstance(route, (Mount, Host)):
-                yield route.app
-                if depth < _MAX_DEPTH:
-                    yield from self._endpoints(_routes_of(route.app), depth + 1)
-                continue
-            endpoint = getattr(route, "endpoint", None)
-            while isinstance(endpoint, functools.partial):
-                endpoint = endpoint.func
-            yield endpoint
-            if inspect.isclass(endpoint):
-                yield from (getattr(endpoint, name) for name in dir(endpoint))
+    def _endpoints(self, scope: Scope) -> list[Any]:
+        try:
+            return list(self._routes.endpoints(self._app_routes(scope)))
+        except Exception:  # an odd route tree only loses the start-up check of its marks
+            logger.warning("ratesync: could not list the app's endpoints", exc_info=True)
+            return []
 
     # -- lifespan -------------------------------------------------------------------------------
 
@@ -321,10 +369,9 @@ class RateLimitMiddleware:
         async def send_wrapper(message: Message) -> None:
             kind = message["type"]
             if kind == "lifespan.startup.complete":
-                try:
-                    await self.core.startup(self._endpoints(self._app_routes(scope)))
-                except ConfigError as error:
-                    message = {"type": "lifespan.startup.failed", "message": str(error)}
+                # A ConfigError raised here fails the app's start-up: its lifespan reports
+                # "lifespan.startup.failed" and the server stops.
+                await self.core.startup(self._endpoints(scope))
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.core.aclose()
             await send(message)

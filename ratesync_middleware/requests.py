@@ -11,6 +11,7 @@ matching `[[routes]]` rule, else `[middleware] default`, else nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import functools
 import importlib
@@ -306,7 +307,7 @@ class Identity:
         self.is_global = config.is_global
         self._parts: list[Callable[[RequestFacts], Any]] = []
         self._callables: list[tuple[int, str]] = []  # (index, spec) still to import
-        for index, spec in enumerate(config.key):
+        for spec in config.key:
             if spec == "global":
                 continue
             if spec == "ip":
@@ -318,8 +319,8 @@ class Identity:
             elif spec.startswith("header:"):
                 self._parts.append(_part_header(spec[len("header:") :].lower()))
             else:
+                self._callables.append((len(self._parts), spec))
                 self._parts.append(_part_ip)  # placeholder until imported
-                self._callables.append((index, spec))
         self.sync = not self._callables
         self._limiter, self._source = config.name, source
 
@@ -384,7 +385,7 @@ def _glob(pattern: str) -> Callable[[str], object]:
     return re.compile(fnmatch.translate(pattern)).match
 
 
-class _BoundedCache(dict[Any, Plan]):
+class BoundedCache(dict[Any, Plan]):
     """A dict that forgets its oldest entries beyond `size`: keys can be client-controlled."""
 
     def __init__(self, size: int) -> None:
@@ -393,7 +394,9 @@ class _BoundedCache(dict[Any, Plan]):
 
     def put(self, key: Any, plan: Plan) -> Plan:
         if len(self) >= self.size:
-            del self[next(iter(self))]
+            # Another thread may have evicted it first (sync adapters share this across threads).
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self[next(iter(self))]
         self[key] = plan
         return plan
 
@@ -422,7 +425,7 @@ class RequestLimiter:
         self._default = self._plan_of(((name, 1) for name in middleware.default), "[middleware]")
         self._rules = tuple(self._rule(rule) for rule in self.config.routes)
         self._marked: dict[Marks, Plan] = {}
-        self._by_path = _BoundedCache(PLAN_CACHE_SIZE)
+        self._by_path = BoundedCache(PLAN_CACHE_SIZE)
 
     def _plan_of(self, limits: Iterable[tuple[str, int]], where: str) -> Plan:
         plan = []

@@ -174,15 +174,18 @@ async def tenant_async(facts: RequestFacts) -> str | None:
     return tenant(facts)
 
 
-def config(key: Any, **limiter: Any) -> dict[str, Any]:
-    return {"limiters": {"api": {"rate_per_second": 1.0, "burst": 2, "key": key, **limiter}}}
+def config(key: Any) -> dict[str, Any]:
+    return {
+        "limiters": {"api": {"rate_per_second": 1.0, "burst": 2, "key": key}},
+        "middleware": {"default": "api"},
+    }
 
 
 async def identity_of(key: Any, facts_options: dict[str, Any] | None = None) -> str | None:
     core = RequestLimiter(config(key))
     facts = Facts(core.client_address, **(facts_options or {}))
-    plan_item = core._plan_of([("api", 1)], "test")[0]
-    return await plan_item.identity(facts)
+    (api,) = core.plan(facts.method, facts.path)
+    return await api.identity(facts)
 
 
 async def test_identity_key_words() -> None:
