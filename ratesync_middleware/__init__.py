@@ -1,7 +1,8 @@
 """Token-bucket rate limiting for ASGI, Django and Flask, shared through NATS JetStream KV.
 
 The core (`load_config`, `AsyncRateLimiter`, `RateLimiter`, `Decision`) imports no web framework;
-the ASGI names (`RateLimitMiddleware`, `limit`, `exempt`) load Starlette on first use.
+`limit` and `exempt` mark endpoints of any framework; `RateLimitMiddleware` (ASGI) loads
+Starlette on first use.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from .bucket import Decision, Policy
 from .config import Config, load_config
 from .errors import ConfigError, RateSyncError, StoreError
 from .limiter import AsyncRateLimiter, RateLimiter
+from .requests import exempt, limit
 
 if TYPE_CHECKING:
-    from .asgi import RateLimitMiddleware, exempt, limit
+    from .asgi import RateLimitMiddleware
 
 __version__ = "0.1.0"
 
@@ -34,12 +36,9 @@ __all__ = [
     "load_config",
 ]
 
-_ASGI_NAMES = frozenset({"RateLimitMiddleware", "limit", "exempt"})
-
-
 def __getattr__(name: str) -> Any:
-    if name in _ASGI_NAMES:
-        from . import asgi
+    if name == "RateLimitMiddleware":  # loads Starlette only for ASGI users
+        from .asgi import RateLimitMiddleware
 
-        return getattr(asgi, name)
+        return RateLimitMiddleware
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,7 @@ else:  # pragma: no cover
 
 Engine = Literal["nats", "memory"]
 HeadersMode = Literal["draft", "legacy", "none"]
+ForwardedHeader = Literal["x-forwarded-for", "forwarded"]
 
 DEFAULT_STORE_NAME = "default"
 DEFAULT_BUCKET = "rate_limits"
@@ -88,6 +89,7 @@ class MiddlewareConfig:
     trusted_proxies: tuple[str, ...] = ()
     headers: HeadersMode = "draft"
     ipv6_prefix: int = 64
+    forwarded_header: ForwardedHeader = "x-forwarded-for"  # the one header trusted proxies set
 
 
 @dataclass(frozen=True)
@@ -378,6 +380,7 @@ _MIDDLEWARE_KEYS: dict[str, Check] = {
     "trusted_proxies": _one_or_more(_network),
     "headers": _choice("draft", "legacy", "none"),
     "ipv6_prefix": _integer(1, 128),
+    "forwarded_header": _choice("x-forwarded-for", "forwarded"),
 }
 _ROUTE_KEYS: dict[str, Check] = {
     "path": _route_path,

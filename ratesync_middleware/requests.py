@@ -129,9 +129,15 @@ class ClientAddress:
     since one subscriber usually holds a whole /64.
     """
 
-    def __init__(self, trusted_proxies: Iterable[str] = (), ipv6_prefix: int = 64) -> None:
+    def __init__(
+        self,
+        trusted_proxies: Iterable[str] = (),
+        ipv6_prefix: int = 64,
+        forwarded_header: str = "x-forwarded-for",
+    ) -> None:
         self.networks = tuple(ipaddress.ip_network(net, strict=False) for net in trusted_proxies)
         self.ipv6_prefix = ipv6_prefix
+        self.forwarded_header = forwarded_header
         # Bounded caches: peers and header values are client-controlled.
         self._peer_is_trusted = functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)(self._trusted_text)
         self._group_v6 = functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)(self._group_v6_text)
@@ -171,13 +177,14 @@ class ClientAddress:
     def _from_headers(
         self, header: Callable[[str], str | None]
     ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-        x_forwarded_for = header("x-forwarded-for")
-        if x_forwarded_for:
-            return self._walk(x_forwarded_for.split(","))
-        forwarded = header("forwarded")
-        if forwarded:
-            return self._walk(_forwarded_for(forwarded))
-        return None
+        # Only the one header the proxies are configured to set: a client may send the other one,
+        # and a proxy that does not know it passes it through unchanged.
+        value = header(self.forwarded_header)
+        if not value:
+            return None
+        if self.forwarded_header == "forwarded":
+            return self._walk(_forwarded_for(value))
+        return self._walk(value.split(","))
 
     def _walk(self, hops: list[str]) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """Right to left: the first hop that is not a trusted proxy; None on garbage."""
@@ -417,7 +424,9 @@ class RequestLimiter:
         self.limiter = config if isinstance(config, AsyncRateLimiter) else AsyncRateLimiter(config)
         self.config: Config = self.limiter.config
         middleware = self.config.middleware
-        self.client_address = ClientAddress(middleware.trusted_proxies, middleware.ipv6_prefix)
+        self.client_address = ClientAddress(
+            middleware.trusted_proxies, middleware.ipv6_prefix, middleware.forwarded_header
+        )
         self._identities = {
             name: Identity(limiter, self.config.source)
             for name, limiter in self.config.limiters.items()

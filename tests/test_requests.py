@@ -84,12 +84,22 @@ def test_when_every_hop_is_trusted_the_leftmost_is_the_client() -> None:
 
 def test_rfc7239_forwarded_header() -> None:
     headers = {"Forwarded": 'for=192.0.2.60;proto=http;by=10.0.0.1, For="[2001:db8:cafe::17]:4711"'}
-    assert client_ip("10.0.0.1", headers, trusted_proxies=PROXIES) == "2001:db8:cafe::/64"
+    ip = client_ip("10.0.0.1", headers, trusted_proxies=PROXIES, forwarded_header="forwarded")
+    assert ip == "2001:db8:cafe::/64"
 
 
-def test_x_forwarded_for_wins_over_forwarded() -> None:
+def test_only_the_configured_header_is_believed() -> None:
+    # A proxy that sets one header passes the other through as the client sent it.
     headers = {"X-Forwarded-For": "198.51.100.9", "Forwarded": "for=192.0.2.60"}
     assert client_ip("10.0.0.1", headers, trusted_proxies=PROXIES) == "198.51.100.9"
+    forwarded = client_ip(
+        "10.0.0.1", headers, trusted_proxies=PROXIES, forwarded_header="forwarded"
+    )
+    assert forwarded == "192.0.2.60"
+    assert (
+        client_ip("10.0.0.1", {"Forwarded": "for=192.0.2.60"}, trusted_proxies=PROXIES)
+        == "10.0.0.1"
+    )
 
 
 @pytest.mark.parametrize(
