@@ -1,0 +1,274 @@
+# mypy: disable-error-code="import-untyped"
+"""System checks: a bad `RATESYNC` shows at `manage.py check` time, not at the first request.
+
+The ids are stable (silence one with `SILENCED_SYSTEM_CHECKS`); docs/django.md lists them.
+
+    ratesync.E001  settings.RATESYNC itself is malformed
+    ratesync.E002  the configuration file does not exist
+    ratesync.E003  the configuration file cannot be read or is not TOML
+    ratesync.E004  an unknown key in the configuration
+    ratesync.E005  a value of the wrong type or out of range
+    ratesync.E006  a name that refers to no store or limiter
+    ratesync.E007  a NATS store without a url
+    ratesync.E008  an environment variable the configuration needs is not set
+    ratesync.E009  any other configuration error
+    ratesync.E010  RATESYNC["view"] cannot be imported or is not callable
+    ratesync.E011  a key function ("package.module:function") cannot be imported
+    ratesync.E012  a view's @limit names a limiter that does not exist
+    ratesync.W001  RateLimitMiddleware is not in MIDDLEWARE
+    ratesync.W002  a rate-sync key that the middleware ignores
+    ratesync.W003  a "user" key without django.contrib.auth's AuthenticationMiddleware
+
+Checks never connect to NATS: `ratesync check` (the command line) verifies the server side.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.urls import URLPattern, URLResolver, get_resolver
+from django.utils.module_loading import import_string
+
+from ..config import Config, RateSyncConfigWarning, load_config
+from ..errors import ConfigError
+from ..requests import Identity, RequestLimiter, get_marks
+from .conf import SETTING, RateSyncSettings, import_view, read_settings
+from .middleware import RateLimitMiddleware
+
+__all__ = ["TAG", "check_settings", "check_views"]
+
+TAG: Final = "ratesync"
+DOCS: Final = "See docs/django.md and docs/configuration.md."
+_MAX_URLCONF_DEPTH: Final = 32
+
+# A ConfigError's id, from what its message says (first match wins; E009 when none does).
+_CONFIG_PROBLEMS: Final = (
+    (
+        "ratesync.E002",
+        ("no such file",),
+        f"Point {SETTING}['config'] (or $RATE_SYNC_CONFIG) at an existing rate-sync.toml,"
+        " or give its tables inline in RATESYNC.",
+    ),
+    (
+        "ratesync.E003",
+        ("invalid TOML", "not UTF-8", "cannot read"),
+        "The configuration must be a readable UTF-8 TOML file.",
+    ),
+    (
+        "ratesync.E007",
+        ("needs a url",),
+        'Give the NATS store a url, e.g. url = "nats://localhost:4222", or engine = "memory".',
+    ),
+    (
+        "ratesync.E008",
+        ("environment variable",),
+        "Set the variable, or give a default in the file: ${VAR:-default}.",
+    ),
+    (
+        "ratesync.E006",
+        ("no store named", "no limiter named", "no limiter '", "name one of the stores"),
+        "Define the store or limiter it names, or correct the name.",
+    ),
+    (
+        "ratesync.E004",
+        ("unknown key",),
+        f"Remove or correct the key. {DOCS}",
+    ),
+    (
+        "ratesync.E005",
+        ("expected ",),
+        "Give the key a value of its documented type and range (strings are never converted:"
+        f" write 10, not '10'). {DOCS}",
+    ),
+)
+
+
+def _config_error(error: ConfigError) -> checks.Error:
+    message = str(error)
+    for check_id, phrases, hint in _CONFIG_PROBLEMS:
+        if any(phrase in message for phrase in phrases):
+            return checks.Error(message, hint=hint, id=check_id)
+    return checks.Error(message, hint=DOCS, id="ratesync.E009")
+
+
+def _load(options: RateSyncSettings) -> tuple[Config | None, list[checks.CheckMessage]]:
+    """The configuration, or the error that stops it; ignored rate-sync keys become warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RateSyncConfigWarning)
+        try:
+            config = load_config(options.source)
+        except ConfigError as error:
+            return None, [_config_error(error)]
+    messages: list[checks.CheckMessage] = []
+    for warning in caught:
+        if issubclass(warning.category, RateSyncConfigWarning):
+            messages.append(
+                checks.Warning(
+                    str(warning.message),
+                    hint="rate-sync reads this key; ratesync-middleware does not. Remove it"
+                    " to silence this warning.",
+                    id="ratesync.W002",
+                )
+            )
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return config, messages
+
+
+def _middleware_classes() -> Iterator[type]:
+    for path in getattr(settings, "MIDDLEWARE", None) or ():
+        try:
+            found = import_string(path)
+        except Exception:  # Django itself reports a middleware that cannot be imported
+            continue
+        if isinstance(found, type):
+            yield found
+
+
+def _is_auth_middleware(cls: type) -> bool:
+    return any(
+        base.__name__ == "AuthenticationMiddleware"
+        and base.__module__ == "django.contrib.auth.middleware"
+        for base in cls.__mro__
+    )
+
+
+def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[Any]:
+    """`settings.RATESYNC`, the configuration it names, its view and key functions."""
+    try:
+        options = read_settings()
+    except ImproperlyConfigured as error:
+        hint = f"For example: {SETTING} = {{'config': BASE_DIR / 'rate-sync.toml'}}. {DOCS}"
+        return [checks.Error(str(error), hint=hint, id="ratesync.E001")]
+    messages: list[checks.CheckMessage] = []
+    middleware = list(_middleware_classes())
+    if not any(issubclass(cls, RateLimitMiddleware) for cls in middleware):
+        messages.append(
+            checks.Warning(
+                "ratesync_middleware.django.RateLimitMiddleware is not in MIDDLEWARE,"
+                " so no request is rate limited.",
+                hint="Add it to MIDDLEWARE, e.g. right after SecurityMiddleware.",
+                id="ratesync.W001",
+            )
+        )
+    if not options.enabled:
+        return messages
+    if options.view is not None:
+        try:
+            import_view(options.view)
+        except ImproperlyConfigured as error:
+            messages.append(
+                checks.Error(
+                    str(error),
+                    hint="A view called as view(request, decision) that returns a response.",
+                    id="ratesync.E010",
+                )
+            )
+    config, problems = _load(options)
+    messages.extend(problems)
+    if config is None:
+        return messages
+    for limiter in config.limiters.values():
+        try:
+            Identity(limiter, config.source).load()
+        except ConfigError as error:
+            messages.append(
+                checks.Error(
+                    str(error),
+                    hint="A key function is 'package.module:function', importable by the"
+                    " project, called with the request's facts.",
+                    id="ratesync.E011",
+                )
+            )
+    user_keyed = sorted(name for name, limiter in config.limiters.items() if "user" in limiter.key)
+    if user_keyed and not any(_is_auth_middleware(cls) for cls in middleware):
+        messages.append(
+            checks.Warning(
+                f"limiters {', '.join(user_keyed)} use key 'user', but MIDDLEWARE has no"
+                " django.contrib.auth AuthenticationMiddleware: every request is keyed by IP.",
+                hint="Add django.contrib.auth.middleware.AuthenticationMiddleware to MIDDLEWARE.",
+                id="ratesync.W003",
+            )
+        )
+    return messages
+
+
+# --- @limit on the views of the URLconf ----------------------------------------------------
+
+
+def _views(patterns: Iterable[Any], depth: int = 0) -> Iterator[Any]:
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            if depth >= _MAX_URLCONF_DEPTH:
+                continue
+            try:
+                inner = pattern.url_patterns
+            except Exception:  # Django's own URL checks report a broken include()
+                continue
+            yield from _views(inner, depth + 1)
+        elif isinstance(pattern, URLPattern):
+            yield pattern.callback
+
+
+def _marked(view: Any) -> Iterator[Any]:
+    """The view and, for a class-based view, its class and handler methods."""
+    yield view
+    view_class = getattr(view, "view_class", None)
+    if view_class is not None:
+        yield view_class
+        for name in getattr(view_class, "http_method_names", ()):
+            yield getattr(view_class, name, None)
+
+
+def _label(endpoint: Any) -> str:
+    module = getattr(endpoint, "__module__", None)
+    name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
+    return f"{module}.{name}" if module else name
+
+
+def check_views(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[Any]:
+    """Every `@limit` reachable from the URLconf names a limiter of the configuration."""
+    try:
+        options = read_settings()
+    except ImproperlyConfigured:
+        return []  # check_settings reports it
+    if not options.enabled:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RateSyncConfigWarning)
+        try:
+            core = RequestLimiter(load_config(options.source))
+        except ConfigError:
+            return []  # check_settings reports it
+    try:
+        patterns = get_resolver().url_patterns
+    except Exception:  # no or a broken ROOT_URLCONF: Django's URL checks report it
+        return []
+    errors: list[checks.CheckMessage] = []
+    seen: set[int] = set()
+    for view in _views(patterns):
+        for endpoint in _marked(view):
+            marks = get_marks(endpoint)
+            if marks is None or id(endpoint) in seen:
+                continue
+            seen.add(id(endpoint))
+            try:
+                core.marked_plan(marks, endpoint)
+            except ConfigError as error:
+                errors.append(
+                    checks.Error(
+                        str(error),
+                        hint="Define the limiter in the configuration, or correct the"
+                        " name in @limit(...).",
+                        obj=_label(endpoint),
+                        id="ratesync.E012",
+                    )
+                )
+    return errors

@@ -1,0 +1,439 @@
+# mypy: disable-error-code="import-untyped"
+"""The Django middleware: a request in, a `Decision` out, in both of Django's handler modes.
+
+    MIDDLEWARE = [..., "ratesync_middleware.django.RateLimitMiddleware", ...]
+    RATESYNC = {"config": BASE_DIR / "rate-sync.toml"}
+
+Under ASGI the middleware is a coroutine that awaits the store on the server's event loop, with
+no thread in between. Under WSGI it goes through `SyncRequestLimiter`: inline for memory stores,
+the process's one background loop for NATS. The limiting itself lives in `requests.py` and
+`headers.py`, shared with the other adapters.
+
+Each request is counted exactly once. Requests that reach a view are checked in `process_view`,
+where the view (and its `@limit` / `@exempt` marks) is known, so a refused request never runs its
+view. Requests that reach no view (a 404, a response from a middleware listed later, or one an
+earlier middleware's `process_view` refused) are checked by `[[routes]]` and the default once
+their response is known; a refusal replaces that response.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+
+from ..bucket import Decision
+from ..config import Config, load_config
+from ..errors import ConfigError
+from ..headers import Header, RateLimitHeaders
+from ..requests import ClientAddress, Plan, RequestFacts, RequestLimiter, get_marks
+from ..sync import SyncRequestLimiter
+from .conf import SETTING, LimitedView, import_view, read_settings
+
+__all__ = ["DjangoFacts", "RateLimitMiddleware", "view_endpoint"]
+
+DECISION_ATTRIBUTE: Final = "_ratesync_decision"  # on the request, once process_view has decided
+UNPREFIXED_HEADERS: Final = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})  # as Django's HttpHeaders
+# headers.py speaks ASGI (lower case); Django responses spell names as people write them.
+HEADER_NAMES: Final = {
+    "content-type": "Content-Type",
+    "content-length": "Content-Length",
+    "retry-after": "Retry-After",
+    "ratelimit": "RateLimit",
+    "ratelimit-policy": "RateLimit-Policy",
+    "x-ratelimit-limit": "X-RateLimit-Limit",
+    "x-ratelimit-remaining": "X-RateLimit-Remaining",
+    "x-ratelimit-reset": "X-RateLimit-Reset",
+}
+
+ViewFunction = Callable[..., Any]
+_UNCHECKED: Final[Any] = object()
+_UNRESOLVED: Final[Any] = object()
+
+# Bumped when settings.RATESYNC changes (override_settings in tests): every middleware rebuilds
+# its limiter on its next request.
+_generation = 0
+
+
+def _settings_changed(sender: object, setting: str, **kwargs: Any) -> None:
+    global _generation
+    if setting == SETTING:
+        _generation += 1
+
+
+setting_changed.connect(_settings_changed, dispatch_uid="ratesync_middleware.django.middleware")
+
+
+# --- a Django request as RequestFacts ------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_key(name: str) -> str:
+    """The `request.META` key of a header: `x-api-key` -> `HTTP_X_API_KEY`."""
+    key = name.upper().replace("-", "_")
+    return key if key in UNPREFIXED_HEADERS else f"HTTP_{key}"
+
+
+class DjangoFacts(RequestFacts):
+    """An `HttpRequest` as `RequestFacts`: headers and the peer from `META`, the user's `pk`.
+
+    The user is `request.user` (read on demand, as a sync view would) unless `user` was set
+    beforehand: the async path sets it from `await request.auser()`, because touching the lazy
+    `request.user` on the event loop would run a database query there.
+    """
+
+    __slots__ = ("_django_request", "user")
+
+    def __init__(self, request: HttpRequest, client_address: ClientAddress) -> None:
+        meta = request.META
+        self.method = request.method or "GET"
+        self.path = request.path_info
+        self.peer = meta.get("REMOTE_ADDR") or None
+        self._client_address = client_address
+        self._client_ip = None
+        self._django_request = request
+        self.user: Any = _UNRESOLVED
+
+    def header(self, name: str) -> str | None:
+        value = self._django_request.META.get(_meta_key(name))
+        return None if value is None else str(value)
+
+    def user_id(self) -> str | None:
+        user = self.user
+        if user is _UNRESOLVED:  # None without django.contrib.auth's AuthenticationMiddleware
+            user = getattr(self._django_request, "user", None)
+        if user is None or not getattr(user, "is_authenticated", False):
+            return None
+        pk = getattr(user, "pk", None)
+        return None if pk is None else str(pk)
+
+    @property
+    def request(self) -> HttpRequest:
+        """The Django `HttpRequest`."""
+        return self._django_request
+
+
+async def _auser(request: HttpRequest) -> Any:
+    """The request's user without blocking the event loop; None without auth middleware."""
+    auser = getattr(request, "auser", None)
+    if auser is not None:  # Django >= 5.0
+        return await auser()
+    if not hasattr(request, "user"):
+        return None
+    return await sync_to_async(_evaluated_user)(request)  # Django 4.2: the lazy user, in a thread
+
+
+def _evaluated_user(request: HttpRequest) -> Any:
+    user = request.user
+    user.is_authenticated  # noqa: B018  (evaluates the SimpleLazyObject: at most one query)
+    return user
+
+
+# --- which object carries a view's marks -----------------------------------------------------
+
+
+def view_endpoint(view: ViewFunction, method: str) -> Any:
+    """What carries the `@limit` / `@exempt` marks of `view` for a request with `method`.
+
+    A function view carries them itself (decorators built with `functools.wraps` copy them).
+    For a class-based view, in order: the handler method of the request (`post`, with `@limit`
+    or `method_decorator`), the `as_view()` function (marked in the URLconf, or given the marks
+    of `dispatch`, which `as_view()` copies), and the class.
+    """
+    view_class = getattr(view, "view_class", None)
+    if view_class is None:
+        return view
+    name = method.lower()
+    if name in getattr(view_class, "http_method_names", ()):
+        if name == "head" and not hasattr(view_class, "head"):
+            name = "get"  # View.setup() answers HEAD with get()
+        handler = getattr(view_class, name, None)
+        if handler is not None and get_marks(handler) is not None:
+            return handler
+    if get_marks(view) is not None:
+        return view
+    return view_class
+
+
+def _resolved_view(request: HttpRequest) -> ViewFunction | None:
+    """The view URL resolution found for a request that did not reach it (None for a 404)."""
+    match = getattr(request, "resolver_match", None)
+    return None if match is None else match.func
+
+
+# --- everything RATESYNC decides -----------------------------------------------------------
+
+
+class _Limits:
+    """The limiter, headers and refusal view of one value of `settings.RATESYNC`.
+
+    `sync` drives the limiter for a synchronous middleware; an asynchronous one awaits `core`.
+    """
+
+    def __init__(self, config: Config, view: LimitedView | None, *, asynchronous: bool) -> None:
+        self.config = config
+        self.sync = None if asynchronous else SyncRequestLimiter(config)
+        self.core = RequestLimiter(config) if self.sync is None else self.sync.core
+        self.client_address = self.core.client_address
+        self.responses = RateLimitHeaders(
+            config.middleware.headers, (limiter.policy for limiter in config.limiters.values())
+        )
+        self.view = view
+        self._needs_user: dict[Plan, bool] = {}
+
+    def plan(self, request: HttpRequest, view: ViewFunction | None) -> Plan:
+        method = request.method or "GET"
+        endpoint = None if view is None else view_endpoint(view, method)
+        planner = self.sync or self.core
+        return planner.plan(method, request.path_info, endpoint)
+
+    def check(self, request: HttpRequest, plan: Plan) -> Decision | None:
+        """The decision for a plan, blocking (synchronous middleware)."""
+        assert self.sync is not None
+        return self.sync.check(DjangoFacts(request, self.client_address), plan)
+
+    async def acheck(self, request: HttpRequest, plan: Plan) -> Decision | None:
+        """The decision for a plan, on the running event loop (asynchronous middleware)."""
+        facts = DjangoFacts(request, self.client_address)
+        if self._user_keyed(plan):
+            facts.user = await _auser(request)
+        return await self.core.check(facts, plan)
+
+    def _user_keyed(self, plan: Plan) -> bool:
+        needed = self._needs_user.get(plan)
+        if needed is None:
+            limiters = self.config.limiters
+            needed = any("user" in limiters[item.name].key for item in plan)
+            self._needs_user[plan] = needed
+        return needed
+
+    # -- responses --------------------------------------------------------------------------
+
+    def denial(self, decision: Decision) -> HttpResponse:
+        """The 429 (503 for a failing fail-closed store): problem+json, as the ASGI adapter's."""
+        denial = self.responses.denial(decision)
+        response = HttpResponse(denial.body, status=denial.status)
+        _set_headers(response, denial.headers, replace=True)
+        return response
+
+    def complete(self, response: HttpResponseBase, decision: Decision) -> HttpResponseBase:
+        """A refusal from `RATESYNC["view"]`, with `Retry-After` and the rate-limit headers."""
+        if response is None:
+            raise ImproperlyConfigured(f"{SETTING}['view'] returned None instead of a response")
+        headers = [*self.responses.retry_after(decision), *self.responses.headers(decision)]
+        _set_headers(response, headers, replace=False)  # what the view set stays
+        return response
+
+    def finish(self, response: HttpResponseBase, decision: Decision | None) -> HttpResponseBase:
+        """An allowed request's response, with the rate-limit headers."""
+        if decision is not None and decision.allowed:
+            _set_headers(response, self.responses.headers(decision), replace=False)
+        return response
+
+    def close(self) -> None:
+        if self.sync is not None and any(s.engine != "memory" for s in self.config.stores.values()):
+            self.sync.close()
+
+    async def aclose(self) -> None:
+        if self.sync is None:
+            await self.core.aclose()
+        else:
+            await sync_to_async(self.close, thread_sensitive=False)()
+
+
+def _set_headers(response: HttpResponseBase, headers: list[Header], *, replace: bool) -> None:
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
+        name = HEADER_NAMES.get(name, name)
+        if replace or name not in response:
+            response[name] = raw_value.decode("latin-1")
+
+
+def _load(*, asynchronous: bool) -> _Limits | None:
+    """The `_Limits` of the current `settings.RATESYNC`, None when it says `enabled: False`."""
+    options = read_settings()
+    if not options.enabled:
+        return None
+    try:
+        config = load_config(options.source)
+    except ConfigError as error:
+        raise ImproperlyConfigured(f"{SETTING}: {error}") from error
+    view = None if options.view is None else import_view(options.view)
+    return _Limits(config, view, asynchronous=asynchronous)
+
+
+def _rendered(response: HttpResponseBase) -> HttpResponseBase:
+    render = getattr(response, "render", None)
+    return render() if callable(render) else response
+
+
+# --- the middleware ------------------------------------------------------------------------
+
+
+class RateLimitMiddleware:
+    """Rate limiting for Django, configured by `settings.RATESYNC` (see the module docstring).
+
+    Sync- and async-capable like Django's own middleware, with both paths written out: an async
+    request never goes through a thread to be limited. `close()` / `aclose()` close the stores
+    (NATS connections), which tests may want; a server process simply exits.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    process_view: Callable[
+        [HttpRequest, ViewFunction, tuple[Any, ...], dict[str, Any]],
+        HttpResponseBase | Awaitable[HttpResponseBase | None] | None,
+    ]
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+            # Django awaits an async process_view directly and runs a sync one in a thread.
+            self.process_view = self._process_view_async
+        else:
+            self.process_view = self._process_view_sync
+        self._reload_lock = threading.Lock()
+        self._generation = _generation
+        self._limits = _load(asynchronous=self.async_mode)  # a bad RATESYNC fails at start-up
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} get_response={self.get_response!r}>"
+
+    # -- synchronous (WSGI) -----------------------------------------------------------------
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        limits = self._current()
+        if limits is None:
+            return self.get_response(request)
+        response = self.get_response(request)
+        decision = request.__dict__.pop(DECISION_ATTRIBUTE, _UNCHECKED)
+        if decision is _UNCHECKED:  # no view was reached: count it here, once
+            plan = limits.plan(request, _resolved_view(request))
+            decision = limits.check(request, plan) if plan else None
+            if decision is not None and not decision.allowed:
+                return self._refuse(limits, request, decision, render=True)
+        return limits.finish(response, decision)
+
+    def _process_view_sync(
+        self,
+        request: HttpRequest,
+        view: ViewFunction,
+        view_args: tuple[Any, ...],
+        view_kwargs: dict[str, Any],
+    ) -> HttpResponseBase | None:
+        limits = self._current()
+        if limits is None:
+            return None
+        plan = limits.plan(request, view)
+        decision = limits.check(request, plan) if plan else None
+        request.__dict__[DECISION_ATTRIBUTE] = decision
+        if decision is None or decision.allowed:
+            return None
+        return self._refuse(limits, request, decision, render=False)
+
+    def _refuse(
+        self, limits: _Limits, request: HttpRequest, decision: Decision, *, render: bool
+    ) -> HttpResponseBase:
+        view = limits.view
+        if view is None:
+            return limits.denial(decision)
+        if iscoroutinefunction(view):
+            response = async_to_sync(view)(request, decision)
+        else:
+            response = view(request, decision)
+        # From process_view, Django renders a TemplateResponse itself; after the fact, we do.
+        return limits.complete(_rendered(response) if render else response, decision)
+
+    def _current(self) -> _Limits | None:
+        if self._generation == _generation:
+            return self._limits
+        with self._reload_lock:
+            if self._generation != _generation:
+                generation, retired = _generation, self._limits
+                self._limits = _load(asynchronous=False)
+                self._generation = generation
+                if retired is not None:
+                    retired.close()
+        return self._limits
+
+    # -- asynchronous (ASGI) ----------------------------------------------------------------
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        limits = await self._acurrent()
+        if limits is None:
+            return await self.get_response(request)
+        response = await self.get_response(request)
+        decision = request.__dict__.pop(DECISION_ATTRIBUTE, _UNCHECKED)
+        if decision is _UNCHECKED:
+            plan = limits.plan(request, _resolved_view(request))
+            decision = await limits.acheck(request, plan) if plan else None
+            if decision is not None and not decision.allowed:
+                return await self._arefuse(limits, request, decision, render=True)
+        return limits.finish(response, decision)
+
+    async def _process_view_async(
+        self,
+        request: HttpRequest,
+        view: ViewFunction,
+        view_args: tuple[Any, ...],
+        view_kwargs: dict[str, Any],
+    ) -> HttpResponseBase | None:
+        limits = await self._acurrent()
+        if limits is None:
+            return None
+        plan = limits.plan(request, view)
+        decision = await limits.acheck(request, plan) if plan else None
+        request.__dict__[DECISION_ATTRIBUTE] = decision
+        if decision is None or decision.allowed:
+            return None
+        return await self._arefuse(limits, request, decision, render=False)
+
+    async def _arefuse(
+        self, limits: _Limits, request: HttpRequest, decision: Decision, *, render: bool
+    ) -> HttpResponseBase:
+        view = limits.view
+        if view is None:
+            return limits.denial(decision)
+        if iscoroutinefunction(view):
+            response = await view(request, decision)
+        else:  # as Django runs a sync view under ASGI; write it `async def` to skip the thread
+            response = await sync_to_async(view)(request, decision)
+        if render:
+            response = await sync_to_async(_rendered)(response)
+        return limits.complete(response, decision)
+
+    async def _acurrent(self) -> _Limits | None:
+        if self._generation == _generation:
+            return self._limits
+        generation, retired = _generation, self._limits
+        self._limits = _load(asynchronous=True)  # no await before this: one reload per change
+        self._generation = generation
+        if retired is not None:
+            await retired.aclose()
+        return self._limits
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the stores of a synchronous middleware (an async one: `await aclose()`)."""
+        limits = self._limits
+        if limits is not None:
+            limits.close()
+
+    async def aclose(self) -> None:
+        """Close the stores, on the event loop that served the requests."""
+        limits = self._limits
+        if limits is not None:
+            await limits.aclose()

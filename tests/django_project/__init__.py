@@ -1,0 +1,1 @@
+"""A tiny Django project for tests/test_django.py: views for each way of choosing a limit."""

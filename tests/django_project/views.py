@@ -1,0 +1,107 @@
+"""Views of the test project, one per way a view can be limited, and custom refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.template import engines
+from django.template.response import SimpleTemplateResponse
+from django.utils.decorators import method_decorator
+from django.views import View
+from django.views.decorators.http import require_POST
+
+from ratesync_middleware import Decision
+from ratesync_middleware.django import exempt, limit
+
+
+def hello(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+    return HttpResponse("hello")
+
+
+async def hello_async(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("hello, asynchronously")
+
+
+@require_POST  # a decorator made with functools.wraps keeps the marks below it
+@limit("login")
+def login(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("welcome")
+
+
+@exempt
+def health(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("ok")
+
+
+@limit("api", "search")
+def busy(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("busy")
+
+
+def whoami(request: HttpRequest) -> HttpResponse:
+    user = getattr(request, "user", None)
+    return JsonResponse({"user": getattr(user, "username", None)})
+
+
+@limit("search")
+class SearchByClass(View):
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("search")
+
+
+@method_decorator(limit("search"), name="dispatch")
+class SearchByDispatch(View):
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("search")
+
+
+class Plain(View):
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("plain")
+
+
+class Account(View):
+    """GET is limited by the default; POST (changing the password, say) by `login`."""
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("account")
+
+    @method_decorator(limit("login"))
+    def post(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("changed")
+
+
+@exempt
+class Status(View):
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("status")
+
+
+# --- RATESYNC["view"] ------------------------------------------------------------------------
+
+
+def too_many(request: HttpRequest, decision: Decision) -> HttpResponse:
+    return JsonResponse(
+        {"error": "slow down", "path": request.path, "limiter": decision.policy}, status=429
+    )
+
+
+async def too_many_async(request: HttpRequest, decision: Decision) -> HttpResponse:
+    return HttpResponse(f"slow down ({decision.policy})", status=429)
+
+
+def too_many_come_back_tomorrow(request: HttpRequest, decision: Decision) -> HttpResponse:
+    return HttpResponse("later", status=429, headers={"Retry-After": "86400"})
+
+
+def unavailable_or_too_many(request: HttpRequest, decision: Decision) -> HttpResponse:
+    status = 503 if decision.degraded else 429
+    return HttpResponse("cannot tell" if decision.degraded else "slow down", status=status)
+
+
+def too_many_template(request: HttpRequest, decision: Decision) -> SimpleTemplateResponse:
+    """A refusal rendered late, as a TemplateResponse: the middleware renders it when needed."""
+    template = engines["django"].from_string("wait {{ wait }} s for {{ policy }}")
+    context = {"wait": round(decision.retry_after), "policy": decision.policy}
+    return SimpleTemplateResponse(template, context, status=429)
