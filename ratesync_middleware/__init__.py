@@ -36,6 +36,7 @@ __all__ = [
     "load_config",
 ]
 
+
 def __getattr__(name: str) -> Any:
     if name == "RateLimitMiddleware":  # loads Starlette only for ASGI users
         from .asgi import RateLimitMiddleware

@@ -1,0 +1,469 @@
+"""The Flask extension: `RateLimit`, view and blueprint decorators, 429/503 as Flask exceptions.
+
+    ratelimit = RateLimit(app, config="rate-sync.toml")    # or RateLimit() + init_app(app)
+
+    @app.post("/login")
+    @ratelimit.limit("login")
+    def login(): ...
+
+The check runs in `before_request`, where `request.endpoint` names the view Flask will call, so
+view and blueprint marks apply; a refusal raises `RateLimitExceeded` (a `TooManyRequests`) or
+`RateLimitUnavailable` (a `ServiceUnavailable`), and the app's own error handlers apply.
+`after_request` adds the rate-limit headers. The limiting itself lives in `requests.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+
+from flask import Flask, Response, current_app, request
+from werkzeug.exceptions import ServiceUnavailable, TooManyRequests
+
+from .bucket import Decision
+from .headers import Denial, RateLimitHeaders, retry_after_seconds
+from .limiter import AsyncRateLimiter, logger
+from .requests import (
+    NOT_LIMITED,
+    ClientAddress,
+    ConfigSource,
+    Plan,
+    RequestFacts,
+    exempt,
+    get_marks,
+    limit,
+)
+from .sync import SyncRequestLimiter
+from .wsgi import DECISION_KEY, environ_header, wsgi_headers
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+    from flask import Request
+
+__all__ = [
+    "EXTENSION",
+    "FlaskFacts",
+    "RateLimit",
+    "RateLimitExceeded",
+    "RateLimitUnavailable",
+    "exempt",
+    "limit",
+]
+
+_F = TypeVar("_F")
+
+EXTENSION: Final = "ratesync"
+"""The key of the per-app state in `app.extensions`."""
+
+PLAN_CACHE_SIZE: Final = 4096  # (endpoint, method) -> plan; the method is client-controlled
+_HTTP_METHODS: Final = ("get", "post", "put", "patch", "delete", "head", "options")
+
+
+# --- the exceptions --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _detail(body: bytes) -> str:
+    """The problem document's `detail`: bodies are a few constants per limiter, hence the cache."""
+    detail: str = json.loads(body)["detail"]
+    return detail
+
+
+def _body(denial: Denial) -> str:
+    return denial.body.decode()
+
+
+def _headers(denial: Denial) -> list[tuple[str, str]]:
+    # werkzeug computes Content-Length from the body it is given.
+    return wsgi_headers(pair for pair in denial.headers if pair[0] != b"content-length")
+
+
+class RateLimitExceeded(TooManyRequests):
+    """429: a limiter of this request has no tokens left.
+
+    Raised in `before_request`, so `@app.errorhandler(429)` or
+    `@app.errorhandler(RateLimitExceeded)` can answer instead; `decision` says which limiter
+    (`decision.policy`) and when to retry. Without a handler Flask sends the default response:
+    `Retry-After`, the configured rate-limit headers and an RFC 9457 problem+json body.
+    A handler's own response gets `Retry-After` and the rate-limit headers it did not set.
+    """
+
+    def __init__(self, decision: Decision, denial: Denial) -> None:
+        super().__init__(
+            _detail(denial.body), retry_after=retry_after_seconds(decision.retry_after)
+        )
+        self.decision = decision
+        self.denial = denial
+
+    def get_body(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
+    ) -> str:
+        return _body(self.denial)
+
+    def get_headers(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
+    ) -> list[tuple[str, str]]:
+        return _headers(self.denial)
+
+
+class RateLimitUnavailable(ServiceUnavailable):
+    """503: the store of a `fail_closed` limiter cannot be reached, so the request is refused.
+
+    Handled like `RateLimitExceeded` (`@app.errorhandler(503)` or this class); `decision` is
+    degraded and `Retry-After` is the store's back-off.
+    """
+
+    def __init__(self, decision: Decision, denial: Denial) -> None:
+        super().__init__(
+            _detail(denial.body), retry_after=retry_after_seconds(decision.retry_after)
+        )
+        self.decision = decision
+        self.denial = denial
+
+    def get_body(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
+    ) -> str:
+        return _body(self.denial)
+
+    def get_headers(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
+    ) -> list[tuple[str, str]]:
+        return _headers(self.denial)
+
+
+class _EndpointPlans(dict[tuple[str | None, str], Plan | None]):
+    """(endpoint, method) -> the plan its marks decide, None when route rules and the default do.
+
+    Bounded: the method is client-controlled, and unmatched requests share the endpoint None.
+    """
+
+    def put(self, key: tuple[str | None, str], plan: Plan | None) -> Plan | None:
+        if len(self) >= PLAN_CACHE_SIZE:
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self[next(iter(self))]  # (suppressed: another thread evicted it first)
+        self[key] = plan
+        return plan
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class FlaskFacts(RequestFacts):
+    """A Flask request as `RequestFacts`: headers from the environ, the user from flask_login."""
+
+    __slots__ = ("_flask_request", "environ")
+
+    def __init__(self, flask_request: Request, path: str, client_address: ClientAddress) -> None:
+        environ = flask_request.environ
+        self._flask_request = flask_request
+        self.environ = environ
+        self.method = flask_request.method
+        self.path = path
+        self.peer = environ.get("REMOTE_ADDR") or None
+        self._client_address = client_address
+        self._client_ip = None
+
+    def header(self, name: str) -> str | None:
+        return environ_header(self.environ, name)
+
+    def user_id(self) -> str | None:
+        """`flask_login.current_user.get_id()` when it is authenticated, else None.
+
+        flask_login is optional: an app that uses it has imported it, so `sys.modules` tells.
+        """
+        flask_login = sys.modules.get("flask_login")
+        if flask_login is None:
+            return None
+        try:
+            user = flask_login.current_user
+            if user is None or not user.is_authenticated:
+                return None
+            user_id = user.get_id()
+        except Exception:  # no LoginManager on this app, or its user loader failed
+            logger.debug("ratesync: no flask_login user for this request", exc_info=True)
+            return None
+        return None if user_id is None else str(user_id)
+
+    @property
+    def request(self) -> Request:
+        """The Flask `request` object."""
+        return self._flask_request
+
+
+def _is_static(endpoint: str) -> bool:
+    return endpoint == "static" or endpoint.endswith(".static")
+
+
+class _AppState:
+    """What one app needs per request, built once at `init_app`: in `app.extensions["ratesync"]`."""
+
+    def __init__(
+        self, app: Flask, config: ConfigSource | AsyncRateLimiter, exempt_static: bool
+    ) -> None:
+        self.app = app
+        self.limiter = SyncRequestLimiter(config)
+        self.config = self.limiter.config
+        self.client_address = self.limiter.core.client_address
+        self.responses = RateLimitHeaders(
+            self.config.middleware.headers,
+            (limiter.policy for limiter in self.config.limiters.values()),
+        )
+        self.exempt_static = exempt_static
+        self._plans = _EndpointPlans()
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Check every view's and blueprint's marks, import key functions, open the stores."""
+        with self._start_lock:
+            if not self._started:
+                self.limiter.startup(self._marked_candidates())
+                self._started = True
+
+    def _marked_candidates(self) -> Iterator[object]:
+        app = self.app
+        for view in app.view_functions.values():
+            yield view
+            view_class = getattr(view, "view_class", None)
+            if view_class is not None:
+                yield view_class
+                yield from (getattr(view_class, name, None) for name in _HTTP_METHODS)
+        yield from app.blueprints.values()
+
+    # -- plans ----------------------------------------------------------------------------------
+
+    def plan(self, flask_request: Request, method: str) -> Plan:
+        """The limiters of this request: view marks > blueprint marks > route rules > default."""
+        key = (flask_request.endpoint, method)
+        try:
+            plan = self._plans[key]
+        except KeyError:
+            plan = self._plans.put(key, self._endpoint_plan(flask_request, method))
+        if plan is None:
+            return self.limiter.plan(method, flask_request.path)
+        return plan
+
+    def _endpoint_plan(self, flask_request: Request, method: str) -> Plan | None:
+        """The plan decided by marks on the view or its blueprints; None: by path."""
+        endpoint = flask_request.endpoint
+        if endpoint is not None:
+            marked = self._marked_view(endpoint, method)
+            if marked is None and self.exempt_static and _is_static(endpoint):
+                return NOT_LIMITED
+            if marked is None:
+                marked = self._marked_blueprint(flask_request.blueprints)
+            if marked is not None:
+                return self.limiter.plan(method, flask_request.path, marked)
+        # Unmarked, or no route matched (404, 405): route rules and the default. Without rules
+        # the path does not matter, so the default is cached with the endpoint.
+        return None if self.config.routes else self.limiter.plan(method, flask_request.path)
+
+    def _marked_view(self, endpoint: str, method: str) -> object:
+        """The view function, or for a `View` class the method handler or the class, if marked."""
+        view = self.app.view_functions.get(endpoint)
+        if view is None:
+            return None
+        view_class = getattr(view, "view_class", None)
+        if view_class is not None:
+            name = method.lower()
+            handler = getattr(view_class, name, None)
+            if handler is None and name == "head":  # Flask answers HEAD with get()
+                handler = getattr(view_class, "get", None)
+            if get_marks(handler) is not None:
+                return handler
+        if get_marks(view) is not None:
+            return view
+        if view_class is not None and get_marks(view_class) is not None:
+            return view_class
+        return None
+
+    def _marked_blueprint(self, names: list[str]) -> object:
+        """The innermost marked blueprint of the view (`names`: its own first, then parents)."""
+        blueprints = self.app.blueprints
+        for name in names:
+            blueprint = blueprints.get(name)
+            if get_marks(blueprint) is not None:
+                return blueprint
+        return None
+
+    # -- the hooks ------------------------------------------------------------------------------
+
+    def before_request(self) -> None:
+        if not self._started:
+            self.startup()
+        flask_request: Request = cast(Any, request)._get_current_object()  # one proxy lookup
+        method = flask_request.method
+        plan = self.plan(flask_request, method)
+        if not plan:
+            return
+        path = flask_request.path
+        decision = self.limiter.check(FlaskFacts(flask_request, path, self.client_address), plan)
+        if decision is None:
+            return
+        flask_request.environ[DECISION_KEY] = decision
+        if not decision.allowed:
+            denial = self.responses.denial(decision)
+            if decision.degraded:
+                raise RateLimitUnavailable(decision, denial)
+            raise RateLimitExceeded(decision, denial)
+
+    def after_request(self, response: Response) -> Response:
+        decision: Decision | None = request.environ.get(DECISION_KEY)
+        if decision is None:
+            return response
+        responses = self.responses
+        if decision.allowed:
+            extra = responses.headers(decision)
+            if extra:
+                response.headers.extend(wsgi_headers(extra))
+            return response
+        # Refused: the default response has these already; an error handler's may not.
+        headers = response.headers
+        for name, value in wsgi_headers(
+            [*responses.retry_after(decision), *responses.headers(decision)]
+        ):
+            if name not in headers:
+                headers[name] = value
+        return response
+
+    def close(self) -> None:
+        self.limiter.close()
+
+
+# --- the extension ---------------------------------------------------------------------------
+
+
+class RateLimit:
+    """Rate limiting for Flask apps, configured by a `rate-sync.toml`.
+
+        ratelimit = RateLimit(app, config="rate-sync.toml")
+        # or, with an app factory:
+        ratelimit = RateLimit()
+        def create_app():
+            app = Flask(__name__)
+            app.config["RATESYNC_CONFIG"] = "/etc/myapp/rate-sync.toml"
+            ratelimit.init_app(app)
+            return app
+
+    Each option is the constructor's argument, else `app.config["RATESYNC_<OPTION>"]`, else
+    the default:
+
+    - `config` / `RATESYNC_CONFIG`: a path, a dict shaped like the TOML, a `Config` or an
+      `AsyncRateLimiter`; default: discovery (`$RATE_SYNC_CONFIG`, `./rate-sync.toml`,
+      `./config/rate-sync.toml`).
+    - `enabled` / `RATESYNC_ENABLED`: False registers nothing (for tests); default True.
+    - `exempt_static` / `RATESYNC_EXEMPT_STATIC`: never limit the `static` endpoints of the app
+      and its blueprints, as flask-limiter does; default True.
+
+    One instance can serve several apps, each with its own configuration: the state of an app
+    lives in `app.extensions["ratesync"]`, never on this object.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        config: ConfigSource | AsyncRateLimiter = None,
+        *,
+        enabled: bool | None = None,
+        exempt_static: bool | None = None,
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.enabled = enabled
+        self.exempt_static = exempt_static
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read the options, load the configuration, register the hooks (once per app).
+
+        Calling it again on the same app replaces that app's configuration.
+        """
+        options = app.config
+        enabled = _option(self.enabled, options, "RATESYNC_ENABLED", True)
+        if not enabled:
+            return
+        config = self.config if self.config is not None else options.get("RATESYNC_CONFIG")
+        exempt_static = _option(self.exempt_static, options, "RATESYNC_EXEMPT_STATIC", True)
+        state = _AppState(app, config, exempt_static)
+        previous = app.extensions.get(EXTENSION)
+        app.extensions[EXTENSION] = state
+        if isinstance(previous, _AppState):
+            previous.close()
+            return  # the hooks below read app.extensions, so they now use the new state
+
+        def check_rate_limit() -> None:
+            app.extensions[EXTENSION].before_request()
+
+        def add_rate_limit_headers(response: Response) -> Response:
+            result: Response = app.extensions[EXTENSION].after_request(response)
+            return result
+
+        app.before_request(check_rate_limit)
+        app.after_request(add_rate_limit_headers)
+
+    # -- decorators -----------------------------------------------------------------------------
+
+    def limit(self, *names: str, cost: int = 1) -> Callable[[_F], _F]:
+        """Limit a view (function, `View` class or one of its methods) or every view of a blueprint.
+
+            @app.post("/login")
+            @ratelimit.limit("login")
+            def login(): ...
+
+            ratelimit.limit("api")(api_blueprint)
+
+        All named limiters must allow; each request spends `cost`. Marks on a view win over its
+        blueprint's, which win over `[[routes]]` rules and the `[middleware] default`.
+        """
+        return limit(*names, cost=cost)
+
+    def exempt(self, target: _F) -> _F:
+        """Never limit a view, or every view of a blueprint (`ratelimit.exempt(blueprint)`)."""
+        return exempt(target)
+
+    # -- for the app ----------------------------------------------------------------------------
+
+    @property
+    def current_decision(self) -> Decision | None:
+        """The `Decision` for the current request, None when it is not limited."""
+        decision: Decision | None = request.environ.get(DECISION_KEY)
+        return decision
+
+    def startup(self, app: Flask | None = None) -> None:
+        """Check the marks of every view and blueprint and open the stores now.
+
+        Otherwise this happens on the app's first request. Call it once the views are
+        registered (end of `create_app`) to fail at deploy time on `@ratelimit.limit("typo")`.
+        Raises `ConfigError`; a store that cannot be reached is only logged.
+        """
+        state = self._state(app)
+        if state is not None:
+            state.startup()
+
+    def close(self, app: Flask | None = None) -> None:
+        """Close the app's stores in this process (they reopen on next use)."""
+        state = self._state(app)
+        if state is not None:
+            state.close()
+
+    def _state(self, app: Flask | None) -> _AppState | None:
+        target = app or self.app or current_app
+        state = target.extensions.get(EXTENSION)
+        return state if isinstance(state, _AppState) else None
+
+
+def _option(argument: bool | None, options: dict[str, Any], name: str, default: bool) -> bool:
+    if argument is not None:
+        return argument
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise TypeError(f"app.config[{name!r}] must be True or False, not {value!r}")
+    return value

@@ -1,0 +1,178 @@
+"""The WSGI adapter: rate limiting for any WSGI application, and the pieces Flask shares.
+
+    app.wsgi_app = RateLimitMiddleware(app.wsgi_app, config="rate-sync.toml")   # Flask
+    application = RateLimitMiddleware(application, config="rate-sync.toml")     # anything else
+
+A WSGI callable knows nothing of the endpoint the app will route to, so this middleware applies
+the `[[routes]]` rules and the `[middleware] default` (decorators need `ratesync_middleware.flask`
+or the Django adapter). Keys come from the environ: `REMOTE_ADDR`, `HTTP_*` headers, `PATH_INFO`.
+Store calls go through `SyncRequestLimiter` (inline for memory, the process's loop for NATS).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final
+
+from .bucket import Decision
+from .headers import Header, RateLimitHeaders
+from .limiter import AsyncRateLimiter
+from .requests import ClientAddress, ConfigSource, RequestFacts
+from .sync import SyncRequestLimiter
+
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = [
+    "DECISION_KEY",
+    "EnvironFacts",
+    "RateLimitMiddleware",
+    "environ_header",
+    "environ_path",
+    "wsgi_headers",
+]
+
+DECISION_KEY: Final = "ratesync.decision"
+"""Where the request's `Decision` is left in the environ (absent when the request is not limited)."""
+
+# Header names as people write them; HTTP does not care, but logs and tests read better.
+_HEADER_NAMES: Final = {
+    b"ratelimit": "RateLimit",
+    b"ratelimit-policy": "RateLimit-Policy",
+    b"retry-after": "Retry-After",
+    b"x-ratelimit-limit": "X-RateLimit-Limit",
+    b"x-ratelimit-remaining": "X-RateLimit-Remaining",
+    b"x-ratelimit-reset": "X-RateLimit-Reset",
+    b"content-type": "Content-Type",
+    b"content-length": "Content-Length",
+}
+# The two request headers CGI does not prefix with HTTP_.
+_UNPREFIXED: Final = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
+
+
+def wsgi_headers(headers: Iterable[Header]) -> list[tuple[str, str]]:
+    """`RateLimitHeaders` output (latin-1 bytes, lower-case names) as WSGI `(str, str)` pairs."""
+    names = _HEADER_NAMES
+    return [
+        (names.get(name) or name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+    ]
+
+
+@functools.lru_cache(maxsize=256)
+def _environ_key(name: str) -> str:
+    """`x-api-key` -> `HTTP_X_API_KEY` (names come from the configuration: few and fixed)."""
+    return _UNPREFIXED.get(name) or "HTTP_" + name.upper().replace("-", "_")
+
+
+def environ_header(environ: WSGIEnvironment, name: str) -> str | None:
+    """The request header `name` (lower case) from a WSGI environ, None when absent."""
+    value: str | None = environ.get(_environ_key(name))
+    return value
+
+
+def environ_path(environ: WSGIEnvironment) -> str:
+    """The path inside the app (`PATH_INFO`, without `SCRIPT_NAME`), decoded as werkzeug does."""
+    path: str = environ.get("PATH_INFO") or ""
+    if not path.isascii():  # PEP 3333 carries the raw bytes as latin-1
+        path = path.encode("latin-1", "replace").decode("utf-8", "replace")
+    return "/" + path.lstrip("/")
+
+
+class EnvironFacts(RequestFacts):
+    """A WSGI environ as `RequestFacts`: the peer is `REMOTE_ADDR`, headers are `HTTP_*` keys.
+
+    There is no authenticated user: `REMOTE_USER` is not trusted, because some servers
+    (gunicorn) fill it from an unchecked `Authorization: Basic` header. A `user` key therefore
+    means the client address here; a `"pkg.mod:func"` key can read `facts.request` (the environ).
+    """
+
+    __slots__ = ("environ",)
+
+    def __init__(
+        self, environ: WSGIEnvironment, method: str, path: str, client_address: ClientAddress
+    ) -> None:
+        self.environ = environ
+        self.method = method
+        self.path = path
+        self.peer = environ.get("REMOTE_ADDR") or None
+        self._client_address = client_address
+        self._client_ip = None
+
+    def header(self, name: str) -> str | None:
+        return environ_header(self.environ, name)
+
+    @property
+    def request(self) -> WSGIEnvironment:
+        """The WSGI environ."""
+        return self.environ
+
+
+def _status_line(status: int) -> str:
+    return f"{status} {HTTPStatus(status).phrase}"
+
+
+class RateLimitMiddleware:
+    """Rate limiting for a WSGI application, configured by a `rate-sync.toml`.
+
+    `config` is a path, a dict shaped like the TOML, a `Config`, an `AsyncRateLimiter`, or None
+    to discover `$RATE_SYNC_CONFIG`, `./rate-sync.toml` or `./config/rate-sync.toml`.
+
+    A refused request is answered here, without calling the app: 429 (503 when a `fail_closed`
+    store is down) with `Retry-After` and a problem+json body. Allowed responses get the
+    rate-limit headers of the `[middleware] headers` mode. The decision is left in
+    `environ["ratesync.decision"]` for the app to read.
+    """
+
+    def __init__(
+        self, app: WSGIApplication, config: ConfigSource | AsyncRateLimiter = None
+    ) -> None:
+        self.app = app
+        self.limiter = SyncRequestLimiter(config)
+        self.config = self.limiter.config
+        self.client_address = self.limiter.core.client_address
+        self.responses = RateLimitHeaders(
+            self.config.middleware.headers,
+            (limiter.policy for limiter in self.config.limiters.values()),
+        )
+        self._status_lines = {status: _status_line(status) for status in (429, 503)}
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        method: str = environ.get("REQUEST_METHOD") or "GET"
+        path = environ_path(environ)
+        limiter = self.limiter
+        plan = limiter.plan(method, path)
+        if not plan:
+            return self.app(environ, start_response)
+        decision = limiter.check(EnvironFacts(environ, method, path, self.client_address), plan)
+        if decision is None:
+            return self.app(environ, start_response)
+        environ[DECISION_KEY] = decision
+        if not decision.allowed:
+            return self._refuse(method, decision, start_response)
+        extra = self.responses.headers(decision)
+        if not extra:
+            return self.app(environ, start_response)
+        added = wsgi_headers(extra)
+
+        def start_with_headers(
+            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
+        ) -> Callable[[bytes], object]:
+            return start_response(status, [*headers, *added], exc_info)
+
+        return self.app(environ, start_with_headers)
+
+    def _refuse(
+        self, method: str, decision: Decision, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        denial = self.responses.denial(decision)
+        status = self._status_lines.get(denial.status) or _status_line(denial.status)
+        start_response(status, wsgi_headers(denial.headers))
+        return [] if method == "HEAD" else [denial.body]
+
+    def close(self) -> None:
+        """Close the stores of this process (they reopen on next use)."""
+        self.limiter.close()
