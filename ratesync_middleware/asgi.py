@@ -255,7 +255,7 @@ class RateLimitMiddleware:
             self.config.middleware.headers,
             (limiter.policy for limiter in self.config.limiters.values()),
         )
-        self._plans = BoundedCache(ROUTE_CACHE_SIZE)
+        self._plans: BoundedCache[tuple[str, str, str], Plan] = BoundedCache(ROUTE_CACHE_SIZE)
         self._routes = _RouteFinder()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

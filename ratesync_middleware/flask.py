@@ -14,7 +14,6 @@ view and blueprint marks apply; a refusal raises `RateLimitExceeded` (a `TooMany
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import sys
@@ -30,6 +29,8 @@ from .headers import Denial, RateLimitHeaders, retry_after_seconds
 from .limiter import AsyncRateLimiter, logger
 from .requests import (
     NOT_LIMITED,
+    PLAN_CACHE_SIZE,
+    BoundedCache,
     ClientAddress,
     ConfigSource,
     Plan,
@@ -60,7 +61,6 @@ _F = TypeVar("_F")
 EXTENSION: Final = "ratesync"
 """The key of the per-app state in `app.extensions`."""
 
-PLAN_CACHE_SIZE: Final = 4096  # (endpoint, method) -> plan; the method is client-controlled
 _HTTP_METHODS: Final = ("get", "post", "put", "patch", "delete", "head", "options")
 
 
@@ -136,20 +136,6 @@ class RateLimitUnavailable(ServiceUnavailable):
         return _headers(self.denial)
 
 
-class _EndpointPlans(dict[tuple[str | None, str], Plan | None]):
-    """(endpoint, method) -> the plan its marks decide, None when route rules and the default do.
-
-    Bounded: the method is client-controlled, and unmatched requests share the endpoint None.
-    """
-
-    def put(self, key: tuple[str | None, str], plan: Plan | None) -> Plan | None:
-        if len(self) >= PLAN_CACHE_SIZE:
-            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
-                del self[next(iter(self))]  # (suppressed: another thread evicted it first)
-        self[key] = plan
-        return plan
-
-
 # --- requests --------------------------------------------------------------------------------
 
 
@@ -214,7 +200,11 @@ class _AppState:
             (limiter.policy for limiter in self.config.limiters.values()),
         )
         self.exempt_static = exempt_static
-        self._plans = _EndpointPlans()
+        # (endpoint, method) -> the plan its marks decide, None when rules and the default do.
+        # Bounded: the method is client-controlled, unmatched requests share the endpoint None.
+        self._plans: BoundedCache[tuple[str | None, str], Plan | None] = BoundedCache(
+            PLAN_CACHE_SIZE
+        )
         self._started = False
         self._start_lock = threading.Lock()
 

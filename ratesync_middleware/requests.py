@@ -49,6 +49,8 @@ ADDRESS_CACHE_SIZE: Final = 4096  # parsed peers / IPv6 networks kept
 UNKNOWN_CLIENT: Final = "unknown"  # the identity of a request without a peer address (unix socket)
 
 _F = TypeVar("_F")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 
 # --- decorators ----------------------------------------------------------------------------------
@@ -392,20 +394,20 @@ def _glob(pattern: str) -> Callable[[str], object]:
     return re.compile(fnmatch.translate(pattern)).match
 
 
-class BoundedCache(dict[Any, Plan]):
+class BoundedCache(dict[_K, _V]):
     """A dict that forgets its oldest entries beyond `size`: keys can be client-controlled."""
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
 
-    def put(self, key: Any, plan: Plan) -> Plan:
+    def put(self, key: _K, value: _V) -> _V:
         if len(self) >= self.size:
             # Another thread may have evicted it first (sync adapters share this across threads).
             with contextlib.suppress(KeyError, RuntimeError, StopIteration):
                 del self[next(iter(self))]
-        self[key] = plan
-        return plan
+        self[key] = value
+        return value
 
 
 class RequestLimiter:
@@ -434,7 +436,7 @@ class RequestLimiter:
         self._default = self._plan_of(((name, 1) for name in middleware.default), "[middleware]")
         self._rules = tuple(self._rule(rule) for rule in self.config.routes)
         self._marked: dict[Marks, Plan] = {}
-        self._by_path = BoundedCache(PLAN_CACHE_SIZE)
+        self._by_path: BoundedCache[tuple[str, str], Plan] = BoundedCache(PLAN_CACHE_SIZE)
 
     def _plan_of(self, limits: Iterable[tuple[str, int]], where: str) -> Plan:
         plan = []
