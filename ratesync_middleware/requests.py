@@ -517,14 +517,27 @@ class RequestLimiter:
         Configuration errors raise `ConfigError`; a store that cannot be reached only logs (its
         limiters answer fail-open/closed until it can).
         """
+        self.prepare(endpoints)
+        await self.open_stores()
+
+    def prepare(self, endpoints: Iterable[object] = ()) -> None:
+        """The part of `startup` that needs no store: key functions and the endpoints' marks."""
         for identity in self._identities.values():
             identity.load()
         for endpoint in endpoints:
             marks = get_marks(endpoint)
             if marks is not None:
                 self.marked_plan(marks, endpoint)
+
+    @property
+    def remote_stores(self) -> list[str]:
+        """The stores in use that talk to a server (all but the in-process memory store)."""
         used = {limiter.store for limiter in self.config.limiters.values()}
-        await asyncio.gather(*(self._open(name) for name in sorted(used)))
+        return sorted(name for name in used if self.config.stores[name].engine != "memory")
+
+    async def open_stores(self) -> None:
+        """Connect the stores in use now rather than at the first request."""
+        await asyncio.gather(*(self._open(name) for name in self.remote_stores))
 
     async def _open(self, name: str) -> None:
         ready = getattr(self.limiter.store(name), "ready", None)

@@ -94,9 +94,20 @@ class SyncRequestLimiter:
         return True
 
     def startup(self, endpoints: Iterable[object] = ()) -> None:
-        """See `RequestLimiter.startup` (imports key functions, checks marks, opens stores)."""
-        _portal.run(self.current.startup(endpoints), self._deadline + 5.0)
+        """See `RequestLimiter.startup` (imports key functions, checks marks, opens stores).
+
+        With memory stores only, no background thread is started (a thread alive in a gunicorn
+        `--preload` master at `fork()` is a hazard).
+        """
+        core = self.current
+        core.prepare(endpoints)
+        if core.remote_stores:
+            _portal.run(core.open_stores(), self._deadline + 5.0)
 
     def close(self) -> None:
         """Close the stores of this process."""
-        _portal.run(self.current.aclose(), 10.0)
+        core = self.current
+        if core.remote_stores:
+            _portal.run(core.aclose(), 10.0)
+        else:
+            run_inline(core.aclose())

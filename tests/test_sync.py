@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -83,3 +85,21 @@ def test_a_forked_child_gets_its_own_connection(nats_store: dict[str, Any]) -> N
     assert last is not None
     assert not last.allowed  # parent and child shared the bucket of 2
     core.close()
+
+
+def test_memory_only_start_and_close_start_no_thread() -> None:
+    # In a fresh interpreter: other tests of this process may have started the loop thread.
+    script = """
+import threading
+from ratesync_middleware.sync import SyncRequestLimiter
+from tests.test_sync import limits, spend
+core = SyncRequestLimiter(limits())
+core.startup()
+assert spend(core) == [True, True, False]
+core.close()
+print(sorted(t.name for t in threading.enumerate()))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "['MainThread']"
