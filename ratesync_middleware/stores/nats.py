@@ -53,6 +53,7 @@ _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 _KV_OPERATION = "KV-Operation"
 _WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 _RECONNECT_WAIT = 0.5  # seconds between reconnect attempts to one server
+_CONTENDED_SECONDS = 0.05  # after a lost compare-and-set, pace this key's writes for so long
 _WARNING_INTERVAL = 10.0
 
 
@@ -107,14 +108,27 @@ class StoredEntry:
         return 0 if self.deleted or self.value is None else self.value["tat_ns"]
 
 
-@dataclass(eq=False)
+Waiter = tuple[Policy, int, "asyncio.Future[Decision] | None"]
+"""One decision to write: its policy, its cost, and who waits for it (None: the writer itself)."""
+
+
+@dataclass(eq=False, slots=True)
 class _KeyState:
     """What this process knows of one key, and the decisions waiting to be written to it."""
 
     tat: int = 0
     revision: int | None = None  # None: unknown, the next write must find out
-    waiters: list[tuple[Policy, int, asyncio.Future[Decision]]] = field(default_factory=list)
+    busy: bool = False  # a write to this key is under way; new decisions queue in `waiters`
+    contended_until: float = 0.0  # monotonic time until which other processes race for it
+    waiters: list[Waiter] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
+
+
+def _settle(waiters: list[Waiter], error: BaseException) -> None:
+    """Fail the futures of `waiters` that are still pending."""
+    for _, _, future in waiters:
+        if future is not None and not future.done():
+            future.set_exception(error)
 
 
 def _is_auth_error(error: BaseException) -> bool:
@@ -145,6 +159,7 @@ class NatsStore:
         self._connect_errors: list[BaseException] = []
         self._permission_denied = False
         self._last_warning = 0.0
+        self._round_trip = 0.0005  # seconds, a moving average of successful writes
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -425,45 +440,60 @@ class NatsStore:
                 new_tat, decision = consume(policy, state.tat, self._clock(), cost)
                 if new_tat is None:
                     return decision  # the cache proves the bucket empty: no round trip
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        state.waiters.append((policy, cost, future))
-        if state.flusher is None:
-            state.flusher = asyncio.get_running_loop().create_task(self._flush(key, state))
-        return await future
+        if state.busy or state.contended_until > time.monotonic():
+            # Another decision is writing this key, or other processes race for it: join the
+            # next batch (the flusher paces a contended key's writes, see `_flush`).
+            future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+            state.waiters.append((policy, cost, future))
+            if not state.busy:
+                state.busy = True
+                state.flusher = asyncio.get_running_loop().create_task(self._flush(key, state))
+            return await future
+        # The key is idle: write this decision here, without a task or a future.
+        state.busy = True
+        try:
+            return (await self._commit(key, state, [(policy, cost, None)]))[0]
+        except BaseException:
+            state.revision = None  # interrupted or failed: what NATS holds is unknown
+            raise
+        finally:
+            state.busy = False
+            if state.waiters:  # decisions that arrived meanwhile
+                state.busy = True
+                state.flusher = asyncio.get_running_loop().create_task(self._flush(key, state))
 
     async def _flush(self, key: str, state: _KeyState) -> None:
         """Write the waiting decisions of one key, batch after batch, until none is left."""
         try:
             while state.waiters:
+                if state.contended_until > time.monotonic():
+                    # Back-to-back writes from here would starve the other processes, which
+                    # must read before they write: leave them a round trip, and batch more.
+                    await asyncio.sleep(self._round_trip)
                 batch, state.waiters = state.waiters, []
                 try:
                     if time.monotonic() < self._retry_at and self._last_error is not None:
                         raise self._last_error  # a call just failed: answer the rest at once
                     decisions = await self._commit(key, state, batch)
                 except StoreError as error:
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
+                    _settle(batch, error)
                     continue
                 except BaseException as error:
                     state.revision = None
                     failure = StoreUnavailableError(
                         f"decision interrupted ({type(error).__name__})"
                     )
-                    for _, _, future in [*batch, *state.waiters]:
-                        if not future.done():
-                            future.set_exception(failure)
+                    _settle([*batch, *state.waiters], failure)
                     state.waiters = []
                     raise
                 for (_, _, future), decision in zip(batch, decisions, strict=True):
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_result(decision)
         finally:
             state.flusher = None
+            state.busy = False
 
-    async def _commit(
-        self, key: str, state: _KeyState, batch: list[tuple[Policy, int, asyncio.Future[Decision]]]
-    ) -> list[Decision]:
+    async def _commit(self, key: str, state: _KeyState, batch: list[Waiter]) -> list[Decision]:
         """Apply `batch` in arrival order to the key's state and write it with compare-and-set."""
         deadline = time.monotonic() + self.config.timeout
         subject = self._prefix + key
@@ -480,14 +510,19 @@ class NatsStore:
                 decisions.append(decision)
             if new_tat == tat:
                 return decisions  # nothing admitted: nothing to write
+            started = time.monotonic()
             try:
                 revision = await self._write(subject, new_tat, last_policy, state.revision or 0)
             except nats.js.errors.APIError as error:
                 if error.err_code not in _WRONG_LAST_SEQUENCE:
                     raise self._call_failure(state, error) from None
+                state.contended_until = time.monotonic() + _CONTENDED_SECONDS
                 if time.monotonic() >= deadline:
-                    raise self._call_failure(
-                        state, TimeoutError("compare-and-set retries")
+                    # NATS is healthy, others just kept winning the race: fail this batch only
+                    # (no back-off), and nothing of it landed (a rejected write never does).
+                    raise StoreUnavailableError(
+                        f"store {self.config.name!r}: key {key!r} still contended after "
+                        f"{self.config.timeout:g}s of compare-and-set retries"
                     ) from None
                 try:
                     state.tat, state.revision = await self._read(subject)
@@ -497,6 +532,8 @@ class NatsStore:
             except (nats.errors.Error, OSError) as error:
                 raise self._call_failure(state, error) from None
             state.tat, state.revision = new_tat, revision
+            # A moving average of the write round trip paces contended keys.
+            self._round_trip += (time.monotonic() - started - self._round_trip) / 16
             return decisions
 
     def _call_failure(self, state: _KeyState, error: BaseException) -> StoreUnavailableError:
