@@ -11,7 +11,6 @@ import nats
 import pytest
 
 from ratesync_middleware import AsyncRateLimiter
-from tests.conftest import start_server
 from tests.natsserver import NatsServer
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]

@@ -163,8 +163,10 @@ def test_nats_killed_during_traffic_then_restarted(bucket_name: str) -> None:
             server.kill()
 
             answers = [timed_get(client, path) for _ in range(20) for path in ("/open", "/closed")]
-            for status, seconds, headers, body in answers:
-                assert seconds < 1.0  # the deadline (0.25 s) plus room for a loaded machine: no hang
+            for _status, seconds, _headers, body in answers:
+                assert (
+                    seconds < 1.0
+                )  # the deadline (0.25 s) plus room for a loaded machine: no hang
                 assert "Traceback" not in body
             assert {status for status, *_ in answers[0::2]} == {200}  # fail-open
             closed = answers[1::2]
