@@ -328,6 +328,15 @@ def site(request: pytest.FixtureRequest) -> Iterator[Site]:
     served.close()
 
 
+@pytest.fixture(params=["client", "wsgi", "asgi"])
+def addressed_site(request: pytest.FixtureRequest) -> Iterator[Site]:
+    """The sites that can send from any client address (AsyncClient always uses 127.0.0.1)."""
+    served = SITES[request.param]()
+    assert served.remote_addresses
+    yield served
+    served.close()
+
+
 @pytest.fixture(params=["client", "asgi"])
 def sync_and_async_site(request: pytest.FixtureRequest) -> Iterator[Site]:
     """One synchronous and one asynchronous site, for what does not depend on the handler."""
@@ -483,9 +492,10 @@ def test_route_rule_methods_and_exemption(sync_and_async_site: Site) -> None:
 # --- keys ----------------------------------------------------------------------------------
 
 
-def test_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key(site: Site) -> None:
-    if not site.remote_addresses:
-        pytest.skip("AsyncClient requests always come from 127.0.0.1")
+def test_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key(
+    addressed_site: Site,
+) -> None:
+    site = addressed_site
     with override_settings(RATESYNC=with_config(middleware={"trusted_proxies": ["10.0.0.0/8"]})):
         spoofed = [
             site.get(
@@ -497,9 +507,8 @@ def test_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key(si
         assert site.get("/", remote_addr="203.0.113.8").status_code == 200
 
 
-def test_forwarded_for_from_a_trusted_proxy_separates_clients(site: Site) -> None:
-    if not site.remote_addresses:
-        pytest.skip("AsyncClient requests always come from 127.0.0.1")
+def test_forwarded_for_from_a_trusted_proxy_separates_clients(addressed_site: Site) -> None:
+    site = addressed_site
     with override_settings(RATESYNC=with_config(middleware={"trusted_proxies": ["10.0.0.0/8"]})):
         via_proxy = {"remote_addr": "10.0.0.2"}
         first = site.statuses(6, headers={"X-Forwarded-For": "198.51.100.1"}, **via_proxy)
