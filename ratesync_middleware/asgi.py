@@ -22,12 +22,12 @@ from starlette.routing import BaseRoute, Host, Match, Mount, Route, WebSocketRou
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .bucket import Decision
+from .config import ConfigSource
 from .headers import Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
 from .requests import (
     BoundedCache,
     ClientAddress,
-    ConfigSource,
     Plan,
     RequestFacts,
     RequestLimiter,

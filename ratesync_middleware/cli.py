@@ -71,7 +71,9 @@ async def check_store(config: StoreConfig) -> list[Step]:
         step("server reachable", False, str(error))
         return steps
     try:
-        step("server reachable", True, f"{servers} (nats-server {nc.connected_server_version})")
+        version = nc.connected_server_version
+        shown = f"{version.major}.{version.minor}.{version.patch}"
+        step("server reachable", True, f"{servers} (nats-server {shown})")
         step("authentication accepted", True, _auth_form(config))
         js = nc.jetstream(timeout=max(config.timeout, 2.0))
         try:

@@ -113,6 +113,10 @@ class Config:
     source: str = "<dict>"
 
 
+ConfigSource = str | os.PathLike[str] | Mapping[str, Any] | Config | None
+"""What every entry point accepts: a path, the tables as a dict, a `Config`, or None (discovery)."""
+
+
 def redact_url(url: str) -> str:
     """`nats://user:secret@host:4222` -> `nats://***@host:4222`."""
     scheme, sep, rest = url.partition("://")
@@ -636,7 +640,7 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_config(
-    source: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+    source: ConfigSource = None,
 ) -> Config:
     """A validated Config from a TOML path, a dict shaped like the TOML, a Config, or discovery.
 

@@ -25,6 +25,7 @@ from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import ServiceUnavailable, TooManyRequests
 
 from .bucket import Decision
+from .config import ConfigSource
 from .headers import Denial, RateLimitHeaders, retry_after_seconds
 from .limiter import AsyncRateLimiter, logger
 from .requests import (
@@ -32,7 +33,6 @@ from .requests import (
     PLAN_CACHE_SIZE,
     BoundedCache,
     ClientAddress,
-    ConfigSource,
     Plan,
     RequestFacts,
     exempt,

@@ -10,13 +10,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from . import _portal
 from .bucket import Decision, Policy
-from .config import Config, LimiterConfig, StoreConfig, load_config
+from .config import ConfigSource, LimiterConfig, StoreConfig, load_config
 from .errors import ConfigError, StoreError
 from .keys import group_key
 from .stores.base import Clock, Store, wall_clock
@@ -88,7 +87,7 @@ class AsyncRateLimiter:
 
     def __init__(
         self,
-        config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+        config: ConfigSource = None,
         *,
         clock: Clock = wall_clock,
         on_decision: DecisionHook | None = None,
@@ -214,7 +213,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        config: str | os.PathLike[str] | Mapping[str, Any] | Config | None = None,
+        config: ConfigSource = None,
         *,
         clock: Clock = wall_clock,
         on_decision: DecisionHook | None = None,

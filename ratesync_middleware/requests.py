@@ -17,14 +17,13 @@ import functools
 import importlib
 import inspect
 import ipaddress
-import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from .bucket import Decision
-from .config import Config, LimiterConfig, RouteRule
+from .config import Config, ConfigSource, LimiterConfig, RouteRule
 from .errors import ConfigError, StoreError
 from .keys import join_identity
 from .limiter import AsyncRateLimiter, logger
@@ -41,7 +40,6 @@ __all__ = [
     "limit",
 ]
 
-ConfigSource = str | os.PathLike[str] | Mapping[str, Any] | Config | None
 
 MARKS_ATTRIBUTE: Final = "_ratesync_marks"
 PLAN_CACHE_SIZE: Final = 4096  # (method, path) plans kept when [[routes]] rules exist

@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 from . import _portal
 from .bucket import Decision
+from .config import ConfigSource
 from .errors import StoreError
 from .limiter import AsyncRateLimiter
-from .requests import ConfigSource, Plan, RequestFacts, RequestLimiter
+from .requests import Plan, RequestFacts, RequestLimiter
 from .stores.memory import MemoryStore
 
 T = TypeVar("T")

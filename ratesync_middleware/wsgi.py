@@ -17,9 +17,10 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 from .bucket import Decision
+from .config import ConfigSource
 from .headers import Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter
-from .requests import ClientAddress, ConfigSource, RequestFacts
+from .requests import ClientAddress, RequestFacts
 from .sync import SyncRequestLimiter
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from ..requests import ConfigSource
+from ..config import ConfigSource
 
 __all__ = ["SETTING", "RateSyncSettings", "import_view", "read_settings"]
 
