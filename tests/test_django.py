@@ -1037,3 +1037,12 @@ def test_wsgi_and_asgi_workers_share_the_nats_buckets(nats_store: dict[str, Any]
         finally:
             wsgi.close()
             asgi.close()
+
+
+def test_on_decision_hook_sees_every_decision(site: Site) -> None:
+    events: list[Any] = []
+    with override_settings(RATESYNC={**CONFIG, "on_decision": events.append}):
+        statuses = site.statuses(6)
+    assert statuses == [200] * 5 + [429]
+    assert [event.decision.allowed for event in events] == [True] * 5 + [False]
+    assert {event.limiter for event in events} == {"api"}

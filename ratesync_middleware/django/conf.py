@@ -24,12 +24,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from ..config import ConfigSource
+from ..limiter import DecisionHook
 
 __all__ = ["SETTING", "RateSyncSettings", "import_view", "read_settings"]
 
 SETTING: Final = "RATESYNC"
 TABLES: Final = frozenset({"stores", "limiters", "middleware", "routes"})
-OPTIONS: Final = frozenset({"config", "view", "enabled"})
+OPTIONS: Final = frozenset({"config", "view", "enabled", "on_decision"})
 
 LimitedView = Callable[..., Any]
 """`view(request, decision)` -> a response; sync or `async def`."""
@@ -42,6 +43,7 @@ class RateSyncSettings:
     source: ConfigSource  # a path, the inline tables, or None for discovery
     view: str | LimitedView | None = None
     enabled: bool = True
+    on_decision: str | DecisionHook | None = None  # a dotted path or a callable
 
 
 def read_settings() -> RateSyncSettings:
@@ -83,8 +85,30 @@ def read_settings() -> RateSyncSettings:
         raise ImproperlyConfigured(
             f"{SETTING}['enabled'] must be True or False, not {type(enabled).__name__}"
         )
+    on_decision = value.get("on_decision")
+    if on_decision is not None and not (isinstance(on_decision, str) or callable(on_decision)):
+        raise ImproperlyConfigured(
+            f"{SETTING}['on_decision'] must be a dotted path to a callable,"
+            f" not {type(on_decision).__name__}"
+        )
     source: ConfigSource = tables or path
-    return RateSyncSettings(source, view, enabled)
+    return RateSyncSettings(source, view, enabled, on_decision)
+
+
+def import_hook(hook: str | DecisionHook) -> DecisionHook:
+    """The callable behind `RATESYNC["on_decision"]` (e.g. a `PrometheusMetrics()` instance)."""
+    if not isinstance(hook, str):
+        return hook
+    try:
+        found = import_string(hook)
+    except ImportError as error:
+        raise ImproperlyConfigured(
+            f"{SETTING}['on_decision']: cannot import {hook!r}: {error}"
+        ) from None
+    if not callable(found):
+        raise ImproperlyConfigured(f"{SETTING}['on_decision']: {hook!r} is not callable")
+    function: DecisionHook = found
+    return function
 
 
 def import_view(view: str | LimitedView) -> LimitedView:

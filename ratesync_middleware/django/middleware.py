@@ -33,9 +33,10 @@ from ..bucket import Decision
 from ..config import Config, load_config
 from ..errors import ConfigError
 from ..headers import Header, RateLimitHeaders
+from ..limiter import AsyncRateLimiter, DecisionHook
 from ..requests import ClientAddress, Plan, RequestFacts, RequestLimiter, get_marks
 from ..sync import SyncRequestLimiter
-from .conf import SETTING, LimitedView, import_view, read_settings
+from .conf import SETTING, LimitedView, import_hook, import_view, read_settings
 
 __all__ = ["DjangoFacts", "RateLimitMiddleware", "view_endpoint"]
 
@@ -177,10 +178,18 @@ class _Limits:
     `sync` drives the limiter for a synchronous middleware; an asynchronous one awaits `core`.
     """
 
-    def __init__(self, config: Config, view: LimitedView | None, *, asynchronous: bool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        view: LimitedView | None,
+        *,
+        asynchronous: bool,
+        on_decision: DecisionHook | None = None,
+    ) -> None:
         self.config = config
-        self.sync = None if asynchronous else SyncRequestLimiter(config)
-        self.core = RequestLimiter(config) if self.sync is None else self.sync.core
+        limiter = AsyncRateLimiter(config, on_decision=on_decision)
+        self.sync = None if asynchronous else SyncRequestLimiter(limiter)
+        self.core = RequestLimiter(limiter) if self.sync is None else self.sync.core
         self.client_address = self.core.client_address
         self.responses = RateLimitHeaders(
             config.middleware.headers, (limiter.policy for limiter in config.limiters.values())
@@ -266,7 +275,8 @@ def _load(*, asynchronous: bool) -> _Limits | None:
     except ConfigError as error:
         raise ImproperlyConfigured(f"{SETTING}: {error}") from error
     view = None if options.view is None else import_view(options.view)
-    return _Limits(config, view, asynchronous=asynchronous)
+    hook = None if options.on_decision is None else import_hook(options.on_decision)
+    return _Limits(config, view, asynchronous=asynchronous, on_decision=hook)
 
 
 def _rendered(response: HttpResponseBase) -> HttpResponseBase:
