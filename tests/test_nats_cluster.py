@@ -15,7 +15,7 @@ from tests.natsserver import NatsServer
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
 
-FAILOVER_SECONDS = 10.0  # docs/reliability.md states the bound this test holds
+FAILOVER_SECONDS = 15.0  # docs/reliability.md states the bound this test holds (raft: 4-9 s)
 
 
 def free_ports(count: int) -> list[int]:
@@ -98,23 +98,29 @@ async def test_decisions_continue_after_the_leader_stops(cluster: list[NatsServe
         "limiters": {"api": {"store": "prod_ha", "rate_per_second": rate, "burst": burst}},
     }
     async with AsyncRateLimiter(config) as limiter:
-        assert not (await limiter.hit("api", key="k")).degraded  # the bucket exists, R3
+        # The first decision creates the R3 bucket; a young cluster may need a moment.
+        deadline = time.monotonic() + 15
+        while (await limiter.hit("api", key="k")).degraded:
+            assert time.monotonic() < deadline, "the replicated bucket could not be created"
+            await asyncio.sleep(0.3)
         leader = await stream_leader(cluster[0].url, "rate_limits")
         started = time.monotonic()
         admitted = 1
         stopped_at = recovered_at = None
         degraded = 0
-        while time.monotonic() - started < 12:
+        while time.monotonic() - started < 2 + FAILOVER_SECONDS + 3:
             decision = await limiter.hit("api", key="k")
             if decision.degraded:
                 degraded += 1
             else:
                 admitted += decision.allowed
-                if stopped_at is not None and recovered_at is None:
+                # Recovered: an admission, i.e. a write the new leader accepted (a denial may
+                # come from this process's cache without asking NATS at all).
+                if decision.allowed and stopped_at is not None and recovered_at is None:
                     recovered_at = time.monotonic()
             if stopped_at is None and time.monotonic() - started > 2:
                 victim = next(s for i, s in enumerate(cluster) if f"n{i}" == leader)
-                victim.stop()
+                victim.kill()  # a crash, not a graceful step-down
                 stopped_at = time.monotonic()
             await asyncio.sleep(0.005)
         elapsed = time.monotonic() - started

@@ -214,7 +214,10 @@ class NatsStore:
         nc = await self.connect()
         try:
             js = nc.jetstream(timeout=self.config.timeout)
-            info = await self.open_bucket(js)
+            # Opening (or creating: a replicated stream needs its raft group) is a management
+            # call made once per connection, given the connect deadline rather than a decision's.
+            setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+            info = await self.open_bucket(setup)
         except BaseException:
             await self._close_client(nc)
             raise
