@@ -129,14 +129,18 @@ class AsyncRateLimiter:
         """
         config, store, store_key = self.resolve(limiter, key)
         _check_cost(cost)
-        started = time.perf_counter()
-        try:
-            decision = await store.hit(store_key, config.policy, cost)
-        except StoreError as error:
-            decision = self.degraded(config, error)
-            self.notify(config, key, decision, started, error)
-            return decision
-        if self.on_decision is not None:
+        hook = self.on_decision
+        started = time.perf_counter() if hook is not None else 0.0
+        if type(store) is MemoryStore:  # nothing to wait for: no coroutine chain
+            decision = store.hit_now(store_key, config.policy, cost)
+        else:
+            try:
+                decision = await store.hit(store_key, config.policy, cost)
+            except StoreError as error:
+                decision = self.degraded(config, error)
+                self.notify(config, key, decision, started, error)
+                return decision
+        if hook is not None:
             self.notify(config, key, decision, started, None)
         return decision
 
