@@ -251,10 +251,7 @@ class RateLimitMiddleware:
         self.core = RequestLimiter(config)
         self.config = self.core.config
         self.on_limited = on_limited
-        self.responses = RateLimitHeaders(
-            self.config.middleware.headers,
-            (limiter.policy for limiter in self.config.limiters.values()),
-        )
+        self.responses = RateLimitHeaders.for_config(self.config)
         self._plans: BoundedCache[tuple[str, str, str], Plan] = BoundedCache(ROUTE_CACHE_SIZE)
         self._routes = _RouteFinder()
 

@@ -74,16 +74,31 @@ def _detail(body: bytes) -> str:
     return detail
 
 
-def _body(denial: Denial) -> str:
-    return denial.body.decode()
+class _Refusal:
+    """What the 429 and the 503 share: the decision, and the response the adapters all send."""
+
+    decision: Decision
+    denial: Denial
+
+    def __init__(self, decision: Decision, denial: Denial) -> None:
+        retry_after = retry_after_seconds(decision.retry_after)
+        super().__init__(_detail(denial.body), retry_after=retry_after)  # type: ignore[call-arg]
+        self.decision = decision
+        self.denial = denial
+
+    def get_body(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
+    ) -> str:
+        return self.denial.body.decode()
+
+    def get_headers(
+        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
+    ) -> list[tuple[str, str]]:
+        # werkzeug computes Content-Length from the body it is given.
+        return wsgi_headers(pair for pair in self.denial.headers if pair[0] != b"content-length")
 
 
-def _headers(denial: Denial) -> list[tuple[str, str]]:
-    # werkzeug computes Content-Length from the body it is given.
-    return wsgi_headers(pair for pair in denial.headers if pair[0] != b"content-length")
-
-
-class RateLimitExceeded(TooManyRequests):
+class RateLimitExceeded(_Refusal, TooManyRequests):
     """429: a limiter of this request has no tokens left.
 
     Raised in `before_request`, so `@app.errorhandler(429)` or
@@ -93,47 +108,13 @@ class RateLimitExceeded(TooManyRequests):
     A handler's own response gets `Retry-After` and the rate-limit headers it did not set.
     """
 
-    def __init__(self, decision: Decision, denial: Denial) -> None:
-        super().__init__(
-            _detail(denial.body), retry_after=retry_after_seconds(decision.retry_after)
-        )
-        self.decision = decision
-        self.denial = denial
 
-    def get_body(
-        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
-    ) -> str:
-        return _body(self.denial)
-
-    def get_headers(
-        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
-    ) -> list[tuple[str, str]]:
-        return _headers(self.denial)
-
-
-class RateLimitUnavailable(ServiceUnavailable):
+class RateLimitUnavailable(_Refusal, ServiceUnavailable):
     """503: the store of a `fail_closed` limiter cannot be reached, so the request is refused.
 
     Handled like `RateLimitExceeded` (`@app.errorhandler(503)` or this class); `decision` is
     degraded and `Retry-After` is the store's back-off.
     """
-
-    def __init__(self, decision: Decision, denial: Denial) -> None:
-        super().__init__(
-            _detail(denial.body), retry_after=retry_after_seconds(decision.retry_after)
-        )
-        self.decision = decision
-        self.denial = denial
-
-    def get_body(
-        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
-    ) -> str:
-        return _body(self.denial)
-
-    def get_headers(
-        self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
-    ) -> list[tuple[str, str]]:
-        return _headers(self.denial)
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -195,10 +176,7 @@ class _AppState:
         self.limiter = SyncRequestLimiter(config)
         self.config = self.limiter.config
         self.client_address = self.limiter.core.client_address
-        self.responses = RateLimitHeaders(
-            self.config.middleware.headers,
-            (limiter.policy for limiter in self.config.limiters.values()),
-        )
+        self.responses = RateLimitHeaders.for_config(self.config)
         self.exempt_static = exempt_static
         # (endpoint, method) -> the plan its marks decide, None when rules and the default do.
         # Bounded: the method is client-controlled, unmatched requests share the endpoint None.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .bucket import NS_PER_SECOND, Decision, Policy
-from .config import HeadersMode
+from .config import Config, HeadersMode
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -84,6 +84,12 @@ class RateLimitHeaders:
             raise ValueError(f"headers mode must be 'draft', 'legacy' or 'none', not {mode!r}")
         self.mode = mode
         self._by_name = {policy.name: self._precompute(policy) for policy in policies}
+
+    @classmethod
+    def for_config(cls, config: Config) -> RateLimitHeaders:
+        """The headers of `config`: its `[middleware] headers` mode and its limiters."""
+        policies = (limiter.policy for limiter in config.limiters.values())
+        return cls(config.middleware.headers, policies)
 
     @staticmethod
     def _precompute(policy: Policy) -> _Precomputed:

@@ -135,10 +135,7 @@ class RateLimitMiddleware:
         self.limiter = SyncRequestLimiter(config)
         self.config = self.limiter.config
         self.client_address = self.limiter.core.client_address
-        self.responses = RateLimitHeaders(
-            self.config.middleware.headers,
-            (limiter.policy for limiter in self.config.limiters.values()),
-        )
+        self.responses = RateLimitHeaders.for_config(self.config)
         self._status_lines = {status: _status_line(status) for status in (429, 503)}
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

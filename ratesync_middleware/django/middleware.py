@@ -191,9 +191,7 @@ class _Limits:
         self.sync = None if asynchronous else SyncRequestLimiter(limiter)
         self.core = RequestLimiter(limiter) if self.sync is None else self.sync.core
         self.client_address = self.core.client_address
-        self.responses = RateLimitHeaders(
-            config.middleware.headers, (limiter.policy for limiter in config.limiters.values())
-        )
+        self.responses = RateLimitHeaders.for_config(config)
         self.view = view
         self._needs_user: dict[Plan, bool] = {}
 
