@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from flask import Flask, Response, current_app, request
-from werkzeug.exceptions import ServiceUnavailable, TooManyRequests
+from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
 
 from .bucket import Decision
 from .config import ConfigSource
@@ -185,6 +185,7 @@ class _AppState:
         )
         self._started = False
         self._start_lock = threading.Lock()
+        self._handled: dict[type[Exception], bool] = {}  # refusal class -> the app handles it
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -263,24 +264,47 @@ class _AppState:
 
     # -- the hooks ------------------------------------------------------------------------------
 
-    def before_request(self) -> None:
+    def before_request(self) -> Response | None:
         if not self._started:
             self.startup()
         flask_request: Request = cast(Any, request)._get_current_object()  # one proxy lookup
         method = flask_request.method
         plan = self.plan(flask_request, method)
         if not plan:
-            return
+            return None
         path = flask_request.path
         decision = self.limiter.check(FlaskFacts(flask_request, path, self.client_address), plan)
         if decision is None:
-            return
+            return None
         flask_request.environ[DECISION_KEY] = decision
-        if not decision.allowed:
-            denial = self.responses.denial(decision)
-            if decision.degraded:
-                raise RateLimitUnavailable(decision, denial)
-            raise RateLimitExceeded(decision, denial)
+        if decision.allowed:
+            return None
+        denial = self.responses.denial(decision)
+        refusal = (RateLimitUnavailable if decision.degraded else RateLimitExceeded)(
+            decision, denial
+        )
+        if self.app_handles(refusal):
+            raise refusal
+        # Nothing of the app's would answer it: Flask would send `refusal` as it is, but by
+        # running it as a WSGI app (werkzeug's force_type), at twice the cost of the check.
+        return cast(Response, refusal.get_response())
+
+    def app_handles(self, refusal: HTTPException) -> bool:
+        """Whether an error handler of the app or of a blueprint would catch `refusal`.
+
+        Asked at the first refusal of each kind: by then no handler can be added any more
+        (Flask refuses set-up methods once the app has handled a request).
+        """
+        handled = self._handled.get(type(refusal))
+        if handled is None:
+            classes = type(refusal).__mro__
+            handled = self._handled[type(refusal)] = any(
+                cls in (by_code.get(code) or {})
+                for by_code in self.app.error_handler_spec.values()
+                for code in (refusal.code, None)
+                for cls in classes
+            )
+        return handled
 
     def after_request(self, response: Response) -> Response:
         decision: Decision | None = request.environ.get(DECISION_KEY)
@@ -367,8 +391,9 @@ class RateLimit:
             previous.close()
             return  # the hooks below read app.extensions, so they now use the new state
 
-        def check_rate_limit() -> None:
-            app.extensions[EXTENSION].before_request()
+        def check_rate_limit() -> Response | None:
+            refused: Response | None = app.extensions[EXTENSION].before_request()
+            return refused
 
         def add_rate_limit_headers(response: Response) -> Response:
             result: Response = app.extensions[EXTENSION].after_request(response)

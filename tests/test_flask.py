@@ -15,7 +15,7 @@ import pytest
 from flask import Blueprint, Flask, request
 from flask.testing import FlaskClient
 from flask.views import MethodView
-from werkzeug.exceptions import ServiceUnavailable, TooManyRequests
+from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
 
 from ratesync_middleware import ConfigError
 from ratesync_middleware.flask import RateLimit, RateLimitExceeded, RateLimitUnavailable
@@ -584,6 +584,30 @@ def test_an_error_handler_for_the_class_or_the_code() -> None:
     assert refused.text == "<h1>Slow down</h1>"
     assert refused.headers["Retry-After"] == "7"  # the handler's own value is kept
     assert refused.headers["RateLimit-Policy"] == '"api";q=1;w=100'
+
+
+@pytest.mark.parametrize("catches", [429, HTTPException, Exception, "blueprint 429"])
+def test_any_handler_that_would_catch_the_refusal_gets_it(catches: Any) -> None:
+    app, _ = create_app(with_config(limiters={"api": {"rate_per_second": 0.01, "burst": 1}}))
+
+    def handler(error: Exception) -> tuple[str, int]:
+        return f"handled {type(error).__name__}", 429
+
+    path = "/"
+    if catches == "blueprint 429":  # a blueprint's handler answers for its own views
+        extra = Blueprint("extra", __name__, url_prefix="/extra")
+        extra.add_url_rule("/", "index", lambda: "extra")
+        extra.register_error_handler(429, handler)
+        app.register_blueprint(extra)
+        path = "/extra/"
+    else:
+        app.register_error_handler(catches, handler)
+
+    client = app.test_client()
+    assert client.get(path).status_code == 200
+    refused = client.get(path)
+    assert refused.status_code == 429
+    assert refused.text == "handled RateLimitExceeded"
 
 
 def test_headers_reach_responses_of_other_errors_too() -> None:
