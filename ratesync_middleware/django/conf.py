@@ -75,51 +75,48 @@ def read_settings() -> RateSyncSettings:
         raise ImproperlyConfigured(
             f"{SETTING}['config'] must be a path (str or Path), not {type(path).__name__}"
         )
-    view = value.get("view")
-    if view is not None and not (isinstance(view, str) or callable(view)):
-        raise ImproperlyConfigured(
-            f"{SETTING}['view'] must be a dotted path to a view, not {type(view).__name__}"
-        )
+    view = _dotted_or_callable(value, "view")
     enabled = value.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ImproperlyConfigured(
             f"{SETTING}['enabled'] must be True or False, not {type(enabled).__name__}"
         )
-    on_decision = value.get("on_decision")
-    if on_decision is not None and not (isinstance(on_decision, str) or callable(on_decision)):
-        raise ImproperlyConfigured(
-            f"{SETTING}['on_decision'] must be a dotted path to a callable,"
-            f" not {type(on_decision).__name__}"
-        )
+    on_decision = _dotted_or_callable(value, "on_decision")
     source: ConfigSource = tables or path
     return RateSyncSettings(source, view, enabled, on_decision)
 
 
-def import_hook(hook: str | DecisionHook) -> DecisionHook:
-    """The callable behind `RATESYNC["on_decision"]` (e.g. a `PrometheusMetrics()` instance)."""
-    if not isinstance(hook, str):
-        return hook
+def _dotted_or_callable(settings_value: Mapping[str, Any], option: str) -> Any:
+    """The option's value when it is None, a dotted path or a callable."""
+    found = settings_value.get(option)
+    if found is not None and not (isinstance(found, str) or callable(found)):
+        raise ImproperlyConfigured(
+            f"{SETTING}[{option!r}] must be a dotted path to a callable, not {type(found).__name__}"
+        )
+    return found
+
+
+def _import_callable(option: str, value: str | Callable[..., Any]) -> Callable[..., Any]:
+    """The callable an option names (a dotted path) or is; `ImproperlyConfigured` otherwise."""
+    if not isinstance(value, str):
+        return value
     try:
-        found = import_string(hook)
+        found = import_string(value)
     except ImportError as error:
         raise ImproperlyConfigured(
-            f"{SETTING}['on_decision']: cannot import {hook!r}: {error}"
+            f"{SETTING}[{option!r}]: cannot import {value!r}: {error}"
         ) from None
     if not callable(found):
-        raise ImproperlyConfigured(f"{SETTING}['on_decision']: {hook!r} is not callable")
-    function: DecisionHook = found
+        raise ImproperlyConfigured(f"{SETTING}[{option!r}]: {value!r} is not callable")
+    function: Callable[..., Any] = found
     return function
+
+
+def import_hook(hook: str | DecisionHook) -> DecisionHook:
+    """The callable behind `RATESYNC["on_decision"]` (e.g. a `PrometheusMetrics()` instance)."""
+    return _import_callable("on_decision", hook)
 
 
 def import_view(view: str | LimitedView) -> LimitedView:
     """The callable behind `RATESYNC["view"]`; `ImproperlyConfigured` when there is none."""
-    if not isinstance(view, str):
-        return view
-    try:
-        found = import_string(view)
-    except ImportError as error:
-        raise ImproperlyConfigured(f"{SETTING}['view']: cannot import {view!r}: {error}") from None
-    if not callable(found):
-        raise ImproperlyConfigured(f"{SETTING}['view']: {view!r} is not callable")
-    function: LimitedView = found
-    return function
+    return _import_callable("view", view)
