@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NS_PER_SECOND = 1_000_000_000
 
@@ -55,14 +56,14 @@ class Policy:
         return self.burst * self.interval_ns
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer for one request.
 
     `limit` is the burst, `remaining` whole units left after this request, `retry_after` seconds
     until this same request would be allowed (0 when allowed, `inf` when it can never be),
     `reset_after` seconds until the bucket is full again, `policy` the limiter's name.
     `degraded` is true when the store failed and the answer is the limiter's fail-open/closed rule.
+    An immutable named tuple: built on every request, it costs a third of a frozen dataclass.
     """
 
     allowed: bool

@@ -8,6 +8,8 @@ from collections import OrderedDict
 from ..bucket import Decision, Policy, consume, peek
 from .base import Clock, wall_clock
 
+_SWEEP_EVERY = 8  # writes between two looks for idle buckets (a power of two)
+
 
 class MemoryStore:
     """Per-process buckets, safe under coroutines and threads, bounded in memory.
@@ -22,6 +24,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._max_keys = max_keys
         self._clock = clock
+        self._writes = 0
 
     def __len__(self) -> int:
         return len(self._tats)
@@ -35,13 +38,16 @@ class MemoryStore:
             if new_tat is not None:
                 tats[key] = new_tat
                 tats.move_to_end(key)
-                self._drop_idle(now)
+                self._writes += 1
+                if not self._writes & (_SWEEP_EVERY - 1) or len(tats) > self._max_keys:
+                    self._drop_idle(now)
             return decision
 
     def _drop_idle(self, now: int) -> None:
-        # Amortised O(1): look at the two oldest entries per write, and enforce the hard bound.
+        # Amortised O(1): every few writes, look at as many of the oldest entries as writes
+        # happened, twice over; and enforce the hard bound.
         tats = self._tats
-        for _ in range(2):
+        for _ in range(2 * _SWEEP_EVERY):
             oldest = next(iter(tats))
             if tats[oldest] > now:
                 break
