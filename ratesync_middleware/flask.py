@@ -34,13 +34,12 @@ from .requests import (
     BoundedCache,
     ClientAddress,
     Plan,
-    RequestFacts,
     exempt,
     get_marks,
     limit,
 )
 from .sync import SyncRequestLimiter
-from .wsgi import DECISION_KEY, environ_header, wsgi_headers
+from .wsgi import DECISION_KEY, EnvironFacts, wsgi_headers
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -120,23 +119,14 @@ class RateLimitUnavailable(_Refusal, ServiceUnavailable):
 # --- requests --------------------------------------------------------------------------------
 
 
-class FlaskFacts(RequestFacts):
+class FlaskFacts(EnvironFacts):
     """A Flask request as `RequestFacts`: headers from the environ, the user from flask_login."""
 
-    __slots__ = ("_flask_request", "environ")
+    __slots__ = ("_flask_request",)
 
     def __init__(self, flask_request: Request, path: str, client_address: ClientAddress) -> None:
-        environ = flask_request.environ
+        super().__init__(flask_request.environ, flask_request.method, path, client_address)
         self._flask_request = flask_request
-        self.environ = environ
-        self.method = flask_request.method
-        self.path = path
-        self.peer = environ.get("REMOTE_ADDR") or None
-        self._client_address = client_address
-        self._client_ip = None
-
-    def header(self, name: str) -> str | None:
-        return environ_header(self.environ, name)
 
     def user_id(self) -> str | None:
         """`flask_login.current_user.get_id()` when it is authenticated, else None.
@@ -157,8 +147,8 @@ class FlaskFacts(RequestFacts):
         return None if user_id is None else str(user_id)
 
     @property
-    def request(self) -> Request:
-        """The Flask `request` object."""
+    def request(self) -> Request:  # type: ignore[override]
+        """The Flask `request` object (`facts.environ` is its WSGI environ)."""
         return self._flask_request
 
 
