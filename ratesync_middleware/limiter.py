@@ -129,19 +129,39 @@ class AsyncRateLimiter:
         """
         config, store, store_key = self.resolve(limiter, key)
         _check_cost(cost)
+        if type(store) is MemoryStore:  # nothing to wait for: no coroutine chain
+            return self._hit_memory(config, store, store_key, key, cost)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
-        if type(store) is MemoryStore:  # nothing to wait for: no coroutine chain
-            decision = store.hit_now(store_key, config.policy, cost)
-        else:
-            try:
-                decision = await store.hit(store_key, config.policy, cost)
-            except StoreError as error:
-                decision = self.degraded(config, error)
-                self.notify(config, key, decision, started, error)
-                return decision
+        try:
+            decision = await store.hit(store_key, config.policy, cost)
+        except StoreError as error:
+            decision = self.degraded(config, error)
+            self.notify(config, key, decision, started, error)
+            return decision
         if hook is not None:
             self.notify(config, key, decision, started, None)
+        return decision
+
+    def hit_now(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
+        """`hit` for a limiter on a memory store, without a coroutine (sync adapters' fast path).
+
+        Raises `TypeError` for a limiter whose store must be awaited.
+        """
+        config, store, store_key = self.resolve(limiter, key)
+        _check_cost(cost)
+        if not isinstance(store, MemoryStore):
+            raise TypeError(f"limiter {limiter!r} uses store {config.store!r}: await hit()")
+        return self._hit_memory(config, store, store_key, key, cost)
+
+    def _hit_memory(
+        self, config: LimiterConfig, store: MemoryStore, store_key: str, key: str | None, cost: int
+    ) -> Decision:
+        if self.on_decision is None:
+            return store.hit_now(store_key, config.policy, cost)
+        started = time.perf_counter()
+        decision = store.hit_now(store_key, config.policy, cost)
+        self.notify(config, key, decision, started, None)
         return decision
 
     def notify(
@@ -250,10 +270,7 @@ class RateLimiter:
         config, store, store_key = core.resolve(limiter, key)
         _check_cost(cost)
         if isinstance(store, MemoryStore):  # nothing to wait for: skip the hop to the loop thread
-            started = time.perf_counter()
-            decision = store.hit_now(store_key, config.policy, cost)
-            core.notify(config, key, decision, started, None)
-            return decision
+            return core._hit_memory(config, store, store_key, key, cost)
         try:
             return _portal.run(core.hit(limiter, key, cost), self._deadline(limiter))
         except StoreError as error:  # the loop thread itself did not answer in time

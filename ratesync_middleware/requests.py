@@ -509,6 +509,21 @@ class RequestLimiter:
                 best = decision
         return best
 
+    def check_now(self, facts: RequestFacts, plan: Plan) -> Decision | None:
+        """`check` for a plan that never waits: memory stores, keys without async parts.
+
+        The synchronous adapters' fast path (see `SyncRequestLimiter`); same answers as `check`.
+        """
+        best: Decision | None = None
+        hit_now = self.limiter.hit_now
+        for item in plan:
+            decision = hit_now(item.name, item.identity.now(facts), item.cost)
+            if not decision.allowed:
+                return decision
+            if best is None or _more_restrictive(decision, best):
+                best = decision
+        return best
+
     async def startup(self, endpoints: Iterable[object] = ()) -> None:
         """Fail early: import key functions, check the marks of `endpoints`, open the stores.
 

@@ -1,8 +1,8 @@
 """The request-to-decision path for synchronous adapters (WSGI, Flask, Django under WSGI).
 
 The same `RequestLimiter` as the ASGI adapter, driven without an event loop of the caller's:
-a plan whose stores are all in-process (memory) and whose keys need no awaiting never suspends, so
-its coroutine is run to completion inline; anything else runs on the process's background loop
+a plan whose stores are all in-process (memory) and whose keys need no awaiting is checked by
+`check_now`, without a coroutine; anything else runs on the process's background loop
 (`_portal`). After `fork()` the child builds its own `RequestLimiter` (fresh connections).
 """
 
@@ -79,7 +79,7 @@ class SyncRequestLimiter:
         if inline is None:
             inline = self._inline[plan] = self._never_suspends(core, plan)
         if inline:
-            return run_inline(core.check(facts, plan))
+            return core.check_now(facts, plan)
         try:
             return _portal.run(core.check(facts, plan), self._deadline)
         except StoreError as error:  # the loop thread itself did not answer in time

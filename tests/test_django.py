@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import os
 import socket
 import subprocess
@@ -706,6 +707,23 @@ def test_fail_open_lets_requests_through_without_headers(sync_and_async_site: Si
 
     assert [r.status_code for r in responses] == [200] * 3
     assert "RateLimit" not in responses[0].headers
+
+
+def test_refusals_stay_out_of_the_django_request_log(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="django.request")
+
+    statuses = [site.get("/nowhere").status_code, *site.statuses(5)]
+    statuses.append(site.get("/nowhere").status_code)
+    with override_settings(RATESYNC={**CONFIG, "view": "tests.django_project.views.too_many"}):
+        statuses += site.statuses(6)
+    with override_settings(RATESYNC=dead_nats(fail_closed=True)):
+        statuses += site.statuses(1)
+
+    assert statuses == [404, 200, 200, 200, 200, 429, 429] + [200] * 5 + [429, 503]
+    logged = [r.getMessage() for r in caplog.records if r.name == "django.request"]
+    assert logged == ["Not Found: /nowhere"]  # Django's own 404, not the refusals
 
 
 def test_refusal_view_sees_a_degraded_decision() -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.core.exceptions import ImproperlyConfigured
@@ -55,6 +55,7 @@ HEADER_NAMES: Final = {
 }
 
 ViewFunction = Callable[..., Any]
+_Response = TypeVar("_Response", bound=HttpResponseBase)
 _UNCHECKED: Final[Any] = object()
 _UNRESOLVED: Final[Any] = object()
 
@@ -229,7 +230,7 @@ class _Limits:
         # All headers at construction: setting them one by one after the default Content-Type
         # costs Django's validation twice for that one.
         headers = {_django_name(name): value.decode("latin-1") for name, value in denial.headers}
-        return HttpResponse(denial.body, status=denial.status, headers=headers)
+        return _unlogged(HttpResponse(denial.body, status=denial.status, headers=headers))
 
     def complete(self, response: HttpResponseBase, decision: Decision) -> HttpResponseBase:
         """A refusal from `RATESYNC["view"]`, with `Retry-After` and the rate-limit headers."""
@@ -237,7 +238,7 @@ class _Limits:
             raise ImproperlyConfigured(f"{SETTING}['view'] returned None instead of a response")
         headers = [*self.responses.retry_after(decision), *self.responses.headers(decision)]
         _set_headers(response, headers, replace=False)  # what the view set stays
-        return response
+        return _unlogged(response)
 
     def finish(self, response: HttpResponseBase, decision: Decision | None) -> HttpResponseBase:
         """An allowed request's response, with the rate-limit headers."""
@@ -261,6 +262,19 @@ def _django_name(raw_name: bytes) -> str:
     """`b"retry-after"` -> `"Retry-After"`: the few names headers.py produces, spelt as people do."""
     name = raw_name.decode("latin-1")
     return HEADER_NAMES.get(name, name)
+
+
+def _unlogged(response: _Response) -> _Response:
+    """A refusal that Django's `django.request` logger skips (docs/django.md, "Logging").
+
+    Django logs every response >= 400 (a 503 at ERROR, mailed to ADMINS in production): one line,
+    or one mail, per refused request would turn a flood into a flood of logs. The server's access
+    log still shows each refusal, `on_decision` reports it, and store failures are logged by
+    ratesync, throttled. Django marks a response it has logged with this attribute; if a future
+    Django renamed it, its logging would simply come back.
+    """
+    response._has_been_logged = True
+    return response
 
 
 def _set_headers(response: HttpResponseBase, headers: list[Header], *, replace: bool) -> None:
