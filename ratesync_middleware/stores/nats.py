@@ -13,6 +13,7 @@ Every call has a deadline; after a failure, calls fail at once until a short bac
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import ssl
@@ -27,6 +28,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StreamInfo
 
@@ -51,6 +53,8 @@ BUCKET_HISTORY = 1
 VALUE_VERSION = 1
 _EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 _KV_OPERATION = "KV-Operation"
+_STATUS = "Status"  # a reply's status header: "404" not found, "503" no responders
+_NO_RESPONDERS = "503"
 _WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 _RECONNECT_WAIT = 0.5  # seconds between reconnect attempts to one server
 _CONTENDED_SECONDS = 0.05  # after a lost compare-and-set, pace this key's writes for so long
@@ -124,6 +128,67 @@ class _KeyState:
     flusher: asyncio.Task[None] | None = None
 
 
+class _Replies:
+    """Request/reply for the hot path, over one wildcard inbox subscription per connection.
+
+    nats-py's `request()` draws a random token, wraps the wait in `wait_for` and builds a response
+    dataclass on every call: on a hot key that was a fifth of the CPU of a decision
+    (docs/benchmarks.md). Here a token is a counter and the deadline one timer.
+    """
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count()
+
+    async def start(self) -> None:
+        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def _on_reply(self, message: Msg) -> None:
+        future = self._waiting.pop(message.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    async def request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> Msg:
+        """The reply to one request; `nats.errors.TimeoutError` after `timeout` seconds."""
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = future
+        timer = loop.call_later(timeout, _time_out, future)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            message = await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        if not message.data and (message.headers or {}).get(_STATUS) == _NO_RESPONDERS:
+            raise nats.errors.NoRespondersError  # nothing stores the subject: no bucket
+        return message
+
+
+def _time_out(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
+
+
+def _ack_revision(message: Msg) -> int:
+    """The stream sequence in a JetStream publish acknowledgement; `APIError` for an error."""
+    try:
+        ack = json.loads(message.data)
+        error = ack.get("error")
+        if error is None:
+            return int(ack["seq"])
+        code, err_code = error.get("code"), error.get("err_code")
+        description = error.get("description")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise nats.js.errors.APIError(description="unreadable acknowledgement") from None
+    raise nats.js.errors.APIError(code=code, description=description, err_code=err_code)
+
+
 def _settle(waiters: list[Waiter], error: BaseException) -> None:
     """Fail the futures of `waiters` that are still pending."""
     for _, _, future in waiters:
@@ -151,6 +216,8 @@ class NatsStore:
         self._cache: OrderedDict[str, _KeyState] = OrderedDict()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
+        self._replies: _Replies | None = None
+        self._direct_get = ""  # the direct-get subject prefix; "" when the bucket has none
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Lock | None = None
         self._direct = False
@@ -200,7 +267,7 @@ class NatsStore:
         raise error
 
     def _forget_connection(self) -> None:
-        self._nc = self._js = None
+        self._nc = self._js = self._replies = None
         self._cache.clear()
 
     def _drop_connection(self) -> None:
@@ -218,11 +285,15 @@ class NatsStore:
             # call made once per connection, given the connect deadline rather than a decision's.
             setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
             info = await self.open_bucket(setup)
+            replies = _Replies(nc)
+            await replies.start()
         except BaseException:
             await self._close_client(nc)
             raise
         self._direct = bool(info.config.allow_direct)
-        self._nc, self._js, self._loop = nc, js, asyncio.get_running_loop()
+        self._direct_get = f"$JS.API.DIRECT.GET.{self._stream}." if self._direct else ""
+        self._nc, self._js, self._replies = nc, js, replies
+        self._loop = asyncio.get_running_loop()
         self._cache.clear()
 
     async def connect(self) -> NatsClient:
@@ -554,19 +625,33 @@ class NatsStore:
         return failure
 
     async def _write(self, subject: str, tat: int, policy: Policy, last_revision: int) -> int:
-        assert self._js is not None
-        ack = await self._js.publish(
-            subject,
-            encode_value(tat, policy),
-            timeout=self.config.timeout,
-            headers={_EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)},
+        """Store `tat` if the subject's last revision is `last_revision`; the new revision."""
+        assert self._replies is not None
+        headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
+        message = await self._replies.request(
+            subject, encode_value(tat, policy), headers, self.config.timeout
         )
-        return int(ack.seq)
+        return _ack_revision(message)
 
     async def _read(self, subject: str) -> tuple[int, int]:
         """The stored `(tat, revision)` of a subject; `(0, 0)` when it never existed."""
-        entry = await self._read_entry(subject)
-        return (entry.tat_ns, entry.revision) if entry is not None else (0, 0)
+        if not self._direct_get:  # a bucket made without direct get: the JetStream API
+            entry = await self._read_entry(subject)
+            return (entry.tat_ns, entry.revision) if entry is not None else (0, 0)
+        assert self._replies is not None
+        message = await self._replies.request(
+            self._direct_get + subject, b"", None, self.config.timeout
+        )
+        headers = message.headers or {}
+        status = headers.get(_STATUS)
+        if status == "404":
+            return 0, 0
+        if status is not None:
+            raise nats.js.errors.APIError(description=f"direct get: status {status}")
+        revision = int(headers.get("Nats-Sequence") or 0)
+        if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
+            return 0, revision
+        return decode_tat(message.data), revision
 
     async def _read_entry(self, subject: str) -> StoredEntry | None:
         assert self._js is not None
