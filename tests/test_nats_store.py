@@ -11,6 +11,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.js.api import KeyValueConfig
 
 from ratesync_middleware import AsyncRateLimiter, Decision, RateLimiter
 from ratesync_middleware.errors import (
@@ -322,6 +323,25 @@ async def test_a_stale_cache_is_corrected_by_compare_and_set(nats_store: dict[st
         assert last.allowed
         assert last.remaining == 0
         assert not (await first.hit("api", key="k")).allowed
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-get", "no-direct-get"])
+async def test_another_writers_values_and_resets_are_read_back(
+    nats_url: str, bucket_name: str, direct: bool
+) -> None:
+    # An operator may have created the bucket without direct get: it is read through the API.
+    nc = await nats.connect(nats_url)
+    kv_config = KeyValueConfig(bucket=bucket_name, history=1, ttl=24 * 3600, direct=direct)
+    await nc.jetstream().create_key_value(kv_config)
+    await nc.close()
+    store = {"engine": "nats", "url": nats_url, "bucket_name": bucket_name, "auto_create": False}
+    limits = config(store, api={"rate_per_second": 0.01, "burst": 3})
+    async with AsyncRateLimiter(limits) as first, AsyncRateLimiter(limits) as second:
+        assert (await first.hit("api", key="k")).remaining == 2
+        assert (await second.hit("api", key="k")).remaining == 1  # a conflict, then a read
+        await second.reset("api", key="k")  # a delete marker
+        assert (await first.hit("api", key="k")).remaining == 2  # the marker reads as full
+        assert (await second.peek("api", key="k")).remaining == 2
 
 
 async def test_reset_refills_a_group(nats_store: dict[str, Any]) -> None:
