@@ -274,7 +274,12 @@ class RateLimitMiddleware:
         if not plan:
             await self.app(scope, receive, send)
             return
-        decision = await self.core.check(ScopeFacts(scope, path, self.core.client_address), plan)
+        core = self.core
+        facts = ScopeFacts(scope, path, core.client_address)
+        if core.immediate(plan):  # memory stores: no coroutine to await
+            decision = core.check_now(facts, plan)
+        else:
+            decision = await core.check(facts, plan)
         if decision is not None and not decision.allowed:
             await self._refuse(scope, receive, send, decision)
             return

@@ -27,6 +27,7 @@ from .config import Config, ConfigSource, LimiterConfig, RouteRule
 from .errors import ConfigError, StoreError
 from .keys import join_identity
 from .limiter import AsyncRateLimiter, logger
+from .stores.memory import MemoryStore
 
 __all__ = [
     "ClientAddress",
@@ -434,6 +435,7 @@ class RequestLimiter:
         self._default = self._plan_of(((name, 1) for name in middleware.default), "[middleware]")
         self._rules = tuple(self._rule(rule) for rule in self.config.routes)
         self._marked: dict[Marks, Plan] = {}
+        self._immediate: dict[Plan, bool] = {}  # plans come from the configuration: few
         self._by_path: BoundedCache[tuple[str, str], Plan] = BoundedCache(PLAN_CACHE_SIZE)
 
     def _plan_of(self, limits: Iterable[tuple[str, int]], where: str) -> Plan:
@@ -509,10 +511,22 @@ class RequestLimiter:
                 best = decision
         return best
 
-    def check_now(self, facts: RequestFacts, plan: Plan) -> Decision | None:
-        """`check` for a plan that never waits: memory stores, keys without async parts.
+    def immediate(self, plan: Plan) -> bool:
+        """Whether `check_now` can decide `plan`: memory stores only, keys without async parts."""
+        known = self._immediate.get(plan)
+        if known is None:
+            limiter = self.limiter
+            known = self._immediate[plan] = all(
+                item.identity.sync
+                and isinstance(limiter.store(limiter.limiter(item.name).store), MemoryStore)
+                for item in plan
+            )
+        return known
 
-        The synchronous adapters' fast path (see `SyncRequestLimiter`); same answers as `check`.
+    def check_now(self, facts: RequestFacts, plan: Plan) -> Decision | None:
+        """`check` for a plan that never waits (see `immediate`), without a coroutine.
+
+        The adapters' fast path for memory stores; the same answers as `check`.
         """
         best: Decision | None = None
         hit_now = self.limiter.hit_now

@@ -2,8 +2,8 @@
 
 The same `RequestLimiter` as the ASGI adapter, driven without an event loop of the caller's:
 a plan whose stores are all in-process (memory) and whose keys need no awaiting is checked by
-`check_now`, without a coroutine; anything else runs on the process's background loop
-(`_portal`). After `fork()` the child builds its own `RequestLimiter` (fresh connections).
+`check_now`, without a coroutine (see `RequestLimiter.immediate`); anything else runs on the
+process's background loop (`_portal`). After `fork()` the child builds its own `RequestLimiter` (fresh connections).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from .config import ConfigSource
 from .errors import StoreError
 from .limiter import AsyncRateLimiter
 from .requests import Plan, RequestFacts, RequestLimiter
-from .stores.memory import MemoryStore
 
 T = TypeVar("T")
 
@@ -48,7 +47,6 @@ class SyncRequestLimiter:
         self._pid = os.getpid()
         self.core = RequestLimiter(config)
         self.config = self.core.config
-        self._inline: dict[Plan, bool] = {}
         stores = self.config.stores.values()
         self._deadline = _OUTER_DEADLINE_MARGIN + max(
             (store.connect_timeout + 4 * store.timeout for store in stores), default=0.0
@@ -63,7 +61,6 @@ class SyncRequestLimiter:
             if isinstance(source, AsyncRateLimiter):  # its connections belong to the parent
                 source = AsyncRateLimiter(source.config, on_decision=source.on_decision)
             self.core = RequestLimiter(source)
-            self._inline = {}
         return self.core
 
     def plan(self, method: str, path: str, endpoint: object = None) -> Plan:
@@ -75,24 +72,13 @@ class SyncRequestLimiter:
         core = self.current
         if not plan:
             return None
-        inline = self._inline.get(plan)
-        if inline is None:
-            inline = self._inline[plan] = self._never_suspends(core, plan)
-        if inline:
+        if core.immediate(plan):
             return core.check_now(facts, plan)
         try:
             return _portal.run(core.check(facts, plan), self._deadline)
         except StoreError as error:  # the loop thread itself did not answer in time
             limiter = core.limiter.limiter(plan[0].name)
             return core.limiter.degraded(limiter, error)
-
-    @staticmethod
-    def _never_suspends(core: RequestLimiter, plan: Plan) -> bool:
-        for item in plan:
-            store = core.limiter.store(core.limiter.limiter(item.name).store)
-            if not (isinstance(store, MemoryStore) and item.identity.sync):
-                return False
-        return True
 
     def startup(self, endpoints: Iterable[object] = ()) -> None:
         """See `RequestLimiter.startup` (imports key functions, checks marks, opens stores).

@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ratesync_middleware import ConfigError
+from ratesync_middleware import ConfigError, Decision
 from ratesync_middleware import requests as requests_module
 from ratesync_middleware.keys import join_identity
 from ratesync_middleware.requests import (
     ClientAddress,
     Marks,
+    Plan,
     RequestFacts,
     RequestLimiter,
     exempt,
@@ -342,7 +343,8 @@ SEVERAL: dict[str, Any] = {
 }
 
 
-async def test_every_limiter_must_allow_and_the_denial_names_its_limiter() -> None:
+@pytest.mark.parametrize("immediate", [False, True], ids=["check", "check_now"])
+async def test_every_limiter_must_allow_and_the_denial_names_its_limiter(immediate: bool) -> None:
     core = RequestLimiter(SEVERAL)
 
     @limit("wide", "narrow")
@@ -350,18 +352,52 @@ async def test_every_limiter_must_allow_and_the_denial_names_its_limiter() -> No
 
     plan = core.plan("GET", "/", view)
     facts = Facts(core.client_address)
-    first = await core.check(facts, plan)
+
+    async def check() -> Decision | None:
+        return core.check_now(facts, plan) if immediate else await core.check(facts, plan)
+
+    first = await check()
     assert first is not None
     assert first.allowed
     assert first.policy == "narrow"
     assert first.remaining == 1
-    await core.check(facts, plan)
-    denied = await core.check(facts, plan)
+    await check()
+    denied = await check()
     assert denied is not None
     assert not denied.allowed
     assert denied.policy == "narrow"
     wide = await core.limiter.peek("wide", facts.client_ip)
     assert wide.remaining == 7  # the first denial stops the check: only "wide" spent a third
+
+
+def test_only_memory_stores_and_keys_without_async_parts_are_decided_immediately() -> None:
+    core = RequestLimiter(
+        {
+            "stores": {
+                "here": {"engine": "memory"},
+                "shared": {"engine": "nats", "url": "nats://127.0.0.1:4222"},
+            },
+            "limiters": {
+                "local": {"rate_per_second": 1.0, "store": "here"},
+                "custom": {
+                    "rate_per_second": 1.0,
+                    "store": "here",
+                    "key": "tests.test_requests:tenant_async",
+                },
+                "remote": {"rate_per_second": 1.0, "store": "shared"},
+            },
+        }
+    )
+
+    def plan_of(*names: str) -> Plan:
+        @limit(*names)
+        def view() -> None: ...
+
+        return core.plan("GET", "/", view)
+
+    assert core.immediate(plan_of("local"))
+    assert not core.immediate(plan_of("local", "remote"))  # a NATS store is awaited
+    assert not core.immediate(plan_of("custom"))  # so is a key function (it may be async)
 
 
 async def test_not_limited_gives_no_decision() -> None:

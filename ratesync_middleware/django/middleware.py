@@ -212,7 +212,10 @@ class _Limits:
         facts = DjangoFacts(request, self.client_address)
         if self._user_keyed(plan):
             facts.user = await _auser(request)
-        return await self.core.check(facts, plan)
+        core = self.core
+        return (
+            core.check_now(facts, plan) if core.immediate(plan) else await core.check(facts, plan)
+        )
 
     def _user_keyed(self, plan: Plan) -> bool:
         needed = self._needs_user.get(plan)

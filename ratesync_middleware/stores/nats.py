@@ -626,20 +626,24 @@ class NatsStore:
 
     async def _write(self, subject: str, tat: int, policy: Policy, last_revision: int) -> int:
         """Store `tat` if the subject's last revision is `last_revision`; the new revision."""
-        assert self._replies is not None
         headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
-        message = await self._replies.request(
+        message = await self._connected_replies().request(
             subject, encode_value(tat, policy), headers, self.config.timeout
         )
         return _ack_revision(message)
+
+    def _connected_replies(self) -> _Replies:
+        replies = self._replies
+        if replies is None:  # the connection was dropped meanwhile (a deleted bucket)
+            raise nats.errors.ConnectionClosedError
+        return replies
 
     async def _read(self, subject: str) -> tuple[int, int]:
         """The stored `(tat, revision)` of a subject; `(0, 0)` when it never existed."""
         if not self._direct_get:  # a bucket made without direct get: the JetStream API
             entry = await self._read_entry(subject)
             return (entry.tat_ns, entry.revision) if entry is not None else (0, 0)
-        assert self._replies is not None
-        message = await self._replies.request(
+        message = await self._connected_replies().request(
             self._direct_get + subject, b"", None, self.config.timeout
         )
         headers = message.headers or {}
@@ -654,9 +658,11 @@ class NatsStore:
         return decode_tat(message.data), revision
 
     async def _read_entry(self, subject: str) -> StoredEntry | None:
-        assert self._js is not None
+        js = self._js
+        if js is None:  # the connection was dropped meanwhile (a deleted bucket)
+            raise nats.errors.ConnectionClosedError
         try:
-            message = await self._js.get_msg(self._stream, subject=subject, direct=self._direct)
+            message = await js.get_msg(self._stream, subject=subject, direct=self._direct)
         except nats.js.errors.NotFoundError:
             return None
         headers = message.headers or {}
