@@ -217,7 +217,7 @@ class NatsStore:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._replies: _Replies | None = None
-        self._direct_get = ""  # the direct-get subject prefix; "" when the bucket has none
+        self._direct_get = f"$JS.API.DIRECT.GET.{self._stream}."  # + subject: its last message
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Lock | None = None
         self._direct = False
@@ -291,7 +291,6 @@ class NatsStore:
             await self._close_client(nc)
             raise
         self._direct = bool(info.config.allow_direct)
-        self._direct_get = f"$JS.API.DIRECT.GET.{self._stream}." if self._direct else ""
         self._nc, self._js, self._replies = nc, js, replies
         self._loop = asyncio.get_running_loop()
         self._cache.clear()
@@ -640,7 +639,7 @@ class NatsStore:
 
     async def _read(self, subject: str) -> tuple[int, int]:
         """The stored `(tat, revision)` of a subject; `(0, 0)` when it never existed."""
-        if not self._direct_get:  # a bucket made without direct get: the JetStream API
+        if not self._direct:  # a bucket made without direct get: the JetStream API
             entry = await self._read_entry(subject)
             return (entry.tat_ns, entry.revision) if entry is not None else (0, 0)
         message = await self._connected_replies().request(
