@@ -181,28 +181,34 @@ class Ours:
 
         self.limiter = AsyncRateLimiter(limiter_config(urls["nats"]))
         self.store: Any = self.limiter.store("nats")
-        self.reads: float = 0
+        self.lost: float = 0  # compare-and-sets rejected because another writer was first
 
     async def open(self, job: dict[str, Any]) -> None:
         """Connect, and observe the store from outside (private hooks of `stores/nats.py`; when
         one is renamed, its figures show as "-" and the bench still runs)."""
+        import nats.js.errors
+
         await self.store.ready()
         self.failures: dict[str, int] = {}
         self.max_retries: float = 0  # most conflicts one compare-and-set went through
         self.batches: list[int] = []  # decisions per compare-and-set (coalescing)
         store = self.store
-        original_read = getattr(store, "_read", None)
+        original_write = getattr(store, "_write", None)
         original_failure = getattr(store, "_call_failure", None)
         original_commit = getattr(store, "_commit", None)
-        if original_read is None:
-            self.reads = math.nan
+        if original_write is None:
+            self.lost = math.nan
         else:
 
-            async def counting_read(subject: str) -> Any:
-                self.reads += 1  # the store reads only after a conflict
-                return await original_read(subject)
+            async def counting_write(*args: Any) -> Any:
+                try:
+                    return await original_write(*args)
+                except nats.js.errors.APIError as error:
+                    if error.err_code in (10071, 10164):  # wrong last sequence: a lost race
+                        self.lost += 1
+                    raise
 
-            store._read = counting_read
+            store._write = counting_write
         if original_failure is not None:
 
             def recording_failure(state: Any, error: BaseException) -> Any:
@@ -211,16 +217,18 @@ class Ours:
                 return original_failure(state, error)
 
             store._call_failure = recording_failure
-        if original_commit is None or original_read is None:
+        if original_commit is None or original_write is None:
             self.max_retries = math.nan
         else:
 
-            async def observed_commit(key: str, state: Any, batch: list[Any]) -> Any:
-                reads = self.reads
+            async def observed_commit(
+                key: str, state: Any, batch: list[Any], **options: Any
+            ) -> Any:
+                lost = self.lost
                 try:
-                    return await original_commit(key, state, batch)
+                    return await original_commit(key, state, batch, **options)
                 finally:
-                    self.max_retries = max(self.max_retries, self.reads - reads)
+                    self.max_retries = max(self.max_retries, self.lost - lost)
                     self.batches.append(len(batch))
 
             store._commit = observed_commit
@@ -233,7 +241,7 @@ class Ours:
         return int(self.store._nc.stats["out_msgs"])
 
     def conflicts(self) -> float:
-        return self.reads
+        return self.lost
 
     async def close(self) -> None:
         await self.limiter.aclose()

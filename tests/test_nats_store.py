@@ -344,6 +344,26 @@ async def test_another_writers_values_and_resets_are_read_back(
         assert (await second.peek("api", key="k")).remaining == 2
 
 
+async def test_writers_racing_on_one_key_admit_exactly_the_burst(
+    nats_store: dict[str, Any],
+) -> None:
+    # Three stores (as three processes would) each send waves of concurrent decisions: they lose
+    # compare-and-sets to each other, read, and pace their writes; none admits a token twice.
+    limits = config(nats_store, api={"rate_per_second": 0.01, "burst": 120})
+    async with (
+        AsyncRateLimiter(limits) as a,
+        AsyncRateLimiter(limits) as b,
+        AsyncRateLimiter(limits) as c,
+    ):
+        decisions: list[Decision] = []
+        for _ in range(5):
+            waves = [limiter.hit("api", key="hot") for limiter in (a, b, c) for _ in range(16)]
+            decisions += await asyncio.gather(*waves)
+
+    assert not any(d.degraded for d in decisions)
+    assert sum(d.allowed for d in decisions) == 120  # 240 asked, the burst admitted, no more
+
+
 async def test_reset_refills_a_group(nats_store: dict[str, Any]) -> None:
     async with AsyncRateLimiter(
         config(nats_store, api={"rate_per_second": 0.01, "burst": 1})

@@ -539,7 +539,8 @@ class NatsStore:
         """Write the waiting decisions of one key, batch after batch, until none is left."""
         try:
             while state.waiters:
-                if state.contended_until > time.monotonic():
+                contended = state.contended_until > time.monotonic()
+                if contended:
                     # Back-to-back writes from here would starve the other processes, which
                     # must read before they write: leave them a round trip, and batch more.
                     await asyncio.sleep(self._round_trip)
@@ -547,7 +548,8 @@ class NatsStore:
                 try:
                     if time.monotonic() < self._retry_at and self._last_error is not None:
                         raise self._last_error  # a call just failed: answer the rest at once
-                    decisions = await self._commit(key, state, batch)
+                    # Others wrote the key meanwhile, almost surely: read before writing.
+                    decisions = await self._commit(key, state, batch, read_first=contended)
                 except StoreError as error:
                     _settle(batch, error)
                     continue
@@ -566,11 +568,21 @@ class NatsStore:
             state.flusher = None
             state.busy = False
 
-    async def _commit(self, key: str, state: _KeyState, batch: list[Waiter]) -> list[Decision]:
-        """Apply `batch` in arrival order to the key's state and write it with compare-and-set."""
+    async def _commit(
+        self, key: str, state: _KeyState, batch: list[Waiter], *, read_first: bool = False
+    ) -> list[Decision]:
+        """Apply `batch` in arrival order to the key's state and write it with compare-and-set.
+
+        The cached state is tried first unless `read_first`; after a conflict it is read again.
+        """
         deadline = time.monotonic() + self.config.timeout
         subject = self._prefix + key
         while True:
+            if read_first:
+                try:
+                    state.tat, state.revision = await self._read(subject)
+                except (nats.errors.Error, OSError) as read_error:
+                    raise self._call_failure(state, read_error) from None
             now = self._clock()
             tat = state.tat if state.revision is not None else 0
             new_tat = tat
@@ -597,10 +609,7 @@ class NatsStore:
                         f"store {self.config.name!r}: key {key!r} still contended after "
                         f"{self.config.timeout:g}s of compare-and-set retries"
                     ) from None
-                try:
-                    state.tat, state.revision = await self._read(subject)
-                except (nats.errors.Error, OSError) as read_error:
-                    raise self._call_failure(state, read_error) from None
+                read_first = True
                 continue
             except (nats.errors.Error, OSError) as error:
                 raise self._call_failure(state, error) from None
