@@ -2,11 +2,14 @@
 
 The hot path (docs/engines/nats.md):
 1. Each key's last known `(tat, revision)` is cached (bounded LRU); a write is tried with
-   `expected last revision = cached` first, and the entry is read only after a conflict.
+   `expected last revision = cached` first, and the entry is read only after a conflict (for a
+   key that other processes race for, before each write: the cache is surely stale then).
 2. `tat` only grows, so a cached `tat` can only under-estimate the real one: when the cache already
    proves the bucket empty the answer is a denial without any round trip.
 3. Concurrent decisions for one key in this process are queued and applied in arrival order by a
    single flusher, which writes their combined result with one compare-and-set.
+4. Writes and reads are plain requests over one inbox subscription (`_Replies`), cheaper than
+   nats-py's `request()`.
 Every call has a deadline; after a failure, calls fail at once until a short back-off ends.
 """
 
