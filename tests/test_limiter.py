@@ -33,6 +33,27 @@ async def test_async_limiter_on_the_memory_default() -> None:
         assert (await limiter.hit("api", key="user-43")).allowed  # another group
 
 
+async def test_hit_now_decides_memory_limiters_without_awaiting() -> None:
+    seen = []
+    limits = {
+        "stores": {
+            "here": {"engine": "memory"},
+            "shared": {"engine": "nats", "url": "nats://127.0.0.1:4222"},
+        },
+        "limiters": {
+            "api": {"rate_per_second": 1.0, "burst": 3, "store": "here"},
+            "remote": {"rate_per_second": 1.0, "store": "shared"},
+        },
+    }
+    limiter = AsyncRateLimiter(limits, on_decision=seen.append)
+    decisions = [limiter.hit_now("api", key="user-42") for _ in range(3)]
+    decisions.append(await limiter.hit("api", key="user-42"))  # the same bucket
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [event.decision for event in seen] == decisions  # the hook sees both paths
+    with pytest.raises(TypeError, match="await hit"):
+        limiter.hit_now("remote", key="user-42")  # a NATS store must be awaited
+
+
 async def test_a_global_limiter_ignores_the_identity() -> None:
     async with AsyncRateLimiter(CONFIG) as limiter:
         first = await limiter.hit("site", key="a")
