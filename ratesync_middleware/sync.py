@@ -3,7 +3,8 @@
 The same `RequestLimiter` as the ASGI adapter, driven without an event loop of the caller's:
 a plan whose stores are all in-process (memory) and whose keys need no awaiting is checked by
 `check_now`, without a coroutine (see `RequestLimiter.immediate`); anything else runs on the
-process's background loop (`_portal`). After `fork()` the child builds its own `RequestLimiter` (fresh connections).
+process's background loop (`_portal`). After `fork()` the child builds its own `RequestLimiter`
+(fresh connections).
 """
 
 from __future__ import annotations
