@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from . import _portal
 from .bucket import Decision, Policy
-from .config import ConfigSource, LimiterConfig, StoreConfig, load_config
+from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, StoreError
 from .keys import group_key
+from .stores import create_store
 from .stores.base import Clock, Store, wall_clock
 from .stores.memory import MemoryStore
 
@@ -25,17 +26,6 @@ logger = logging.getLogger("ratesync_middleware")
 
 
 _WARNING_INTERVAL = 10.0  # seconds between two log lines about the same failing store
-
-
-def create_store(config: StoreConfig, clock: Clock = wall_clock) -> Store:
-    """The store for one `[stores.<name>]` table (the NATS client is imported only when used)."""
-    if config.engine == "memory":
-        return MemoryStore(max_keys=config.max_keys, clock=clock)
-    if config.engine == "nats":
-        from .stores.nats import NatsStore
-
-        return NatsStore(config, clock=clock)
-    raise ConfigError(f"{config.name}: unknown engine {config.engine!r}")  # pragma: no cover
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +102,7 @@ class AsyncRateLimiter:
         """The store called `name`, created on first use."""
         store = self._stores.get(name)
         if store is None:
-            store = self._stores[name] = create_store(self.config.stores[name], self._clock)
+            store = self._stores[name] = create_store(self.config, name, self._clock)
         return store
 
     def resolve(self, limiter: str, key: str | None) -> tuple[LimiterConfig, Store, str]:

@@ -1,0 +1,25 @@
+"""The stores: where bucket state lives. `create_store` maps an engine name to its class.
+
+The NATS client is imported only when a NATS store is created.
+"""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..errors import ConfigError
+from .base import Clock, Store, wall_clock
+from .memory import MemoryStore
+
+__all__ = ["Clock", "MemoryStore", "Store", "create_store", "wall_clock"]
+
+
+def create_store(config: Config, name: str, clock: Clock = wall_clock) -> Store:
+    """The store for the `[stores.<name>]` table of `config`."""
+    store = config.stores[name]
+    if store.engine == "memory":
+        return MemoryStore(max_keys=store.max_keys, clock=clock)
+    if store.engine == "nats":
+        from .nats import NatsStore
+
+        return NatsStore(store, clock=clock)
+    raise ConfigError(f"{store.name}: unknown engine {store.engine!r}")  # pragma: no cover
