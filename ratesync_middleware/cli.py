@@ -4,8 +4,10 @@
     ratesync status                                  bucket settings, key count, bytes
     ratesync get GROUP | reset GROUP | watch         one group's decoded state; delete it; live
 
-Human-readable by default, `--json` for scripts. Exit status 0 on success, 1 when a check fails or
-a store cannot be reached, 2 for a bad command line or configuration.
+The shared options (`--config`, `--store`, `--json`) go before or after the command alike.
+Human-readable by default, `--json` for scripts. Exit status 0 on success (a check's warnings
+included), 1 when a check fails or a store cannot be reached, 2 for a bad command line or
+configuration: a missing, unreadable or invalid file, or none found at all.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import nats.js.errors
 
+from . import __version__
 from .bucket import peek
-from .config import Config, StoreConfig, load_config
+from .config import ENV_CONFIG, SEARCH_PATHS, Config, StoreConfig, discover_config_path, load_config
 from .errors import (
     PRECREATE_COMMAND,
     AuthenticationError,
@@ -35,15 +39,32 @@ from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEn
 
 @dataclass
 class Step:
-    """One line of `ratesync check`."""
+    """One line of `ratesync check`; a warning is ok (exit 0) but says what to change."""
 
     store: str
     name: str
     ok: bool
     detail: str
+    warning: bool = False
 
     def line(self) -> str:
-        return f"  {'ok  ' if self.ok else 'FAIL'}  {self.name:<24} {self.detail}"
+        mark = "FAIL" if not self.ok else "WARN" if self.warning else "ok  "
+        return f"  {mark}  {self.name:<24} {self.detail}"
+
+
+# What a bucket's limits must leave room for. Today's value (`encode_value`) is about 71 bytes and
+# a write adds about 50 bytes of headers (the compare-and-set's expected sequence), which count
+# against the bucket's max value size too; the allowances leave room for bigger values to come.
+VALUE_ALLOWANCE = 256
+HEADER_ALLOWANCE = 128
+MESSAGE_ALLOWANCE = VALUE_ALLOWANCE + HEADER_ALLOWANCE
+# One key as the stream stores it: the message, its subject `$KV.<bucket>.<key>` and the record's
+# own overhead (about 190 bytes per key today).
+KEY_ALLOWANCE = 512
+# The fewest keys a bucket should hold: one per limited identity (IP, user) active within the TTL.
+MIN_KEYS = 10_000
+# A bucket this full refuses (or, with discard "old", drops) keys soon: a failure, not a warning.
+FULL_FRACTION = 0.9
 
 
 # -- check --------------------------------------------------------------------------------------
@@ -97,6 +118,7 @@ async def check_store(config: StoreConfig) -> list[Step]:
         else:
             step("bucket creatable", True, f"{config.bucket_name} created (auto_create = true)")
         step(*_settings_step(config, info))
+        steps.append(Step(config.name, *_limits_step(config, info)))
     finally:
         await store._close_client(nc)
     return steps
@@ -139,6 +161,83 @@ def _settings_step(config: StoreConfig, info: Any) -> tuple[str, bool, str]:
     bucket = config.bucket_name
     fix = f"fix: `nats kv rm {bucket}` then `{PRECREATE_COMMAND.format(bucket=bucket)}`"
     return "bucket settings", False, f"{'; '.join(wrong)} ({fix})"
+
+
+def _limits_step(config: StoreConfig, info: Any) -> tuple[str, bool, str, bool]:
+    """Size limits of the bucket that would reject our writes: (name, ok, detail, warning).
+
+    A max value size below one write's allowance fails (every write may be refused); a bucket
+    nearly full fails; a max bytes or max msgs that holds fewer than MIN_KEYS keys warns, since
+    whether it is enough depends on how many identities the application limits.
+    """
+    stream = info.config
+    max_msg_size = _limit(stream.max_msg_size)
+    max_bytes = _limit(stream.max_bytes)
+    max_msgs = _limit(stream.max_msgs)
+    discard = str(getattr(stream.discard, "value", stream.discard) or "new")
+    full_effect = (
+        "the oldest keys are dropped (their groups start again with a full bucket)"
+        if discard == "old"
+        else "writes of new keys are refused"
+    )
+    failures: list[str] = []
+    warnings: list[str] = []
+    flags: list[str] = []
+    if max_msg_size is not None and max_msg_size < MESSAGE_ALLOWANCE:
+        failures.append(
+            f"max value size is {max_msg_size} B, a write needs up to {MESSAGE_ALLOWANCE} B "
+            f"(a value up to {VALUE_ALLOWANCE} B and its headers): writes are refused"
+        )
+        flags.append("--max-msg-size=-1")
+    for label, flag, limit, used, per_key in (
+        ("max bytes", "--max-bytes=-1", max_bytes, _stream_state(info, "bytes"), KEY_ALLOWANCE),
+        ("max msgs", "--max-msgs=-1", max_msgs, _stream_state(info, "messages"), 1),
+    ):
+        if limit is None:
+            continue
+        keys = limit // per_key
+        shown = _size(limit) if per_key > 1 else f"{limit:,}"
+        if used >= FULL_FRACTION * limit:
+            failures.append(f"{label} is {shown} and {used / limit:.0%} used: {full_effect}")
+            flags.append(flag)
+        elif keys < MIN_KEYS:
+            warnings.append(
+                f"{label} is {shown}, room for about {keys:,} keys (fewer than {MIN_KEYS:,}); "
+                f"once full, {full_effect}"
+            )
+            flags.append(flag)
+    if not failures and not warnings:
+        if max_msg_size is None and max_bytes is None and max_msgs is None:
+            return "bucket limits", True, "no size limits", False
+        shown_limits = [
+            f"max value size {_size(max_msg_size)}" if max_msg_size is not None else "",
+            f"max bytes {_size(max_bytes)} (~{max_bytes // KEY_ALLOWANCE:,} keys)"
+            if max_bytes is not None
+            else "",
+            f"max msgs {max_msgs:,}" if max_msgs is not None else "",
+        ]
+        return "bucket limits", True, ", ".join(s for s in shown_limits if s), False
+    fix = f"fix: `nats stream edit KV_{config.bucket_name} {' '.join(flags)}`"
+    if failures:
+        return "bucket limits", False, f"{'; '.join(failures + warnings)} ({fix})", False
+    return "bucket limits", True, f"{'; '.join(warnings)} ({fix})", True
+
+
+def _stream_state(info: Any, field: str) -> int:
+    """A counter of the stream's state (`bytes`, `messages`), 0 when the server did not say."""
+    return int(getattr(info.state, field, 0) or 0)
+
+
+def _limit(value: int | None) -> int | None:
+    """A stream limit, None for unlimited (the server's -1; 0 and absent mean the same)."""
+    return value if value is not None and value > 0 else None
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:g} {unit}" if size % scale == 0 else f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def _duration(seconds: float) -> str:
@@ -265,16 +364,40 @@ async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Even
 # -- command line -------------------------------------------------------------------------------
 
 
+def _shared_options(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name.
+
+    The top-level parser holds the defaults; each command's copy suppresses them, so an option
+    given before the command is not overwritten by the command's default (argparse's sub-parsers
+    otherwise set every default of their own).
+    """
+    options = argparse.ArgumentParser(add_help=False)
+    unset: Any = None if defaults else argparse.SUPPRESS
+    options.add_argument(
+        "--config",
+        default=unset,
+        help=f"rate-sync.toml (default: ${ENV_CONFIG}, ./rate-sync.toml, ./config/rate-sync.toml)",
+    )
+    options.add_argument(
+        "--store",
+        default=unset,
+        help="the store to use (default: every NATS store / the only one)",
+    )
+    options.add_argument(
+        "--json",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="machine-readable output",
+    )
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="rate-sync.toml (default: discovery)")
-    common.add_argument(
-        "--store", help="the store to use (default: every NATS store / the only one)"
-    )
-    common.add_argument("--json", action="store_true", help="machine-readable output")
     parser = argparse.ArgumentParser(
-        prog="ratesync", description=__doc__.splitlines()[0], parents=[common]
+        prog="ratesync", description=__doc__.splitlines()[0], parents=[_shared_options(True)]
     )
+    parser.add_argument("--version", action="version", version=f"ratesync {__version__}")
+    common = _shared_options(False)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", parents=[common], help="verify NATS set-up as the guide does")
     commands.add_parser("status", parents=[common], help="bucket settings, key count, bytes")
@@ -284,6 +407,24 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("group")
     commands.add_parser("watch", parents=[common], help="live decoded updates until Ctrl-C")
     return parser
+
+
+def _load(path: str | None) -> Config:
+    """The configuration the command acts on; unlike the middleware, never the silent default.
+
+    An application without configuration limits nothing in memory; a command without one has
+    nothing to act on, so it says where it looked.
+    """
+    if path is not None:
+        return load_config(path)
+    found = discover_config_path()
+    if found is None:
+        searched = " or ".join(f"./{candidate.as_posix()}" for candidate in SEARCH_PATHS)
+        raise ConfigError(
+            f"no configuration found: no --config given, ${ENV_CONFIG} is not set, and no "
+            f"{searched} in {Path.cwd()}. Give --config PATH or set ${ENV_CONFIG}."
+        )
+    return load_config(found)
 
 
 def _nats_stores(config: Config, name: str | None) -> list[StoreConfig]:
@@ -307,7 +448,7 @@ def _one_nats_store(config: Config, name: str | None) -> StoreConfig:
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
-    config = load_config(args.config)
+    config = _load(args.config)
     if args.command == "check":
         stores = _nats_stores(config, args.store) or list(config.stores.values())
         steps = [step for store in stores for step in await check_store(store)]
@@ -320,6 +461,18 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                     current = step.store
                     out.write(f"store {current}\n")
                 out.write(step.line() + "\n")
+            if all(store.engine != "nats" for store in stores):
+                # Exit 0: a memory-only configuration is valid (development, one process), and
+                # there is no NATS set-up that could be wrong.
+                which = (
+                    f"store {args.store!r} is a memory store"
+                    if args.store
+                    else f"no NATS store in {config.source}"
+                )
+                out.write(
+                    f"{which}: nothing to check (memory stores keep their state inside each "
+                    "process)\n"
+                )
         return 0 if all(step.ok for step in steps) else 1
 
     store = NatsStore(_one_nats_store(config, args.store))
