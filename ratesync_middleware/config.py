@@ -1,16 +1,19 @@
 """Configuration: discovery, TOML or dict loading, ${VAR} expansion, strict validation.
 
-The result is a tree of frozen dataclasses: everything downstream trusts it and checks nothing.
+The result is a tree of frozen dataclasses: everything downstream trusts it and checks nothing, so
+every number is bounded here (MAX_* below) such that no later integer or float maths can overflow.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import math
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from .bucket import PERIOD_SECONDS, Policy
-from .errors import ConfigError
+from .bucket import NS_PER_SECOND, PERIOD_SECONDS, Policy
+from .errors import ConfigError, ConfigErrorKind
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,6 +39,17 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_TIMEOUT = 0.25
 DEFAULT_BACKOFF = 1.0
 DEFAULT_CACHE_SIZE = 100_000
+
+# Upper bounds: generous for any real limit, small enough that tat + 2 * burst * interval stays far
+# inside a signed 64-bit nanosecond count (the shared value's field, read by other languages too)
+# and every duration converts to a float exactly enough for headers.
+MAX_COUNT = 1_000_000_000  # burst, and the N of "N/period" or of an integer limit
+MAX_RATE = 1_000_000_000.0  # per second: one unit per nanosecond, the clock's resolution
+MAX_WINDOW_SECONDS = 366 * 86_400  # window_seconds: a year
+MAX_REFILL_SECONDS = 10 * 365 * 86_400  # burst x interval: the time an empty bucket takes to fill
+MAX_TIMEOUT_SECONDS = 3600.0  # connect_timeout, timeout, backoff
+MAX_KEYS = 100_000_000  # max_keys
+MAX_NESTING = 16  # lists and tables inside each other, counted from the top of the file
 
 
 @dataclass(frozen=True)
@@ -150,20 +164,35 @@ _KEY_WORDS = ("ip", "global", "user", "path")
 
 
 class _BadValueError(Exception):
-    """Raised by a checker: what the value should have been (and, optionally, what to show)."""
+    """Raised by a checker: what the value should have been (optionally what to show, a remedy)."""
 
-    def __init__(self, what: str, got: str | None = None) -> None:
+    def __init__(self, what: str, got: str | None = None, remedy: str | None = None) -> None:
         super().__init__(what)
         self.what = what
         self.got = got
+        self.remedy = remedy
 
 
 Check = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
+class _Scalar:
+    """The checker of a number or boolean key: a value that is exactly one `${...}` is parsed
+    from its expansion by `from_text` (strictly: ValueError when it is not of the type), then
+    checked like a literal."""
+
+    check: Check
+    from_text: Callable[[str], Any]
+    what: str  # the type `from_text` reads, for its error
+
+    def __call__(self, value: Any) -> Any:
+        return self.check(value)
+
+
+@dataclass(frozen=True)
 class _Where:
-    """Where a value sits, so that every message names the file, the table and the key."""
+    """Where a value sits, so that every message (and error field) names the file, table and key."""
 
     source: str
     table: str = ""
@@ -174,20 +203,74 @@ class _Where:
         )
         return f"{self.source}: {where}" if where else self.source
 
-    def error(self, key: object, message: str) -> ConfigError:
-        return ConfigError(f"{self._place(key)}: {message}")
+    def error(
+        self, key: object, message: str, *, kind: ConfigErrorKind, variable: str | None = None
+    ) -> ConfigError:
+        return ConfigError(
+            f"{self._place(key)}: {message}",
+            source=self.source,
+            table=self.table or None,
+            key=None if key is None else key if isinstance(key, str) else _repr(key),
+            kind=kind,
+            variable=variable,
+        )
 
     def warn(self, key: str, message: str) -> None:
         warnings.warn(f"{self._place(key)}: {message}", RateSyncConfigWarning, stacklevel=2)
 
 
 def _label(name: object) -> str:
-    return name if isinstance(name, str) and _NAME.fullmatch(name) else repr(name)
+    return name if isinstance(name, str) and _NAME.fullmatch(name) else _repr(name)
 
 
 def _show(value: object) -> str:
-    text = repr(value)
-    return f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
+    return f"{_short(_repr(value))} ({type(value).__name__})"
+
+
+def _repr(value: object) -> str:
+    """repr, except for an int too long for Python to print (4300+ digits: ValueError)."""
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return f"an integer of {math.floor(value.bit_length() * math.log10(2)) + 1}+ digits"
+    return repr(value)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- ${...} alone: numbers and booleans from the environment ----------------------------------
+
+_DIGITS = re.compile(r"[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_LONGEST_INTEGER_TEXT = 30  # digits; longer is out of every range (and int() refuses 4300+)
+
+
+def _integer_text(text: str) -> float | int:
+    """Decimal digits only: no sign, no `_`, no spaces (a variable holds a count, not TOML)."""
+    if not _DIGITS.fullmatch(text):
+        raise ValueError(text)
+    if len(text.lstrip("0")) > _LONGEST_INTEGER_TEXT:
+        return math.inf  # beyond every bound: the key's checker says its range
+    return int(text)
+
+
+def _float_text(text: str) -> float:
+    """Python's decimal float syntax without `_`, `inf` or `nan`; too large gives inf (refused)."""
+    if not _FLOAT.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
+
+
+def _boolean_text(text: str) -> bool:
+    """TOML's spelling, exactly: `true` or `false`."""
+    if text not in ("true", "false"):
+        raise ValueError(text)
+    return text == "true"
+
+
+def _limit_text(text: str) -> Any:
+    """Digits are rate-sync's integer limit (with window_seconds); anything else stays "N/period"."""
+    return _integer_text(text) if _DIGITS.fullmatch(text) else text
 
 
 # --- checkers: value in, clean value out, or _BadValueError ----------------------------------
@@ -209,29 +292,43 @@ def _name(value: Any) -> str:
     return value
 
 
-def _boolean(value: Any) -> bool:
+def _check_boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _BadValueError("true or false")
     return value
 
 
-def _integer(low: int, high: int | None = None) -> Check:
-    what = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+_boolean = _Scalar(_check_boolean, _boolean_text, "true or false")
+
+
+def _integer(low: int, high: int, *, range_in_every_message: bool = True) -> _Scalar:
+    """An int from `low` to `high`. A safety bound (`range_in_every_message=False`) is named only
+    to a value above it, so the messages users know (`an integer >= 1`) stay as they were."""
+    full = f"an integer from {low} to {high}"
+    usual = full if range_in_every_message else f"an integer >= {low}"
 
     def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _BadValueError(what)  # bool is an int subclass, but `burst = true` is a mistake
-        if value < low or (high is not None and value > high):
-            raise _BadValueError(what)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _BadValueError(usual)  # bool is an int subclass, but `burst = true` is a mistake
+        if value > high:
+            raise _BadValueError(full)
         return value
 
-    return check
+    return _Scalar(check, _integer_text, "an integer (decimal digits only)")
 
 
-def _positive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise _BadValueError("a number > 0")
-    return float(value)
+def _positive(high: float) -> _Scalar:
+    """A number > 0 and at most `high` (a safety bound, named only to a value above it)."""
+
+    def check(value: Any) -> float:
+        # Compared before float(): an int of 400 digits would overflow the conversion.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise _BadValueError("a number > 0")
+        if not value <= high:  # also inf; nan failed above
+            raise _BadValueError(f"a number > 0 and <= {high:.15g}")
+        return float(value)
+
+    return _Scalar(check, _float_text, "a number")
 
 
 def _choice(*options: str) -> Check:
@@ -289,17 +386,42 @@ def _urls(value: Any) -> tuple[str, ...]:
     return tuple(servers)
 
 
-def _limit(value: Any) -> tuple[int, int | None]:
+def _check_limit(value: Any) -> tuple[int, int | None]:
     """`"600/minute"` -> (600, 60); a bare int N -> (N, None): its window is window_seconds."""
+    count: int | None = None
+    period: int | None = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value, None
-    if isinstance(value, str) and (match := _LIMIT.fullmatch(value)):
+        count = value
+    elif isinstance(value, str) and (match := _LIMIT.fullmatch(value)):
         count, unit = int(match[1]), match[2].lower()
-        if count >= 1 and unit in _UNITS:
-            return count, _UNITS[unit]
-    raise _BadValueError(
-        '"N/second", "N/minute", "N/hour" or "N/day", or an integer with window_seconds'
-    )
+        if count < 1 or unit not in _UNITS:
+            count = None
+        period = _UNITS.get(unit)
+    if count is None:
+        raise _BadValueError(
+            '"N/second", "N/minute", "N/hour" or "N/day", or an integer with window_seconds'
+        )
+    if count > MAX_COUNT:
+        raise _BadValueError(f"N from 1 to {MAX_COUNT}")
+    return count, period
+
+
+_limit = _Scalar(_check_limit, _limit_text, "an integer or N/period")
+
+_OTHER_ENGINES = ("redis", "postgres")  # rate-sync's other stores
+_engine_name = _choice("nats", "memory")
+
+
+def _engine(value: Any) -> str:
+    if isinstance(value, str) and value in _OTHER_ENGINES:
+        raise _BadValueError(
+            "one of 'nats', 'memory'",
+            remedy=f"rate-sync's {value} store is not one of the engines of ratesync-middleware"
+            " ('nats' and 'memory'); to share limits between processes, run NATS"
+            ' (docs/setup/nats-setup.md) or use engine = "memory"',
+        )
+    engine: str = _engine_name(value)
+    return engine
 
 
 def _key_part(value: Any) -> str:
@@ -345,7 +467,7 @@ def _method(value: Any) -> str:
 # --- the tables ------------------------------------------------------------------------------
 
 _STORE_KEYS: dict[str, Check] = {
-    "engine": _choice("nats", "memory"),
+    "engine": _engine,
     "url": _urls,
     "token": _optional_string,
     "bucket_name": _name,
@@ -356,10 +478,10 @@ _STORE_KEYS: dict[str, Check] = {
     "tls_ca": _optional_string,
     "tls_cert": _optional_string,
     "tls_key": _optional_string,
-    "connect_timeout": _positive,
-    "timeout": _positive,
-    "backoff": _positive,
-    "max_keys": _integer(1),
+    "connect_timeout": _positive(MAX_TIMEOUT_SECONDS),
+    "timeout": _positive(MAX_TIMEOUT_SECONDS),
+    "backoff": _positive(MAX_TIMEOUT_SECONDS),
+    "max_keys": _integer(1, MAX_KEYS, range_in_every_message=False),
 }
 _STORE_IGNORED = frozenset(
     {
@@ -370,10 +492,10 @@ _STORE_IGNORED = frozenset(
 )
 _LIMITER_KEYS: dict[str, Check] = {
     "store": _string,
-    "rate_per_second": _positive,
+    "rate_per_second": _positive(MAX_RATE),
     "limit": _limit,
-    "window_seconds": _integer(1),
-    "burst": _integer(1),
+    "window_seconds": _integer(1, MAX_WINDOW_SECONDS, range_in_every_message=False),
+    "burst": _integer(1, MAX_COUNT, range_in_every_message=False),
     "key": _keys,
     "fail_closed": _boolean,
     "algorithm": _choice("token_bucket", "sliding_window"),
@@ -398,9 +520,11 @@ _SECRET_KEYS = frozenset({"token"})
 
 def _unknown(where: _Where, key: object, known: Iterable[str]) -> ConfigError:
     known = sorted(known)
-    hint = difflib.get_close_matches(str(key), known, n=1)
+    hint = difflib.get_close_matches(key if isinstance(key, str) else _repr(key), known, n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return where.error(key, f"unknown key{did_you_mean}; known keys are: {', '.join(known)}")
+    return where.error(
+        key, f"unknown key{did_you_mean}; known keys are: {', '.join(known)}", kind="unknown_key"
+    )
 
 
 def _fields(
@@ -414,20 +538,66 @@ def _fields(
     for key, raw in table.items():
         if key in ignored:
             where.warn(key, "rate-sync key ignored by ratesync-middleware")
-        elif key not in spec:
+            continue
+        if key not in spec:
             raise _unknown(where, key, spec)
-        else:
-            value = _expand(where, key, raw)
-            try:
-                values[key] = spec[key](value)
-            except _BadValueError as exc:
-                got = exc.got or (
-                    f"a value of type {type(value).__name__}"
-                    if key in _SECRET_KEYS
-                    else _show(value)
-                )
-                raise where.error(key, f"expected {exc.what}, got {got}") from None
+        check = spec[key]
+        if isinstance(check, _Scalar) and isinstance(raw, str) and _VAR.fullmatch(raw):
+            values[key] = _scalar_from_environment(where, key, raw, check)
+            continue
+        value = _expand(where, key, raw)
+        try:
+            values[key] = check(value)
+        except _BadValueError as exc:
+            got = exc.got or (
+                f"a value of type {type(value).__name__}" if key in _SECRET_KEYS else _show(value)
+            )
+            remedy = f": {exc.remedy}" if exc.remedy else ""
+            raise where.error(
+                key, f"expected {exc.what}, got {got}{remedy}", kind="bad_value"
+            ) from None
     return values
+
+
+def _scalar_from_environment(where: _Where, key: str, raw: str, check: _Scalar) -> Any:
+    """`burst = "${BURST:-20}"`: the expansion parsed as the key's type, strictly."""
+    match = _VAR.fullmatch(raw)
+    assert match is not None  # the caller matched it
+    text, name, from_default = _substitute(where, key, match)
+    if from_default:
+        origin = f"{raw} gives its default {_short(repr(text))} ({name} is not set)"
+    else:
+        origin = f"environment variable {name} is {_short(repr(text))}"
+    try:
+        return check(check.from_text(text))
+    except ValueError:
+        what = check.what
+    except _BadValueError as exc:
+        what = exc.what
+    raise where.error(key, f"{origin}: expected {what}", kind="env_var", variable=name)
+
+
+def _substitute(where: _Where, key: object, match: re.Match[str]) -> tuple[str, str, bool]:
+    """One `${...}`: its text, the variable's name, and whether the default gave the text."""
+    body = _VAR_BODY.fullmatch(match[1])
+    if body is None:
+        raise where.error(
+            key, f"malformed {match[0]!r}: write ${{VAR}} or ${{VAR:-default}}", kind="env_var"
+        )
+    name, default = body[1], body[2]
+    found = os.environ.get(name)
+    if found:
+        return found, name, False
+    if default is not None:
+        return default, name, True  # like the shell: unset or empty takes the default
+    if found is None:
+        raise where.error(
+            key,
+            f"environment variable {name} is not set (set it, or write ${{{name}:-default}})",
+            kind="env_var",
+            variable=name,
+        )
+    return found, name, False
 
 
 def _expand(where: _Where, key: object, value: Any) -> Any:
@@ -436,25 +606,48 @@ def _expand(where: _Where, key: object, value: Any) -> Any:
         return [_expand(where, key, element) for element in value]
     if not isinstance(value, str) or "${" not in value:
         return value
+    return _VAR.sub(lambda match: _substitute(where, key, match)[0], value)
 
-    def substitute(match: re.Match[str]) -> str:
-        body = _VAR_BODY.fullmatch(match[1])
-        if body is None:
-            raise where.error(key, f"malformed {match[0]!r}: write ${{VAR}} or ${{VAR:-default}}")
-        name, default = body[1], body[2]
-        found = os.environ.get(name)
-        if found:
-            return found
-        if default is not None:
-            return default  # like the shell: unset or empty takes the default
-        if found is None:
-            raise where.error(
-                key,
-                f"environment variable {name} is not set (set it, or write ${{{name}:-default}})",
-            )
-        return found
 
-    return _VAR.sub(substitute, value)
+_TOO_DEEP = f"lists and tables nested more than {MAX_NESTING} levels deep"
+
+
+def _check_nesting(source: str, data: Mapping[Any, Any]) -> None:
+    """Refuse lists and tables nested past MAX_NESTING (or cyclic, from a dict) before anything
+    recursive (repr, expansion) meets them; iterative, so depth itself cannot hurt."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, Mapping):
+            children: Iterable[tuple[Any, Any]] = value.items()
+        elif isinstance(value, (list, tuple)):
+            children = enumerate(value)
+        else:
+            continue
+        if len(path) >= MAX_NESTING:
+            raise _nesting_error(source, path)
+        for name, child in children:
+            step = name if isinstance(name, (str, int)) else "?"
+            if isinstance(name, tuple):
+                stack.append((name, (*path, "?")))  # a dict's tuple key can nest too
+            stack.append((child, (*path, step)))
+
+
+def _nesting_error(source: str, path: tuple[Any, ...]) -> ConfigError:
+    section, rest = path[0], path[1:]
+    # Name the table and key as the loader would; a list where a table belongs is named above it.
+    key: object = None
+    if section in ("stores", "limiters") and rest and isinstance(rest[0], str):
+        where = _Where(source, f"[{section}.{_label(rest[0])}]")
+        key = rest[1] if len(rest) > 1 and isinstance(rest[1], str) else None
+    elif section == "routes" and rest and isinstance(rest[0], int):
+        where = _Where(source, f"[[routes]] #{rest[0] + 1}")
+        key = rest[1] if len(rest) > 1 and isinstance(rest[1], str) else None
+    elif section == "middleware" and rest and isinstance(rest[0], str):
+        where, key = _Where(source, "[middleware]"), rest[0]
+    else:
+        where, key = _Where(source), section
+    return where.error(key, _TOO_DEEP, kind="bad_value")
 
 
 def _named_tables(
@@ -464,21 +657,25 @@ def _named_tables(
     tables = data.get(section, {})
     if not isinstance(tables, Mapping):
         raise _Where(source).error(
-            section, f"expected [{section}.<name>] tables, got {_show(tables)}"
+            section, f"expected [{section}.<name>] tables, got {_show(tables)}", kind="bad_value"
         )
     found: list[tuple[_Where, str, Mapping[Any, Any]]] = []
+    seen: set[str] = set()  # expansion can make two names one: `[limiters."${APP}"]`
     for raw_name, table in tables.items():
         where = _Where(source, f"[{section}.{_label(raw_name)}]")
         name = _expand(where, None, raw_name)
         if not (isinstance(name, str) and _NAME.fullmatch(name)):
             raise where.error(
-                None, f"names may only use letters, digits, '_' and '-', got {name!r}"
+                None,
+                f"names may only use letters, digits, '_' and '-', got {_short(_repr(name))}",
+                kind="bad_value",
             )
         where = _Where(source, f"[{section}.{name}]")
-        if any(name == seen for _, seen, _ in found):
-            raise where.error(None, "defined twice")
+        if name in seen:
+            raise where.error(None, "defined twice", kind="conflict")
+        seen.add(name)
         if not isinstance(table, Mapping):
-            raise where.error(None, f"expected a table, got {_show(table)}")
+            raise where.error(None, f"expected a table, got {_show(table)}", kind="bad_value")
         found.append((where, name, table))
     return found
 
@@ -490,9 +687,13 @@ def _store(where: _Where, name: str, table: Mapping[Any, Any]) -> StoreConfig:
         return StoreConfig(name, "memory", max_keys=values.get("max_keys", DEFAULT_CACHE_SIZE))
     servers = values.pop("url", ())
     if not servers:
-        raise where.error("url", 'a nats store needs a url, e.g. url = "nats://localhost:4222"')
+        raise where.error(
+            "url", 'a nats store needs a url, e.g. url = "nats://localhost:4222"', kind="missing"
+        )
     if (values.get("tls_cert") is None) != (values.get("tls_key") is None):
-        raise where.error("tls_cert", "tls_cert and tls_key go together: set both or neither")
+        raise where.error(
+            "tls_cert", "tls_cert and tls_key go together: set both or neither", kind="conflict"
+        )
     return StoreConfig(name, "nats", servers=servers, **values)
 
 
@@ -503,24 +704,49 @@ def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Policy:
     window: int | None = values.get("window_seconds")
     one_of = 'set exactly one of rate_per_second = 10.0 or limit = "600/minute"'
     if rate is not None and limit is not None:
-        raise where.error("rate_per_second", one_of)
+        raise where.error("rate_per_second", one_of, kind="conflict")
     if limit is not None:
         count, period = limit
         if period is None:
             if window is None:
-                raise where.error("limit", "an integer limit needs window_seconds (N per window)")
+                raise where.error(
+                    "limit", "an integer limit needs window_seconds (N per window)", kind="missing"
+                )
             period = window
         elif window is not None:
-            raise where.error("window_seconds", f'cannot be combined with limit = "{count}/period"')
-        return Policy.per_period(name, count, period, values.get("burst", count))
+            raise where.error(
+                "window_seconds",
+                f'cannot be combined with limit = "{count}/period"',
+                kind="conflict",
+            )
+        policy = Policy.per_period(name, count, period, values.get("burst", count))
+        return _bounded(where, "limit", "burst" in values, policy)
     if rate is None:
-        raise where.error("limit", f"missing: {one_of}")
+        raise where.error("limit", f"missing: {one_of}", kind="missing")
     if window is not None:
-        raise where.error("window_seconds", "goes with an integer limit, not rate_per_second")
+        raise where.error(
+            "window_seconds", "goes with an integer limit, not rate_per_second", kind="conflict"
+        )
     try:
-        return Policy.per_second(name, rate, values.get("burst", max(1, math.ceil(rate))))
-    except (ValueError, OverflowError) as exc:  # a rate so small its interval overflows
-        raise where.error("rate_per_second", f"unusable rate: {exc}") from None
+        policy = Policy.per_second(name, rate, values.get("burst", max(1, math.ceil(rate))))
+    except (ValueError, OverflowError):  # a rate so small that its interval overflows a float
+        policy = Policy(name, MAX_REFILL_SECONDS * NS_PER_SECOND + 1, 1)
+    return _bounded(where, "rate_per_second", "burst" in values, policy)
+
+
+def _bounded(where: _Where, rate_key: str, burst_given: bool, policy: Policy) -> Policy:
+    """An empty bucket refills within MAX_REFILL_SECONDS, so `tat` stays far inside 64 bits."""
+    limit_ns = MAX_REFILL_SECONDS * NS_PER_SECOND
+    if policy.window_ns <= limit_ns:
+        return policy
+    key = "burst" if burst_given and policy.interval_ns <= limit_ns else rate_key
+    refill = f"{policy.window_ns / NS_PER_SECOND:.6g} s"
+    raise where.error(
+        key,
+        f"unusable rate: an empty bucket of {policy.burst} would take {refill} to refill,"
+        f" more than {MAX_REFILL_SECONDS} s (10 years)",
+        kind="bad_value",
+    )
 
 
 def _limiter(
@@ -532,7 +758,9 @@ def _limiter(
     store = values.get("store")
     if store is None:
         if len(stores) != 1:
-            raise where.error("store", f"missing; name one of the stores: {', '.join(stores)}")
+            raise where.error(
+                "store", f"missing; name one of the stores: {', '.join(stores)}", kind="missing"
+            )
         store = next(iter(stores))
     elif store not in stores:
         raise _undefined(where, "store", store, "store", stores)
@@ -552,7 +780,11 @@ def _undefined(
     hint = difflib.get_close_matches(name, defined, n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     known = ", ".join(defined) or "none"
-    return where.error(key, f"no {kind} named {name!r}{did_you_mean} (defined: {known})")
+    return where.error(
+        key,
+        f"no {kind} named {name!r}{did_you_mean} (defined: {known})",
+        kind="undefined_reference",
+    )
 
 
 def _check_limiters(
@@ -569,7 +801,9 @@ def _middleware(
     table = data.get("middleware", {})
     where = _Where(source, "[middleware]")
     if not isinstance(table, Mapping):
-        raise _Where(source).error("middleware", f"expected a table, got {_show(table)}")
+        raise _Where(source).error(
+            "middleware", f"expected a table, got {_show(table)}", kind="bad_value"
+        )
     values = _fields(where, table, _MIDDLEWARE_KEYS)
     _check_limiters(where, "default", values.get("default", ()), limiters)
     return MiddlewareConfig(**values)
@@ -580,21 +814,28 @@ def _routes(
 ) -> tuple[RouteRule, ...]:
     tables = data.get("routes", [])
     if not isinstance(tables, (list, tuple)) or not all(isinstance(t, Mapping) for t in tables):
-        raise _Where(source).error("routes", f"expected [[routes]] tables, got {_show(tables)}")
+        raise _Where(source).error(
+            "routes", f"expected [[routes]] tables, got {_show(tables)}", kind="bad_value"
+        )
     rules = []
     for number, table in enumerate(tables, 1):
         where = _Where(source, f"[[routes]] #{number}")
         values = _fields(where, table, _ROUTE_KEYS)
         if "path" not in values:
-            raise where.error("path", 'missing, e.g. path = "/api/*"')
+            raise where.error("path", 'missing, e.g. path = "/api/*"', kind="missing")
         _check_limiters(where, "limiters", values.get("limiters", ()), limiters)
         if bool(values.get("limiters")) == values.get("exempt", False):
-            raise where.error("limiters", "a rule needs either limiters or exempt = true, not both")
+            raise where.error(
+                "limiters",
+                "a rule needs either limiters or exempt = true, not both",
+                kind="conflict",
+            )
         rules.append(RouteRule(**values))
     return tuple(rules)
 
 
 def _validate(data: Mapping[Any, Any], source: str) -> Config:
+    _check_nesting(source, data)
     for key in data:
         if key not in _SECTIONS:
             raise _unknown(_Where(source), key, _SECTIONS)
@@ -612,13 +853,20 @@ def _validate(data: Mapping[Any, Any], source: str) -> Config:
     )
 
 
+# --- sources -----------------------------------------------------------------------------------
+
+
 def discover_config_path() -> Path | None:
     """`$RATE_SYNC_CONFIG`, then ./rate-sync.toml, then ./config/rate-sync.toml; None if none."""
     explicit = os.environ.get(ENV_CONFIG)
     if explicit:
         path = Path(explicit)
         if not path.is_file():
-            raise ConfigError(f"${ENV_CONFIG} is {explicit!r}, but there is no such file")
+            raise ConfigError(
+                f"${ENV_CONFIG} is {explicit!r}, but there is no such file",
+                source=explicit,
+                kind="file",
+            )
         return path
     return next((path for path in SEARCH_PATHS if path.is_file()), None)
 
@@ -627,16 +875,103 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = os.fspath(path)
     try:
         with open(path, "rb") as file:
-            data: dict[str, Any] = tomllib.load(file)
-            return data
+            raw = file.read()
     except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text: {exc}") from None
+        raise ConfigError(f"{source}: no such file", source=source, kind="file") from None
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"{source}: cannot read: {exc.strerror or exc}", source=source, kind="unreadable"
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source}: not UTF-8 text: {exc}", source=source, kind="unreadable"
+        ) from None
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"{source}: invalid TOML: {exc}", source=source, kind="toml_syntax"
+        ) from None
+    except (RecursionError, ValueError) as exc:  # parsed, but past the parser's own limits
+        raise _parser_limit_error(source, text, exc) from None
+    return data
+
+
+_TOML_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
+_TOML_KEY_LINE = re.compile(rf"\s*({_TOML_KEY_PART}(?:\s*\.\s*{_TOML_KEY_PART})*)\s*=")
+_TOML_HEADER_LINE = re.compile(r"\s*(\[\[?)\s*([^\]\n]+?)\s*(\]\]?)\s*(?:#.*)?$")
+
+
+def _parser_limit_error(source: str, text: str, exc: Exception) -> ConfigError:
+    """The table and key of a value the TOML parser could not hold (nested past Python's recursion
+    limit, an integer of 4300+ digits): the first line at which a prefix of the file fails the
+    same way (the parser reads in order), then its key and the table header above it."""
+
+    def fails(line_count: int) -> bool:
+        try:
+            tomllib.loads("".join(lines[:line_count]))
+        except tomllib.TOMLDecodeError:
+            return False  # only cut short
+        except (RecursionError, ValueError):
+            return True
+        return False
+
+    lines = text.splitlines(keepends=True)
+    good, bad = 0, len(lines)
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (good, middle) if fails(middle) else (middle, bad)
+    table = key = None
+    for line in reversed(lines[:bad]):
+        if header := _TOML_HEADER_LINE.match(line):
+            table = f"{header[1]}{header[2]}{header[3]}"
+            break
+        if key is None and (assignment := _TOML_KEY_LINE.match(line)):
+            key = re.sub(r"\s*\.\s*", ".", assignment[1])
+    if isinstance(exc, RecursionError):
+        problem = _TOO_DEEP
+    elif "digits" in str(exc):
+        problem = "an integer with thousands of digits, far beyond any limit"
+    else:
+        problem = f"cannot be parsed: {_short(str(exc))}"
+    return _Where(source, table or "").error(key, f"line {bad}: {problem}", kind="bad_value")
+
+
+# --- no configuration at all -------------------------------------------------------------------
+
+_logger = logging.getLogger("ratesync_middleware")
+_no_config_lock = threading.Lock()
+_no_config_warned = False
+
+
+def _warn_no_config() -> None:
+    """Once per process: an app that meant to be limited and found no file limits nothing."""
+    global _no_config_warned
+    with _no_config_lock:
+        if _no_config_warned:
+            return
+        _no_config_warned = True
+    try:
+        searched = [str(Path.cwd() / path) for path in SEARCH_PATHS]
+    except OSError:  # the working directory was removed
+        searched = [str(path) for path in SEARCH_PATHS]
+    _logger.warning(
+        "No rate-sync configuration found ($%s is not set; no %s): using one memory store and"
+        ' no limiters, so only inline @limit("N/period") rates apply. Pass config=..., set $%s'
+        " or create rate-sync.toml.",
+        ENV_CONFIG,
+        " and no ".join(searched),
+        ENV_CONFIG,
+    )
+
+
+def reset_no_config_warning() -> None:
+    """Let the next `load_config()` that finds no configuration warn again (for tests)."""
+    global _no_config_warned
+    with _no_config_lock:
+        _no_config_warned = False
 
 
 def load_config(
@@ -644,7 +979,8 @@ def load_config(
 ) -> Config:
     """A validated Config from a TOML path, a dict shaped like the TOML, a Config, or discovery.
 
-    With nothing given and nothing discovered, the embedded default: one memory store, no limiters.
+    With nothing given and nothing discovered, the embedded default: one memory store, no limiters,
+    and one WARNING on the `ratesync_middleware` logger per process, naming the places searched.
     Raises ConfigError, naming the file, table and key, for anything it cannot use.
     """
     if isinstance(source, Config):
@@ -654,6 +990,7 @@ def load_config(
     if source is None:
         source = discover_config_path()
         if source is None:
+            _warn_no_config()
             return _validate({}, "<default>")  # an empty file: the default memory store
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(

@@ -12,11 +12,31 @@
 
 Messages start with the names used in docs/setup/nats-setup.md and end with the remedy.
 No message ever contains a token, password or credential.
+
+A `ConfigError` also says where and what in fields, set where it is raised, so that tools (Django's
+system checks, `ratesync check`) need not read the message: `source` (the file, `<dict>`,
+`<default>`), `table` (as the message shows it: `[limiters.api]`, `[middleware]`, `[[routes]] #2`;
+None at the top level), `key` (None for a whole table), `variable` (the environment variable of an
+`env_var` error) and `kind`, one of:
+
+    file                 the file does not exist (a path given, or $RATE_SYNC_CONFIG)
+    unreadable           the file exists but cannot be read, or is not UTF-8
+    toml_syntax          not TOML
+    unknown_key          a key or table nobody knows (a typo)
+    bad_value            a value of the wrong type, out of range, nested too deeply, or an engine
+                         this package does not have
+    missing              a required key is absent
+    conflict             keys that cannot go together; a name defined twice
+    undefined_reference  a name that refers to no store or limiter
+    env_var              ${...}: an unset variable, a malformed expression, or an expansion that
+                         does not parse as the key's type
+    other                anything else (the default)
 """
 
 from __future__ import annotations
 
 import builtins
+from typing import Any, Literal
 
 PRECREATE_COMMAND = "nats kv add {bucket} --history=1 --ttl=24h"
 
@@ -25,8 +45,59 @@ class RateSyncError(Exception):
     """Base class of every error this package raises."""
 
 
+ConfigErrorKind = Literal[
+    "file",
+    "unreadable",
+    "toml_syntax",
+    "unknown_key",
+    "bad_value",
+    "missing",
+    "conflict",
+    "undefined_reference",
+    "env_var",
+    "other",
+]
+
+
 class ConfigError(RateSyncError):
-    """A configuration that cannot be used; the message names the file, table and key."""
+    """A configuration that cannot be used; the message names the file, table and key.
+
+    The same facts are fields (see the module docstring), so no caller parses the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        table: str | None = None,
+        key: str | None = None,
+        kind: ConfigErrorKind = "other",
+        variable: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.table = table
+        self.key = key
+        self.kind: ConfigErrorKind = kind
+        self.variable = variable
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields survive pickling (multiprocessing, pytest-xdist) this way.
+        return _rebuild_config_error, (str(self), self._fields())
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "table": self.table,
+            "key": self.key,
+            "kind": self.kind,
+            "variable": self.variable,
+        }
+
+
+def _rebuild_config_error(message: str, fields: dict[str, Any]) -> ConfigError:
+    return ConfigError(message, **fields)
 
 
 class StoreError(RateSyncError):

@@ -420,10 +420,12 @@ def test_malformed_variable_is_an_error() -> None:
     assert "[stores.prod] bucket_name: malformed '${NATS TOKEN}'" in message
 
 
-def test_expanded_values_are_type_checked_as_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_a_whole_expression_is_parsed_as_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REPLICAS", "3")
-    message = load_error("[stores.prod]\nreplicas = '${REPLICAS}'\n")
-    assert "[stores.prod] replicas: expected an integer from 1 to 5, got '3' (str)" in message
+    nats = "[stores.prod]\nengine = 'nats'\nurl = 'nats://h'\n"
+    assert load(nats + "replicas = '${REPLICAS}'\n").stores["prod"].replicas == 3
+    message = load_error("[stores.prod]\nreplicas = '0${REPLICAS}'\n")
+    assert "[stores.prod] replicas: expected an integer from 1 to 5, got '03' (str)" in message
 
 
 # --- strict types --------------------------------------------------------------------------------
