@@ -243,14 +243,15 @@ def _short(text: str) -> str:
 _DIGITS = re.compile(r"[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _LONGEST_INTEGER_TEXT = 30  # digits; longer is out of every range (and int() refuses 4300+)
+_BEYOND_EVERY_BOUND: int = 10**_LONGEST_INTEGER_TEXT
 
 
-def _integer_text(text: str) -> float | int:
+def _integer_text(text: str) -> int:
     """Decimal digits only: no sign, no `_`, no spaces (a variable holds a count, not TOML)."""
     if not _DIGITS.fullmatch(text):
         raise ValueError(text)
     if len(text.lstrip("0")) > _LONGEST_INTEGER_TEXT:
-        return math.inf  # beyond every bound: the key's checker says its range
+        return _BEYOND_EVERY_BOUND  # the key's checker then says its range
     return int(text)
 
 
