@@ -4,14 +4,15 @@
 The ids are stable (silence one with `SILENCED_SYSTEM_CHECKS`); docs/django.md lists them.
 
     ratesync.E001  settings.RATESYNC itself is malformed
-    ratesync.E002  the configuration file does not exist
-    ratesync.E003  the configuration file cannot be read or is not TOML
-    ratesync.E004  an unknown key in the configuration
-    ratesync.E005  a value of the wrong type or out of range
-    ratesync.E006  a name that refers to no store or limiter
-    ratesync.E007  a NATS store without a url
-    ratesync.E008  an environment variable the configuration needs is not set
-    ratesync.E009  any other configuration error
+    ratesync.E002  the configuration file does not exist                  (ConfigError kind: file)
+    ratesync.E003  the configuration file cannot be read or is not TOML   (unreadable, toml_syntax)
+    ratesync.E004  an unknown key in the configuration                    (unknown_key)
+    ratesync.E005  a value of the wrong type or out of range              (bad_value)
+    ratesync.E006  a name that refers to no store or limiter              (undefined_reference;
+                   a limiter without `store` among several stores)       (missing, key "store")
+    ratesync.E007  a NATS store without a url                             (missing, key "url")
+    ratesync.E008  ${VAR}: unset, malformed, or not of the key's type     (env_var)
+    ratesync.E009  any other configuration error                          (conflict, missing, other)
     ratesync.E010  RATESYNC["view"] cannot be imported or is not callable
     ratesync.E011  a key function ("package.module:function") cannot be imported
     ratesync.E012  a view's @limit names a limiter that does not exist
@@ -25,7 +26,7 @@ Checks never connect to NATS: `ratesync check` (the command line) verifies the s
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from django.conf import settings
@@ -35,7 +36,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.module_loading import import_string
 
 from ..config import Config, RateSyncConfigWarning, load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigErrorKind
 from ..requests import Identity, RequestLimiter, get_marks
 from .conf import SETTING, RateSyncSettings, import_view, read_settings
 from .middleware import RateLimitMiddleware
@@ -46,54 +47,53 @@ TAG: Final = "ratesync"
 DOCS: Final = "See docs/django.md and docs/configuration.md."
 _MAX_URLCONF_DEPTH: Final = 32
 
-# A ConfigError's id, from what its message says (first match wins; E009 when none does).
-_CONFIG_PROBLEMS: Final = (
-    (
+# A ConfigError's id and hint, from the fields it was raised with (never its message):
+# (kind, key) first, for the few keys that have an id of their own, then (kind, None); E009 else.
+_CONFIG_PROBLEMS: Final[Mapping[tuple[ConfigErrorKind, str | None], tuple[str, str]]] = {
+    ("file", None): (
         "ratesync.E002",
-        ("no such file",),
         f"Point {SETTING}['config'] (or $RATE_SYNC_CONFIG) at an existing rate-sync.toml,"
         " or give its tables inline in RATESYNC.",
     ),
-    (
+    ("unreadable", None): (
         "ratesync.E003",
-        ("invalid TOML", "not UTF-8", "cannot read"),
         "The configuration must be a readable UTF-8 TOML file.",
     ),
-    (
-        "ratesync.E007",
-        ("needs a url",),
-        'Give the NATS store a url, e.g. url = "nats://localhost:4222", or engine = "memory".',
+    ("toml_syntax", None): (
+        "ratesync.E003",
+        "The configuration must be a readable UTF-8 TOML file.",
     ),
-    (
-        "ratesync.E008",
-        ("environment variable",),
-        "Set the variable, or give a default in the file: ${VAR:-default}.",
-    ),
-    (
-        "ratesync.E006",
-        ("no store named", "no limiter named", "no limiter '", "name one of the stores"),
-        "Define the store or limiter it names, or correct the name.",
-    ),
-    (
-        "ratesync.E004",
-        ("unknown key",),
-        f"Remove or correct the key. {DOCS}",
-    ),
-    (
+    ("unknown_key", None): ("ratesync.E004", f"Remove or correct the key. {DOCS}"),
+    ("bad_value", None): (
         "ratesync.E005",
-        ("expected ",),
         "Give the key a value of its documented type and range (strings are never converted:"
         f" write 10, not '10'). {DOCS}",
     ),
-)
+    ("undefined_reference", None): (
+        "ratesync.E006",
+        "Define the store or limiter it names, or correct the name.",
+    ),
+    ("missing", "store"): (
+        "ratesync.E006",
+        'Name the limiter\'s store: store = "<one of the [stores.<name>] tables>".',
+    ),
+    ("missing", "url"): (
+        "ratesync.E007",
+        'Give the NATS store a url, e.g. url = "nats://localhost:4222", or engine = "memory".',
+    ),
+    ("env_var", None): (
+        "ratesync.E008",
+        "Set the variable (to a value of the key's type), or give a default in the file:"
+        " ${VAR:-default}.",
+    ),
+}
 
 
 def _config_error(error: ConfigError) -> checks.Error:
-    message = str(error)
-    for check_id, phrases, hint in _CONFIG_PROBLEMS:
-        if any(phrase in message for phrase in phrases):
-            return checks.Error(message, hint=hint, id=check_id)
-    return checks.Error(message, hint=DOCS, id="ratesync.E009")
+    check_id, hint = _CONFIG_PROBLEMS.get(
+        (error.kind, error.key), _CONFIG_PROBLEMS.get((error.kind, None), ("ratesync.E009", DOCS))
+    )
+    return checks.Error(str(error), hint=hint, id=check_id)
 
 
 def _load(options: RateSyncSettings) -> tuple[Config | None, list[checks.CheckMessage]]:
