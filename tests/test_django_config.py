@@ -1,17 +1,23 @@
-"""Django system checks take a ConfigError's id from its fields, never from its message's words.
+"""Django and the configuration: check ids from a ConfigError's fields; no configuration at all.
 
-Each RATESYNC below has a message that quotes words which used to select another id
-("no such file", "unknown key", "environment variable" inside a value).
+System checks never read the words of a message: each RATESYNC below has a message that quotes
+words which used to select another id ("no such file", "environment variable" inside a value).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core import checks
-from django.test import override_settings
+from django.http import HttpResponse
+from django.test import RequestFactory, override_settings
 
+from ratesync_middleware.config import reset_no_config_warning
+from ratesync_middleware.django import RateLimitMiddleware
 from tests.test_django import (
     django_project,  # noqa: F401  (the module's autouse settings)
     with_config,
@@ -85,3 +91,20 @@ def test_an_env_var_hint_says_how_to_fix_it() -> None:
     [error] = config_errors({"stores": {"main": {"auto_create": "${RATESYNC_TEST_AUTO:-yes}"}}})
     assert error.id == "ratesync.E008"
     assert "${VAR:-default}" in error.hint
+
+
+def test_the_middleware_without_ratesync_setting_warns_that_nothing_is_configured(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RATE_SYNC_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    reset_no_config_warning()
+    with override_settings(), caplog.at_level(logging.WARNING, logger="ratesync_middleware"):
+        del settings.RATESYNC  # inside override_settings: absent until the block ends
+        middleware = RateLimitMiddleware(lambda request: HttpResponse("ok"))
+        assert middleware(RequestFactory().get("/")).status_code == 200
+    reset_no_config_warning()
+    [record] = [r for r in caplog.records if "No rate-sync configuration found" in r.getMessage()]
+    assert (record.name, record.levelno) == ("ratesync_middleware", logging.WARNING)
+    assert str(tmp_path / "rate-sync.toml") in record.getMessage()
+    assert str(tmp_path / "config" / "rate-sync.toml") in record.getMessage()
