@@ -16,7 +16,7 @@ from typing import Any
 
 import nats
 import pytest
-from nats.js.api import KeyValueConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig
 
 import ratesync_middleware
 from ratesync_middleware import AsyncRateLimiter
@@ -413,3 +413,21 @@ def test_watch_shows_decoded_updates(nats_url: str, bucket_name: str, tmp_path: 
     update = json.loads(lines[0])
     assert update["group"] == "api_external"
     assert update["available"] == 99
+
+
+def test_check_shows_limits_that_leave_room(
+    nats_url: str, bucket_name: str, tmp_path: Path
+) -> None:
+    asyncio.run(_bucket(nats_url, bucket_name, max_value_size=1024, max_bytes=64 << 20))
+    config = write_config(tmp_path, nats_url, bucket_name)
+    status, output = ratesync("check", "--config", config)
+    assert status == 0, output
+    line = "ok    bucket limits            max value size 1 KiB, max bytes 64 MiB (~131,072 keys)"
+    assert line in output
+
+    # A stream edited to discard old messages drops the oldest keys when full: over-admission.
+    asyncio.run(_bucket_edit(nats_url, bucket_name, discard=DiscardPolicy.OLD, max_bytes=1 << 20))
+    status, output = ratesync("check", "--config", config)
+    assert status == 0
+    assert "WARN  bucket limits" in output
+    assert "once full, the oldest keys are dropped" in output
