@@ -13,7 +13,7 @@ from .bucket import Decision, Policy
 from .config import Config, load_config
 from .errors import ConfigError, RateSyncError, StoreError
 from .limiter import AsyncRateLimiter, RateLimiter
-from .requests import exempt, limit
+from .marks import exempt, limit
 
 if TYPE_CHECKING:
     from .asgi import RateLimitMiddleware

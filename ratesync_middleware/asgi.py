@@ -3,38 +3,35 @@
     app.add_middleware(RateLimitMiddleware, config="rate-sync.toml")
 
 It translates a scope into `RequestFacts`, finds the endpoint the router will call (for `@limit` /
-`@exempt`), and turns the `Decision` into headers, a 429 or a 503. The limiting itself lives in
-`requests.py` and `headers.py`, which the Django and Flask adapters share.
+`@exempt`), and sends the refusal `begin` gives or calls the app, then `finish`es. The limiting
+itself lives in the core (`lifecycle.py`, `plans.py`), which every adapter shares.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+from starlette.endpoints import HTTPEndpoint
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Host, Match, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .bucket import Decision
+from .client_ip import ClientAddress
+from .compat import expand_fastapi_routes
 from .config import ConfigSource
-from .headers import Header, RateLimitHeaders
+from .errors import ConfigError
+from .facts import RequestFacts
+from .headers import add_missing
+from .lifecycle import Admission, RequestLimiter
 from .limiter import AsyncRateLimiter, logger
-from .requests import (
-    BoundedCache,
-    ClientAddress,
-    Plan,
-    RequestFacts,
-    RequestLimiter,
-    exempt,
-    get_marks,
-    limit,
-)
+from .marks import exempt, get_marks, limit
+from .plans import Plan, endpoint_objects, method_handler
 
 __all__ = ["OnLimited", "RateLimitMiddleware", "ScopeFacts", "exempt", "limit"]
 
@@ -43,7 +40,7 @@ OnLimited = Callable[[Request, Decision], Response | Awaitable[Response]]
 
 WS_POLICY_VIOLATION: Final = 1008  # a websocket refused for its rate limit
 WS_TRY_AGAIN_LATER: Final = 1013  # a websocket refused because the store failed (fail_closed)
-ROUTE_CACHE_SIZE: Final = 4096  # (type, method, path) -> plan entries kept
+WS_INTERNAL_ERROR: Final = 1011  # no usable rate-limit configuration
 _MAX_DEPTH: Final = 16  # mounts and wrapping middleware followed when looking for routes
 _STARLETTE_ROUTES: Final = (Route, WebSocketRoute, Mount, Host)
 
@@ -55,12 +52,10 @@ class ScopeFacts(RequestFacts):
 
     def __init__(self, scope: Scope, path: str, client_address: ClientAddress) -> None:
         client = scope.get("client")
+        super().__init__(
+            scope.get("method", "GET"), path, client[0] if client else None, client_address
+        )
         self.scope = scope
-        self.method = scope.get("method", "GET")
-        self.path = path
-        self.peer = client[0] if client else None
-        self._client_address = client_address
-        self._client_ip = None
 
     def header(self, name: str) -> str | None:
         wanted = name.encode("latin-1")
@@ -112,27 +107,27 @@ def _routes_of(app: Any) -> list[BaseRoute] | None:
     return None
 
 
-def _handler(endpoint: Any, scope: Scope) -> Any:
-    """What carries the marks: the function, or for an `HTTPEndpoint` class the method handler."""
+Candidates = tuple[Any, ...]
+"""The objects that may carry marks for one request, in precedence order (see plans.py)."""
+
+NO_ENDPOINT: Final[Candidates] = ()
+
+
+def _endpoint_candidates(endpoint: Any, scope: Scope) -> Candidates:
+    """What may carry the marks of a matched endpoint: the function, or for an `HTTPEndpoint`
+    class the method handler of the request, then the class. A class without that handler
+    answers 405 itself: its marks do not apply (`[[routes]]` and the default still do)."""
     while isinstance(endpoint, functools.partial):
         endpoint = endpoint.func
-    if inspect.isclass(endpoint) and scope["type"] == "http":
-        method = scope["method"].lower()
-        if method == "head" and not hasattr(endpoint, "head"):
-            method = "get"
-        handler = getattr(endpoint, method, None)
-        if handler is not None and get_marks(handler) is not None:
-            return handler
-    return endpoint
+    if inspect.isclass(endpoint) and issubclass(endpoint, HTTPEndpoint) and scope["type"] == "http":
+        handler = method_handler(endpoint, scope["method"])
+        return NO_ENDPOINT if handler is None else (handler, endpoint)
+    return (endpoint,)
 
 
-def _candidates(routes: list[BaseRoute]) -> list[Any]:
-    """The routes in the order the router tries them.
-
-    FastAPI (0.16x) keeps an included `APIRouter` as one lazy route whose `matches` names no
-    endpoint; its public `iter_route_contexts` lists the effective routes inside.
-    """
-    expand = getattr(sys.modules.get("fastapi.routing"), "iter_route_contexts", None)
+def _route_candidates(routes: list[BaseRoute]) -> list[Any]:
+    """The routes in the order the router tries them (FastAPI's included routers expanded)."""
+    expand = expand_fastapi_routes()
     if expand is None or all(isinstance(route, _STARLETTE_ROUTES) for route in routes):
         return list(routes)
     return list(expand(routes))
@@ -154,7 +149,7 @@ class _RouteTable:
 class _RouteFinder:
     """Finds the endpoint a Starlette/FastAPI router will call, the way the router does.
 
-    Only candidates up to the last one with marks inside are matched: later ones cannot change
+    Only routes up to the last one with marks inside are matched: later ones cannot change
     the plan, so an app without `@limit`/`@exempt` pays nothing.
     """
 
@@ -166,7 +161,7 @@ class _RouteFinder:
         table = self._tables.get(id(routes))
         if table is not None and table.source is routes and table.size == len(routes):
             return table
-        candidates = _candidates(routes)
+        candidates = _route_candidates(routes)
         scan_length = 0
         for index, candidate in enumerate(candidates):
             if isinstance(getattr(candidate, "original_route", candidate), Host):
@@ -176,52 +171,44 @@ class _RouteFinder:
         table = self._tables[id(routes)] = _RouteTable(routes, len(routes), candidates, scan_length)
         return table
 
-    def find(self, routes: list[BaseRoute], scope: Scope, depth: int = 0) -> Any:
-        """The endpoint for `scope` among `routes`; None when unmatched or unmarked anyway."""
+    def find(self, routes: list[BaseRoute], scope: Scope, depth: int = 0) -> Candidates:
+        """The candidates of the endpoint that will handle `scope`; none for a 404 or a 405."""
         table = self._table(routes)
-        stop = table.scan_length
-        partial: tuple[Any, Scope] | None = None
-        for index, route in enumerate(table.candidates):
-            if index >= stop and partial is None:
-                return None
+        for route in table.candidates[: table.scan_length]:
             match, child_scope = route.matches(scope)
             if match is Match.FULL:
                 return self._enter(route, {**scope, **child_scope}, depth)
-            if match is Match.PARTIAL and partial is None:
-                partial = (route, child_scope)
-        if partial is not None:  # the router answers 405 with this route
-            return self._enter(partial[0], {**scope, **partial[1]}, depth)
-        return None
+            # Match.PARTIAL: the path matches, the method does not. The router answers 405
+            # unless a later route matches fully: this endpoint's marks do not apply.
+        return NO_ENDPOINT
 
-    def _enter(self, route: Any, scope: Scope, depth: int) -> Any:
+    def _enter(self, route: Any, scope: Scope, depth: int) -> Candidates:
         if _container(route):
             inner = route.app
             if get_marks(inner) is not None:  # exempt(StaticFiles(...)) marks a whole mount
-                return inner
+                return (inner,)
             routes = _routes_of(inner)
             if routes is None or depth >= _MAX_DEPTH:
-                return inner
+                return (inner,)
             return self.find(routes, scope, depth + 1)
-        return _handler(getattr(route, "endpoint", None), scope)
+        return _endpoint_candidates(getattr(route, "endpoint", None), scope)
 
     def endpoints(self, routes: list[BaseRoute] | None) -> Iterator[Any]:
-        """Every endpoint (and `HTTPEndpoint` method) under `routes`, for start-up checks."""
-        for candidate in _candidates(routes or []):
+        """Every endpoint under `routes` (classes with their methods), for start-up checks."""
+        for candidate in _route_candidates(routes or []):
             yield from self._below(candidate, 0)
 
     def _below(self, route: Any, depth: int) -> Iterator[Any]:
         if _container(route):
             yield route.app
             if depth < _MAX_DEPTH:
-                for candidate in _candidates(_routes_of(route.app) or []):
+                for candidate in _route_candidates(_routes_of(route.app) or []):
                     yield from self._below(candidate, depth + 1)
             return
         endpoint = getattr(route, "endpoint", None)
         while isinstance(endpoint, functools.partial):
             endpoint = endpoint.func
-        yield endpoint
-        if inspect.isclass(endpoint):
-            yield from (getattr(endpoint, name, None) for name in dir(endpoint))
+        yield from endpoint_objects(endpoint)
 
 
 class RateLimitMiddleware:
@@ -236,8 +223,10 @@ class RateLimitMiddleware:
     headers of the `[middleware] headers` mode. A websocket is checked once, at connect: a
     refused one is closed before it is accepted (code 1008, or 1013 when a fail-closed store is
     down), which the server answers with HTTP 403. Lifespan passes through; at start-up the
-    configuration is checked against the app's routes (a `ConfigError` fails the start-up) and
-    the stores are opened; at shutdown they are closed.
+    configuration is checked against the app's routes and the stores are opened; at shutdown
+    they are closed. A configuration that cannot be used fails the start-up
+    (`lifespan.startup.failed` with the error, so the server exits); without lifespan, every
+    request gets a plain 500 and the error is logged once.
     """
 
     def __init__(
@@ -248,14 +237,24 @@ class RateLimitMiddleware:
         on_limited: OnLimited | None = None,
     ) -> None:
         self.app = app
-        self.core = RequestLimiter(config)
-        self.config = self.core.config
         self.on_limited = on_limited
-        self.responses = RateLimitHeaders.for_config(self.config)
-        self._plans: BoundedCache[tuple[str, str, str], Plan] = BoundedCache(ROUTE_CACHE_SIZE)
         self._routes = _RouteFinder()
+        try:
+            self.core = RequestLimiter(config)
+        except ConfigError as error:
+            # Raised here, it would escape Starlette's lazy middleware stack before the
+            # lifespan starts: uvicorn would take the app for one without lifespan and answer
+            # every request 500 with a traceback. Reported at start-up instead.
+            self._config_error: ConfigError | None = error
+            self._error_logged = False
+            return
+        self._config_error = None
+        self.config = self.core.config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._config_error is not None:
+            await self._misconfigured(scope, receive, send, self._config_error)
+            return
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
@@ -275,67 +274,72 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self.core
-        facts = ScopeFacts(scope, path, core.client_address)
-        if core.immediate(plan):  # memory stores: no coroutine to await
-            decision = core.check_now(facts, plan)
-        else:
-            decision = await core.check(facts, plan)
-        if decision is not None and not decision.allowed:
-            await self._refuse(scope, receive, send, decision)
+        admission = await core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        if not admission.allowed:
+            await self._refuse(scope, receive, send, admission)
             return
-        extra = self.responses.headers(decision)
-        if not extra:
-            await self.app(scope, receive, send)
-            return
+        extra = admission.headers()
+        status: int | None = None
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                status = message["status"]
+                if extra:
+                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except BaseException:  # an error or a client gone: the request still ends here
+            admission.finish(status or 500)
+            raise
+        admission.finish(status)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, decision: Decision) -> None:
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, admission: Admission
+    ) -> None:
         if self.on_limited is None:
-            denial = self.responses.denial(decision)
+            denial = admission.denial()
             await send(
                 {"type": "http.response.start", "status": denial.status, "headers": denial.headers}
             )
             await send({"type": "http.response.body", "body": denial.body})
             return
-        result = self.on_limited(Request(scope, receive), decision)
+        assert admission.decision is not None
+        result = self.on_limited(Request(scope, receive), admission.decision)
         response = await result if inspect.isawaitable(result) else result
-        extra: list[Header] = [
-            *self.responses.retry_after(decision),
-            *self.responses.headers(decision),
-        ]
-        for name, value in extra:
-            if name.decode("latin-1") not in response.headers:
-                response.raw_headers.append((name, value))
+        add_missing(response.headers, admission.refusal_headers())
         await response(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _route_path(scope)
         plan = self._plan(scope, "GET", path)  # the opening handshake is a GET
-        if plan:
-            facts = ScopeFacts(scope, path, self.core.client_address)
-            decision = await self.core.check(facts, plan)
-            if decision is not None and not decision.allowed:
-                code = WS_TRY_AGAIN_LATER if decision.degraded else WS_POLICY_VIOLATION
-                reason = "rate limit unavailable" if decision.degraded else "rate limit exceeded"
-                await send({"type": "websocket.close", "code": code, "reason": reason})
-                return
-        await self.app(scope, receive, send)
+        if not plan:
+            await self.app(scope, receive, send)
+            return
+        core = self.core
+        admission = await core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        decision = admission.decision
+        if decision is not None and not decision.allowed:
+            code = WS_TRY_AGAIN_LATER if decision.degraded else WS_POLICY_VIOLATION
+            reason = "rate limit unavailable" if decision.degraded else "rate limit exceeded"
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.finish()
 
     # -- route plans ----------------------------------------------------------------------------
 
     def _plan(self, scope: Scope, method: str, path: str) -> Plan:
+        if self._routes.host_dependent:
+            return self.core.plan(method, path, *self._candidates(scope))
         key = (scope["type"], method, path)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self.core.plan(method, path, self._endpoint(scope))
-            if not self._routes.host_dependent:
-                self._plans.put(key, plan)
+        plan = self.core.cached_plan(key, method, path, self._candidates, scope)
+        if self._routes.host_dependent:  # found out just now: the Host header decides
+            self.core.plans.forget(key)
         return plan
 
     def _app_routes(self, scope: Scope) -> list[BaseRoute] | None:
@@ -343,20 +347,20 @@ class RateLimitMiddleware:
         # one (a bare Router wrapped by hand) look through the wrapped app.
         return _routes_of(scope.get("app")) or _routes_of(self.app)
 
-    def _endpoint(self, scope: Scope) -> Any:
-        """The endpoint the router will call for `scope`, None when no route matches.
+    def _candidates(self, scope: Scope) -> Candidates:
+        """The candidates of the endpoint the router will call for `scope` (none if unmatched).
 
         Starlette sets `scope["endpoint"]` only while routing, after this middleware has run,
-        so the routes are matched here the same way; the result is cached with the plan.
+        so the routes are matched here the same way; the plan is cached.
         """
         routes = self._app_routes(scope)
         if not routes:
-            return None
+            return NO_ENDPOINT
         try:
             return self._routes.find(routes, scope)
         except Exception:  # an odd route must not break the request; the router will judge it
             logger.debug("ratesync: no endpoint found for %r", scope.get("path"), exc_info=True)
-            return None
+            return NO_ENDPOINT
 
     def _endpoints(self, scope: Scope) -> list[Any]:
         try:
@@ -379,3 +383,24 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+    async def _misconfigured(
+        self, scope: Scope, receive: Receive, send: Send, error: ConfigError
+    ) -> None:
+        """No usable configuration: fail the start-up, or answer 500 without a traceback."""
+        kind = scope["type"]
+        if kind == "lifespan":
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": f"ratesync: {error}"})
+                raise error  # as Starlette's router does: the server logs it and exits
+            return
+        if not self._error_logged:
+            self._error_logged = True
+            logger.error("ratesync: the rate-limit configuration cannot be used: %s", error)
+        if kind == "http":
+            await PlainTextResponse(
+                "Internal Server Error: rate limiting is misconfigured", status_code=500
+            )(scope, receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": WS_INTERNAL_ERROR})

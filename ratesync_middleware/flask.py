@@ -9,13 +9,13 @@
 The check runs in `before_request`, where `request.endpoint` names the view Flask will call, so
 view and blueprint marks apply; a refusal raises `RateLimitExceeded` (a `TooManyRequests`) or
 `RateLimitUnavailable` (a `ServiceUnavailable`), and the app's own error handlers apply.
-`after_request` adds the rate-limit headers. The limiting itself lives in `requests.py`.
+`after_request` adds the rate-limit headers and ends the request when its body is closed. The
+limiting itself lives in the core (`lifecycle.py`, `plans.py`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -25,21 +25,16 @@ from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
 
 from .bucket import Decision
+from .client_ip import ClientAddress
+from .compat import flask_error_handlers
 from .config import ConfigSource
-from .headers import Denial, RateLimitHeaders, retry_after_seconds
+from .headers import Denial, add_missing, retry_after_seconds, text_headers
+from .lifecycle import Admission
 from .limiter import AsyncRateLimiter, logger
-from .requests import (
-    NOT_LIMITED,
-    PLAN_CACHE_SIZE,
-    BoundedCache,
-    ClientAddress,
-    Plan,
-    exempt,
-    get_marks,
-    limit,
-)
+from .marks import exempt, limit
+from .plans import EXEMPT, Plan, method_handler
 from .sync import SyncRequestLimiter
-from .wsgi import DECISION_KEY, EnvironFacts, wsgi_headers
+from .wsgi import DECISION_KEY, EnvironFacts
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -60,17 +55,11 @@ _F = TypeVar("_F")
 EXTENSION: Final = "ratesync"
 """The key of the per-app state in `app.extensions`."""
 
-_HTTP_METHODS: Final = ("get", "post", "put", "patch", "delete", "head", "options")
+ADMISSION_KEY: Final = "ratesync.admission"
+"""Where an admitted request's `Admission` waits in the environ until `after_request` takes it."""
 
 
 # --- the exceptions --------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=256)
-def _detail(body: bytes) -> str:
-    """The problem document's `detail`: bodies are a few constants per limiter, hence the cache."""
-    detail: str = json.loads(body)["detail"]
-    return detail
 
 
 class _Refusal:
@@ -81,7 +70,7 @@ class _Refusal:
 
     def __init__(self, decision: Decision, denial: Denial) -> None:
         retry_after = retry_after_seconds(decision.retry_after)
-        super().__init__(_detail(denial.body), retry_after=retry_after)  # type: ignore[call-arg]
+        super().__init__(denial.detail, retry_after=retry_after)  # type: ignore[call-arg]
         self.decision = decision
         self.denial = denial
 
@@ -94,7 +83,7 @@ class _Refusal:
         self, environ: WSGIEnvironment | None = None, scope: dict[str, Any] | None = None
     ) -> list[tuple[str, str]]:
         # werkzeug computes Content-Length from the body it is given.
-        return wsgi_headers(pair for pair in self.denial.headers if pair[0] != b"content-length")
+        return text_headers(pair for pair in self.denial.headers if pair[0] != b"content-length")
 
 
 class RateLimitExceeded(_Refusal, TooManyRequests):
@@ -165,14 +154,7 @@ class _AppState:
         self.app = app
         self.limiter = SyncRequestLimiter(config)
         self.config = self.limiter.config
-        self.client_address = self.limiter.core.client_address
-        self.responses = RateLimitHeaders.for_config(self.config)
         self.exempt_static = exempt_static
-        # (endpoint, method) -> the plan its marks decide, None when rules and the default do.
-        # Bounded: the method is client-controlled, unmatched requests share the endpoint None.
-        self._plans: BoundedCache[tuple[str | None, str], Plan | None] = BoundedCache(
-            PLAN_CACHE_SIZE
-        )
         self._started = False
         self._start_lock = threading.Lock()
         self._handled: dict[type[Exception], bool] = {}  # refusal class -> the app handles it
@@ -183,74 +165,49 @@ class _AppState:
         """Check every view's and blueprint's marks, import key functions, open the stores."""
         with self._start_lock:
             if not self._started:
-                self.limiter.startup(self._marked_candidates())
+                self.limiter.startup(self._endpoints())
                 self._started = True
 
-    def _marked_candidates(self) -> Iterator[object]:
+    def _endpoints(self) -> Iterator[object]:
         app = self.app
         for view in app.view_functions.values():
             yield view
             view_class = getattr(view, "view_class", None)
             if view_class is not None:
                 yield view_class
-                yield from (getattr(view_class, name, None) for name in _HTTP_METHODS)
         yield from app.blueprints.values()
 
     # -- plans ----------------------------------------------------------------------------------
 
     def plan(self, flask_request: Request, method: str) -> Plan:
-        """The limiters of this request: view marks > blueprint marks > route rules > default."""
-        key = (flask_request.endpoint, method)
-        try:
-            plan = self._plans[key]
-        except KeyError:
-            plan = self._plans.put(key, self._endpoint_plan(flask_request, method))
-        if plan is None:
-            return self.limiter.plan(method, flask_request.path)
-        return plan
+        """The limiters of this request (plans.py): view > blueprint > route rules > default."""
+        return self.limiter.cached_plan(
+            (flask_request.endpoint, method),
+            method,
+            flask_request.path,
+            self._candidates,
+            flask_request,
+            method,
+        )
 
-    def _endpoint_plan(self, flask_request: Request, method: str) -> Plan | None:
-        """The plan decided by marks on the view or its blueprints; None: by path."""
+    def _candidates(self, flask_request: Request, method: str) -> Iterator[object]:
+        """What may carry marks, in Flask's order: the `View` class's method handler, the view
+        function, the class, the static exemption, the blueprints (innermost first). None for
+        a request no view handles (404, 405: Flask's routing already told)."""
         endpoint = flask_request.endpoint
-        if endpoint is not None:
-            marked = self._marked_view(endpoint, method)
-            if marked is None and self.exempt_static and _is_static(endpoint):
-                return NOT_LIMITED
-            if marked is None:
-                marked = self._marked_blueprint(flask_request.blueprints)
-            if marked is not None:
-                return self.limiter.plan(method, flask_request.path, marked)
-        # Unmarked, or no route matched (404, 405): route rules and the default. Without rules
-        # the path does not matter, so the default is cached with the endpoint.
-        return None if self.config.routes else self.limiter.plan(method, flask_request.path)
-
-    def _marked_view(self, endpoint: str, method: str) -> object:
-        """The view function, or for a `View` class the method handler or the class, if marked."""
+        if endpoint is None:
+            return
         view = self.app.view_functions.get(endpoint)
-        if view is None:
-            return None
         view_class = getattr(view, "view_class", None)
         if view_class is not None:
-            name = method.lower()
-            handler = getattr(view_class, name, None)
-            if handler is None and name == "head":  # Flask answers HEAD with get()
-                handler = getattr(view_class, "get", None)
-            if get_marks(handler) is not None:
-                return handler
-        if get_marks(view) is not None:
-            return view
-        if view_class is not None and get_marks(view_class) is not None:
-            return view_class
-        return None
-
-    def _marked_blueprint(self, names: list[str]) -> object:
-        """The innermost marked blueprint of the view (`names`: its own first, then parents)."""
+            yield method_handler(view_class, method)
+        yield view
+        yield view_class
+        if self.exempt_static and _is_static(endpoint):
+            yield EXEMPT
         blueprints = self.app.blueprints
-        for name in names:
-            blueprint = blueprints.get(name)
-            if get_marks(blueprint) is not None:
-                return blueprint
-        return None
+        for name in flask_request.blueprints:
+            yield blueprints.get(name)
 
     # -- the hooks ------------------------------------------------------------------------------
 
@@ -262,16 +219,17 @@ class _AppState:
         plan = self.plan(flask_request, method)
         if not plan:
             return None
-        path = flask_request.path
-        decision = self.limiter.check(FlaskFacts(flask_request, path, self.client_address), plan)
-        if decision is None:
+        limiter = self.limiter
+        facts = FlaskFacts(flask_request, flask_request.path, limiter.client_address)
+        admission = limiter.begin(facts, plan)
+        environ = flask_request.environ
+        environ[DECISION_KEY] = admission.decision
+        environ[ADMISSION_KEY] = admission
+        if admission.allowed:
             return None
-        flask_request.environ[DECISION_KEY] = decision
-        if decision.allowed:
-            return None
-        denial = self.responses.denial(decision)
-        refusal = (RateLimitUnavailable if decision.degraded else RateLimitExceeded)(
-            decision, denial
+        denial = admission.denial()
+        refusal = (RateLimitUnavailable if denial.status == 503 else RateLimitExceeded)(
+            cast(Decision, admission.decision), denial
         )
         if self.app_handles(refusal):
             raise refusal
@@ -290,30 +248,32 @@ class _AppState:
             classes = type(refusal).__mro__
             handled = self._handled[type(refusal)] = any(
                 cls in (by_code.get(code) or {})
-                for by_code in self.app.error_handler_spec.values()
+                for by_code in flask_error_handlers(self.app)
                 for code in (refusal.code, None)
                 for cls in classes
             )
         return handled
 
     def after_request(self, response: Response) -> Response:
-        decision: Decision | None = request.environ.get(DECISION_KEY)
-        if decision is None:
+        admission: Admission | None = request.environ.pop(ADMISSION_KEY, None)
+        if admission is None:
             return response
-        responses = self.responses
-        if decision.allowed:
-            extra = responses.headers(decision)
+        if admission.allowed:
+            extra = admission.headers()
             if extra:
-                response.headers.extend(wsgi_headers(extra))
+                response.headers.extend(text_headers(extra))
+            # The request ends when the server closes the body (a streamed one too).
+            response.call_on_close(functools.partial(admission.finish, response.status_code))
             return response
         # Refused: the default response has these already; an error handler's may not.
-        headers = response.headers
-        for name, value in wsgi_headers(
-            [*responses.retry_after(decision), *responses.headers(decision)]
-        ):
-            if name not in headers:
-                headers[name] = value
+        add_missing(response.headers, admission.refusal_headers())
         return response
+
+    def teardown_request(self, error: BaseException | None) -> None:
+        """The view raised and no response was made (`PROPAGATE_EXCEPTIONS`): end it here."""
+        admission: Admission | None = request.environ.pop(ADMISSION_KEY, None)
+        if admission is not None:
+            admission.finish(500 if error is not None else None)
 
     def close(self) -> None:
         self.limiter.close()
@@ -389,8 +349,12 @@ class RateLimit:
             result: Response = app.extensions[EXTENSION].after_request(response)
             return result
 
+        def end_request(error: BaseException | None) -> None:
+            app.extensions[EXTENSION].teardown_request(error)
+
         app.before_request(check_rate_limit)
         app.after_request(add_rate_limit_headers)
+        app.teardown_request(end_request)
 
     # -- decorators -----------------------------------------------------------------------------
 

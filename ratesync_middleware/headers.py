@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from .bucket import NS_PER_SECOND, Decision, Policy
 from .config import Config, HeadersMode
@@ -31,13 +31,57 @@ __all__ = [
     "Denial",
     "Header",
     "RateLimitHeaders",
+    "add_missing",
+    "header_name",
     "retry_after_seconds",
+    "text_headers",
 ]
 
 Header = tuple[bytes, bytes]
 
 PROBLEM_CONTENT_TYPE: Final = b"application/problem+json"
 QUOTA_EXCEEDED: Final = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+
+# The names headers.py produces, spelt as people write them (HTTP does not care; logs do).
+_HEADER_NAMES: Final = {
+    b"ratelimit": "RateLimit",
+    b"ratelimit-policy": "RateLimit-Policy",
+    b"retry-after": "Retry-After",
+    b"x-ratelimit-limit": "X-RateLimit-Limit",
+    b"x-ratelimit-remaining": "X-RateLimit-Remaining",
+    b"x-ratelimit-reset": "X-RateLimit-Reset",
+    b"content-type": "Content-Type",
+    b"content-length": "Content-Length",
+}
+
+
+def header_name(raw_name: bytes) -> str:
+    """`b"retry-after"` -> `"Retry-After"`, for frameworks that take `str` header names."""
+    return _HEADER_NAMES.get(raw_name) or raw_name.decode("latin-1")
+
+
+def text_headers(headers: Iterable[Header]) -> list[tuple[str, str]]:
+    """Our headers (latin-1 bytes, lower-case names) as `(str, str)` pairs (WSGI, Flask, Django)."""
+    names = _HEADER_NAMES
+    return [
+        (names.get(name) or name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+    ]
+
+
+class HeaderMap(Protocol):
+    """What Starlette's, werkzeug's and Django's response headers all offer."""
+
+    def __contains__(self, name: str, /) -> bool: ...
+    def __setitem__(self, name: str, value: str, /) -> None: ...
+
+
+def add_missing(headers: HeaderMap, extra: Iterable[Header]) -> None:
+    """Add the headers of `extra` that a response (an app's own refusal) did not set itself."""
+    for name, value in text_headers(extra):
+        if name not in headers:
+            headers[name] = value
 
 
 def retry_after_seconds(seconds: float) -> int | None:
@@ -49,14 +93,26 @@ def retry_after_seconds(seconds: float) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class Denial:
-    """A refusal ready to send: status, headers (content type and length included), body."""
+    """A refusal ready to send: status, headers (content type and length included), body.
+
+    `detail` is the body's human-readable `detail`, for frameworks that render their own.
+    """
 
     status: int
     headers: list[Header]
     body: bytes
+    detail: str = ""
 
 
-def _problem(status: int, title: str, detail: str, problem_type: str, **extra: object) -> bytes:
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    """An RFC 9457 problem document, encoded once."""
+
+    body: bytes
+    detail: str
+
+
+def _problem(status: int, title: str, detail: str, problem_type: str, **extra: object) -> _Problem:
     document: dict[str, object] = {
         "type": problem_type,
         "title": title,
@@ -64,16 +120,16 @@ def _problem(status: int, title: str, detail: str, problem_type: str, **extra: o
         "detail": detail,
     }
     document.update(extra)
-    return json.dumps(document).encode()
+    return _Problem(json.dumps(document).encode(), detail)
 
 
 @dataclass(frozen=True, slots=True)
 class _Precomputed:
     policy_header: Header  # RateLimit-Policy: constant per limiter
     limit: bytes  # X-RateLimit-Limit
-    exceeded: bytes  # 429 body
-    impossible: bytes  # 429 body when the cost exceeds the burst
-    unavailable: bytes  # 503 body
+    exceeded: _Problem  # 429
+    impossible: _Problem  # 429 when the cost exceeds the burst
+    unavailable: _Problem  # 503
 
 
 class RateLimitHeaders:
@@ -160,15 +216,16 @@ class RateLimitHeaders:
         """The 429 (or, for a fail-closed store failure, 503) for a refused request."""
         entry = self._entry(decision)
         if decision.degraded:
-            status, body = 503, entry.unavailable
+            status, problem = 503, entry.unavailable
         elif math.isfinite(decision.retry_after):
-            status, body = 429, entry.exceeded
+            status, problem = 429, entry.exceeded
         else:
-            status, body = 429, entry.impossible
+            status, problem = 429, entry.impossible
+        body = problem.body
         headers = [
             (b"content-type", PROBLEM_CONTENT_TYPE),
             (b"content-length", str(len(body)).encode()),
             *self.retry_after(decision),
             *self.headers(decision),
         ]
-        return Denial(status, headers, body)
+        return Denial(status, headers, body, problem.detail)

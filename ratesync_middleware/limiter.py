@@ -1,26 +1,27 @@
 """The framework-free core: limiter names and identities in, `Decision`s out.
 
 `AsyncRateLimiter` awaits its stores on the caller's event loop; `RateLimiter` is the same for
-synchronous code, running every store call on one background loop per process (see `_portal`).
+synchronous code, through the one sync driver of `sync.py` (one background loop per process).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
-from . import _portal
 from .bucket import Decision, Policy
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, StoreError
 from .keys import group_key
 from .stores import create_store
-from .stores.base import Clock, Store, wall_clock
-from .stores.memory import MemoryStore
+from .stores.base import Clock, DecidesNow, Store, wall_clock
+
+if TYPE_CHECKING:
+    from .sync import SyncRequestLimiter
 
 logger = logging.getLogger("ratesync_middleware")
 
@@ -67,6 +68,14 @@ class _FailureLog:
             logger.exception("the on_decision hook failed for limiter %r", limiter)
 
 
+class _Bound(NamedTuple):
+    """A limiter bound to its store, once: what `hit` needs without looking anything up."""
+
+    config: LimiterConfig
+    store: Store
+    now: Callable[[str, Policy, int], Decision] | None  # the store's `hit_now`, if it has one
+
+
 class AsyncRateLimiter:
     """Decisions for the limiters of one configuration.
 
@@ -86,7 +95,29 @@ class AsyncRateLimiter:
         self.on_decision = on_decision
         self._clock = clock
         self._stores: dict[str, Store] = {}
+        self._bound: dict[str, _Bound] = {}
         self._failures = _FailureLog()
+        self._announce_stores()
+
+    def fresh(self) -> AsyncRateLimiter:
+        """A limiter with the same configuration and options and no connections (after `fork()`)."""
+        return AsyncRateLimiter(self.config, clock=self._clock, on_decision=self.on_decision)
+
+    def _announce_stores(self) -> None:
+        """One INFO line per store in use, so that a log says where the limits live."""
+        used = dict.fromkeys(limiter.store for limiter in self.config.limiters.values())
+        for name in used:
+            store = self.config.stores[name]
+            if store.engine == "memory":
+                logger.info("store %r: engine memory (this process only)", name)
+            else:
+                logger.info(
+                    "store %r: engine %s, bucket %r, servers %s",
+                    name,
+                    store.engine,
+                    store.bucket_name,
+                    ", ".join(store.redacted_servers),
+                )
 
     def limiter(self, name: str) -> LimiterConfig:
         """The configuration of limiter `name`; `ConfigError` if there is none."""
@@ -105,26 +136,41 @@ class AsyncRateLimiter:
             store = self._stores[name] = create_store(self.config, name, self._clock)
         return store
 
+    def _bind(self, limiter: str) -> _Bound:
+        bound = self._bound.get(limiter)
+        if bound is None:
+            config = self.limiter(limiter)
+            store = self.store(config.store)
+            now = store.hit_now if isinstance(store, DecidesNow) else None
+            bound = self._bound[limiter] = _Bound(config, store, now)
+        return bound
+
+    def decides_now(self, limiter: str) -> bool:
+        """Whether `hit_now` can decide for `limiter`: its store answers without awaiting."""
+        return self._bind(limiter).now is not None
+
     def resolve(self, limiter: str, key: str | None) -> tuple[LimiterConfig, Store, str]:
         """The limiter's configuration, its store, and the store key of `key`'s group."""
-        config = self.limiter(limiter)
-        store_key = group_key(limiter, None if config.is_global or key is None else key)
-        return config, self.store(config.store), store_key
+        config, store, _ = self._bind(limiter)
+        return config, store, group_key(limiter, None if config.is_global else key)
 
     async def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
         """Spend `cost` from the bucket of `key` under `limiter` and say whether it was allowed.
 
         `key` is the client identity (any string); it is ignored for `key = "global"` limiters.
-        A failing store gives the limiter's fail-open/closed answer, marked `degraded`.
+        `cost` is a whole number >= 1 (`TypeError` / `ValueError` otherwise). A failing store
+        gives the limiter's fail-open/closed answer, marked `degraded`.
         """
-        config, store, store_key = self.resolve(limiter, key)
-        _check_cost(cost)
-        if type(store) is MemoryStore:  # nothing to wait for: no coroutine chain
-            return self._hit_memory(config, store, store_key, key, cost)
+        bound = self._bound.get(limiter) or self._bind(limiter)
+        check_cost(cost)
+        config = bound.config
+        store_key = group_key(limiter, None if config.is_global else key)
+        if bound.now is not None:  # nothing to wait for: no coroutine chain
+            return self._decide_now(bound, store_key, key, cost)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
         try:
-            decision = await store.hit(store_key, config.policy, cost)
+            decision = await bound.store.hit(store_key, config.policy, cost)
         except StoreError as error:
             decision = self.degraded(config, error)
             self.notify(config, key, decision, started, error)
@@ -134,24 +180,27 @@ class AsyncRateLimiter:
         return decision
 
     def hit_now(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
-        """`hit` for a limiter on a memory store, without a coroutine (sync adapters' fast path).
+        """`hit` for a limiter whose store decides without awaiting (see `decides_now`).
 
         Raises `TypeError` for a limiter whose store must be awaited.
         """
-        config, store, store_key = self.resolve(limiter, key)
-        _check_cost(cost)
-        if not isinstance(store, MemoryStore):
-            raise TypeError(f"limiter {limiter!r} uses store {config.store!r}: await hit()")
-        return self._hit_memory(config, store, store_key, key, cost)
+        bound = self._bound.get(limiter) or self._bind(limiter)
+        check_cost(cost)
+        if bound.now is None:
+            raise TypeError(f"limiter {limiter!r} uses store {bound.config.store!r}: await hit()")
+        config = bound.config
+        return self._decide_now(
+            bound, group_key(limiter, None if config.is_global else key), key, cost
+        )
 
-    def _hit_memory(
-        self, config: LimiterConfig, store: MemoryStore, store_key: str, key: str | None, cost: int
-    ) -> Decision:
+    def _decide_now(self, bound: _Bound, store_key: str, key: str | None, cost: int) -> Decision:
+        decide = bound.now
+        assert decide is not None
         if self.on_decision is None:
-            return store.hit_now(store_key, config.policy, cost)
+            return decide(store_key, bound.config.policy, cost)
         started = time.perf_counter()
-        decision = store.hit_now(store_key, config.policy, cost)
-        self.notify(config, key, decision, started, None)
+        decision = decide(store_key, bound.config.policy, cost)
+        self.notify(bound.config, key, decision, started, None)
         return decision
 
     def notify(
@@ -202,7 +251,7 @@ class AsyncRateLimiter:
 
     async def aclose(self) -> None:
         """Close every store that was opened."""
-        stores, self._stores = list(self._stores.values()), {}
+        stores, self._stores, self._bound = list(self._stores.values()), {}, {}
         for store in stores:
             await store.aclose()
 
@@ -213,7 +262,10 @@ class AsyncRateLimiter:
         await self.aclose()
 
 
-def _check_cost(cost: int) -> None:
+def check_cost(cost: object) -> None:
+    """A cost is a whole number >= 1: a float or a bool would corrupt a shared bucket's value."""
+    if isinstance(cost, bool) or not isinstance(cost, int):
+        raise TypeError(f"cost must be an int >= 1, not {type(cost).__name__} {cost!r}")
     if cost < 1:
         raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
 
@@ -221,8 +273,10 @@ def _check_cost(cost: int) -> None:
 class RateLimiter:
     """The synchronous twin of `AsyncRateLimiter`, for WSGI, Flask, Django under WSGI and scripts.
 
-    Every call runs on the process's background event loop; after `fork()` a child gets a fresh
-    loop and fresh connections on first use, so gunicorn `--preload` works.
+    Decisions of memory stores are made inline; every other call runs on the process's
+    background event loop, through the one sync driver (`sync.SyncRequestLimiter`). After
+    `fork()` a child gets a fresh loop and fresh connections on first use, so gunicorn
+    `--preload` works.
     """
 
     def __init__(
@@ -232,53 +286,33 @@ class RateLimiter:
         clock: Clock = wall_clock,
         on_decision: DecisionHook | None = None,
     ) -> None:
-        self.config = load_config(config)
-        self._clock = clock
-        self._on_decision = on_decision
-        self._pid = os.getpid()
-        self._async = AsyncRateLimiter(self.config, clock=clock, on_decision=on_decision)
+        from .sync import SyncRequestLimiter  # sync.py builds on this module
+
+        self._driver: SyncRequestLimiter = SyncRequestLimiter(
+            AsyncRateLimiter(config, clock=clock, on_decision=on_decision)
+        )
+        self.config = self._driver.config
 
     @property
     def async_limiter(self) -> AsyncRateLimiter:
-        """The async core, rebuilt in a forked child (the parent's connections belong to it)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._async = AsyncRateLimiter(
-                self.config, clock=self._clock, on_decision=self._on_decision
-            )
-        return self._async
-
-    def _deadline(self, limiter: str) -> float:
-        # The store enforces its own deadline; this outer one only guards against a wedged loop.
-        config = self.async_limiter.limiter(limiter)
-        store = self.config.stores[config.store]
-        return store.connect_timeout + 4 * store.timeout + 1.0
+        """This process's async core (rebuilt in a forked child)."""
+        return self._driver.core.limiter
 
     def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
         """See `AsyncRateLimiter.hit`."""
-        core = self.async_limiter
-        config, store, store_key = core.resolve(limiter, key)
-        _check_cost(cost)
-        if isinstance(store, MemoryStore):  # nothing to wait for: skip the hop to the loop thread
-            return core._hit_memory(config, store, store_key, key, cost)
-        try:
-            return _portal.run(core.hit(limiter, key, cost), self._deadline(limiter))
-        except StoreError as error:  # the loop thread itself did not answer in time
-            return core.degraded(config, error)
+        return self._driver.hit(limiter, key, cost)
 
     def peek(self, limiter: str, key: str | None = None) -> Decision:
         """See `AsyncRateLimiter.peek`."""
-        core = self.async_limiter
-        return _portal.run(core.peek(limiter, key), self._deadline(limiter))
+        return self._driver.run(self.async_limiter.peek(limiter, key))
 
     def reset(self, limiter: str, key: str | None = None) -> None:
         """See `AsyncRateLimiter.reset`."""
-        core = self.async_limiter
-        _portal.run(core.reset(limiter, key), self._deadline(limiter))
+        self._driver.run(self.async_limiter.reset(limiter, key))
 
     def close(self) -> None:
         """Close every store that was opened."""
-        _portal.run(self.async_limiter.aclose(), 10.0)
+        self._driver.close()
 
     def __enter__(self) -> RateLimiter:
         return self

@@ -1,28 +1,32 @@
-"""The request-to-decision path for synchronous adapters (WSGI, Flask, Django under WSGI).
+"""The one sync driver: the async core, driven from synchronous code (WSGI, Flask, Django, scripts).
 
-The same `RequestLimiter` as the ASGI adapter, driven without an event loop of the caller's:
-a plan whose stores are all in-process (memory) and whose keys need no awaiting is checked by
-`check_now`, without a coroutine (see `RequestLimiter.immediate`); anything else runs on the
-process's background loop (`_portal`). After `fork()` the child builds its own `RequestLimiter`
-(fresh connections).
+`RateLimiter` and every sync adapter use `SyncRequestLimiter`. A plan whose stores decide at
+once (memory) is decided inline, without a coroutine; anything else runs on the process's one
+background loop (`_portal`) under one outer deadline. After `fork()` the child builds its own
+core (fresh connections), so gunicorn `--preload` works. When the loop itself does not answer,
+the answer is the plan's strictest rule: any `fail_closed` limiter refuses.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Coroutine, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Hashable, Iterable
+from typing import Any, Final, TypeVar
 
 from . import _portal
 from .bucket import Decision
-from .config import ConfigSource
+from .client_ip import ClientAddress
+from .config import Config, ConfigSource
 from .errors import StoreError
+from .facts import RequestFacts
+from .lifecycle import Admission, Plan, RequestLimiter
 from .limiter import AsyncRateLimiter
-from .requests import Plan, RequestFacts, RequestLimiter
+
+__all__ = ["SyncRequestLimiter", "outer_deadline", "run_inline"]
 
 T = TypeVar("T")
 
-_OUTER_DEADLINE_MARGIN = 1.0  # seconds beyond the stores' own deadlines before giving up
+_OUTER_DEADLINE_MARGIN: Final = 1.0  # seconds beyond the stores' own deadlines before giving up
 
 
 def run_inline(coro: Coroutine[Any, Any, T]) -> T:
@@ -36,50 +40,87 @@ def run_inline(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("ratesync: a coroutine expected to complete at once suspended")
 
 
+def outer_deadline(config: Config) -> float:
+    """How long a sync caller waits for the loop thread: the stores enforce their own deadlines,
+    this one only guards against a wedged loop (connect, then a decision's retries)."""
+    stores = config.stores.values()
+    return _OUTER_DEADLINE_MARGIN + max(
+        (store.connect_timeout + 4 * store.timeout for store in stores), default=0.0
+    )
+
+
 class SyncRequestLimiter:
-    """`RequestLimiter` for synchronous callers: `plan(...)` as there, `check(facts, plan)` blocking.
+    """`RequestLimiter` for synchronous callers, fork-safe, with one outer deadline.
 
     core = SyncRequestLimiter("rate-sync.toml")
-    decision = core.check(facts, core.plan(method, path, view))
+    admission = core.begin(facts, core.plan(method, path, view))
     """
 
     def __init__(self, config: ConfigSource | AsyncRateLimiter = None) -> None:
-        self._source = config
         self._pid = os.getpid()
-        self.core = RequestLimiter(config)
-        self.config = self.core.config
-        stores = self.config.stores.values()
-        self._deadline = _OUTER_DEADLINE_MARGIN + max(
-            (store.connect_timeout + 4 * store.timeout for store in stores), default=0.0
-        )
+        self._core = RequestLimiter(config)
+        self.config = self._core.config
+        self.deadline = outer_deadline(self.config)
+        self._remote = bool(self._core.remote_stores)
 
     @property
-    def current(self) -> RequestLimiter:
-        """This process's `RequestLimiter`, rebuilt in a forked child."""
+    def core(self) -> RequestLimiter:
+        """This process's `RequestLimiter`, rebuilt in a forked child (connections are per process)."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            source = self._source
-            if isinstance(source, AsyncRateLimiter):  # its connections belong to the parent
-                source = AsyncRateLimiter(source.config, on_decision=source.on_decision)
-            self.core = RequestLimiter(source)
-        return self.core
+            self._core = RequestLimiter(self._core.limiter.fresh())
+        return self._core
 
-    def plan(self, method: str, path: str, endpoint: object = None) -> Plan:
+    @property
+    def client_address(self) -> ClientAddress:
+        """See `RequestLimiter.client_address`."""
+        return self._core.client_address
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a call of the core: inline when only memory stores are configured, else on the
+        background loop within the outer deadline (`StoreUnavailableError` after it)."""
+        if not self._remote:
+            return run_inline(coro)
+        return _portal.run(coro, self.deadline)
+
+    # -- plans and decisions ----------------------------------------------------------------
+
+    def plan(self, method: str, path: str, *candidates: object) -> Plan:
         """See `RequestLimiter.plan`."""
-        return self.current.plan(method, path, endpoint)
+        return self.core.plan(method, path, *candidates)
 
-    def check(self, facts: RequestFacts, plan: Plan) -> Decision | None:
-        """See `RequestLimiter.check`; blocks at most the stores' deadlines."""
-        core = self.current
-        if not plan:
-            return None
-        if core.immediate(plan):
-            return core.check_now(facts, plan)
+    def cached_plan(
+        self,
+        key: Hashable,
+        method: str,
+        path: str,
+        find: Callable[..., Iterable[object]],
+        *args: object,
+    ) -> Plan:
+        """See `RequestLimiter.cached_plan`."""
+        return self.core.cached_plan(key, method, path, find, *args)
+
+    def begin(self, facts: RequestFacts, plan: Plan) -> Admission:
+        """See `RequestLimiter.begin`; blocks at most the outer deadline."""
+        core = self.core
+        if core.decides_now(plan):
+            return core.begin_now(facts, plan)
         try:
-            return _portal.run(core.check(facts, plan), self._deadline)
+            return _portal.run(core.begin(facts, plan), self.deadline)
         except StoreError as error:  # the loop thread itself did not answer in time
-            limiter = core.limiter.limiter(plan[0].name)
-            return core.limiter.degraded(limiter, error)
+            return core.degraded(plan, error)
+
+    def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
+        """See `AsyncRateLimiter.hit`; blocks at most the outer deadline."""
+        core = self.core.limiter
+        if core.decides_now(limiter):
+            return core.hit_now(limiter, key, cost)
+        try:
+            return _portal.run(core.hit(limiter, key, cost), self.deadline)
+        except StoreError as error:  # the loop thread itself did not answer in time
+            return core.degraded(core.limiter(limiter), error)
+
+    # -- start-up and shutdown --------------------------------------------------------------
 
     def startup(self, endpoints: Iterable[object] = ()) -> None:
         """See `RequestLimiter.startup` (imports key functions, checks marks, opens stores).
@@ -87,15 +128,15 @@ class SyncRequestLimiter:
         With memory stores only, no background thread is started (a thread alive in a gunicorn
         `--preload` master at `fork()` is a hazard).
         """
-        core = self.current
+        core = self.core
         core.prepare(endpoints)
-        if core.remote_stores:
-            _portal.run(core.open_stores(), self._deadline + 5.0)
+        if self._remote:
+            _portal.run(core.open_stores(), self.deadline + 5.0)
 
     def close(self) -> None:
         """Close the stores of this process."""
-        core = self.current
-        if core.remote_stores:
+        core = self.core
+        if self._remote:
             _portal.run(core.aclose(), 10.0)
         else:
             run_inline(core.aclose())

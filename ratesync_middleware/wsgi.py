@@ -6,21 +6,23 @@
 A WSGI callable knows nothing of the endpoint the app will route to, so this middleware applies
 the `[[routes]]` rules and the `[middleware] default` (decorators need `ratesync_middleware.flask`
 or the Django adapter). Keys come from the environ: `REMOTE_ADDR`, `HTTP_*` headers, `PATH_INFO`.
-Store calls go through `SyncRequestLimiter` (inline for memory, the process's loop for NATS).
+Store calls go through `SyncRequestLimiter`, the one sync driver; the request ends (`finish`)
+when the server closes the response body, so streamed bodies count until their last byte.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
-from .bucket import Decision
+from .client_ip import ClientAddress
 from .config import ConfigSource
-from .headers import Header, RateLimitHeaders
+from .facts import RequestFacts
+from .headers import text_headers
+from .lifecycle import Admission
 from .limiter import AsyncRateLimiter
-from .requests import ClientAddress, RequestFacts
 from .sync import SyncRequestLimiter
 
 if TYPE_CHECKING:
@@ -33,34 +35,13 @@ __all__ = [
     "RateLimitMiddleware",
     "environ_header",
     "environ_path",
-    "wsgi_headers",
 ]
 
 DECISION_KEY: Final = "ratesync.decision"
 """Where the request's `Decision` is left in the environ (absent when the request is not limited)."""
 
-# Header names as people write them; HTTP does not care, but logs and tests read better.
-_HEADER_NAMES: Final = {
-    b"ratelimit": "RateLimit",
-    b"ratelimit-policy": "RateLimit-Policy",
-    b"retry-after": "Retry-After",
-    b"x-ratelimit-limit": "X-RateLimit-Limit",
-    b"x-ratelimit-remaining": "X-RateLimit-Remaining",
-    b"x-ratelimit-reset": "X-RateLimit-Reset",
-    b"content-type": "Content-Type",
-    b"content-length": "Content-Length",
-}
 # The two request headers CGI does not prefix with HTTP_.
 _UNPREFIXED: Final = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LENGTH"}
-
-
-def wsgi_headers(headers: Iterable[Header]) -> list[tuple[str, str]]:
-    """`RateLimitHeaders` output (latin-1 bytes, lower-case names) as WSGI `(str, str)` pairs."""
-    names = _HEADER_NAMES
-    return [
-        (names.get(name) or name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers
-    ]
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,12 +77,8 @@ class EnvironFacts(RequestFacts):
     def __init__(
         self, environ: WSGIEnvironment, method: str, path: str, client_address: ClientAddress
     ) -> None:
+        super().__init__(method, path, environ.get("REMOTE_ADDR") or None, client_address)
         self.environ = environ
-        self.method = method
-        self.path = path
-        self.peer = environ.get("REMOTE_ADDR") or None
-        self._client_address = client_address
-        self._client_ip = None
 
     def header(self, name: str) -> str | None:
         return environ_header(self.environ, name)
@@ -114,6 +91,40 @@ class EnvironFacts(RequestFacts):
 
 def _status_line(status: int) -> str:
     return f"{status} {HTTPStatus(status).phrase}"
+
+
+def status_code(status_line: str) -> int | None:
+    """`"200 OK"` -> 200; None for a line that does not start with a code."""
+    try:
+        return int(status_line[:3])
+    except ValueError:
+        return None
+
+
+class _Finishing:
+    """The app's response body; the request ends when the server closes it (PEP 3333).
+
+    Iterated as it is, so streaming bodies stream; `close()` closes the app's body, then
+    finishes the admission with the status the app started the response with.
+    """
+
+    __slots__ = ("_admission", "_body", "status")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._body: Iterable[bytes] = ()
+        self.status: int | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._admission.finish(self.status)
 
 
 class RateLimitMiddleware:
@@ -134,8 +145,6 @@ class RateLimitMiddleware:
         self.app = app
         self.limiter = SyncRequestLimiter(config)
         self.config = self.limiter.config
-        self.client_address = self.limiter.core.client_address
-        self.responses = RateLimitHeaders.for_config(self.config)
         self._status_lines = {status: _status_line(status) for status in (429, 503)}
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -145,30 +154,33 @@ class RateLimitMiddleware:
         plan = limiter.plan(method, path)
         if not plan:
             return self.app(environ, start_response)
-        decision = limiter.check(EnvironFacts(environ, method, path, self.client_address), plan)
-        if decision is None:
-            return self.app(environ, start_response)
-        environ[DECISION_KEY] = decision
-        if not decision.allowed:
-            return self._refuse(method, decision, start_response)
-        extra = self.responses.headers(decision)
-        if not extra:
-            return self.app(environ, start_response)
-        added = wsgi_headers(extra)
+        facts = EnvironFacts(environ, method, path, limiter.client_address)
+        admission = limiter.begin(facts, plan)
+        environ[DECISION_KEY] = admission.decision
+        if not admission.allowed:
+            return self._refuse(method, admission, start_response)
+        added = text_headers(admission.headers())
+        response = _Finishing(admission)
 
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
         ) -> Callable[[bytes], object]:
+            response.status = status_code(status)
             return start_response(status, [*headers, *added], exc_info)
 
-        return self.app(environ, start_with_headers)
+        try:
+            response._body = self.app(environ, start_with_headers)
+        except BaseException:
+            admission.finish(response.status or 500)
+            raise
+        return response
 
     def _refuse(
-        self, method: str, decision: Decision, start_response: StartResponse
+        self, method: str, admission: Admission, start_response: StartResponse
     ) -> Iterable[bytes]:
-        denial = self.responses.denial(decision)
+        denial = admission.denial()
         status = self._status_lines.get(denial.status) or _status_line(denial.status)
-        start_response(status, wsgi_headers(denial.headers))
+        start_response(status, text_headers(denial.headers))
         return [] if method == "HEAD" else [denial.body]
 
     def close(self) -> None:

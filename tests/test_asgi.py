@@ -282,8 +282,44 @@ def test_a_middleware_on_a_mounted_app_sees_its_own_routes() -> None:
 def test_not_found_and_wrong_method_are_limited_by_the_default() -> None:
     with TestClient(starlette_app()) as client:
         assert statuses(client, 6, "/nowhere") == [404] * 5 + [429]
-        assert client.get("/login").status_code == 405  # the login route's own limiter
-        assert client.get("/login").headers["ratelimit-policy"].startswith('"login"')
+    with TestClient(starlette_app()) as client:
+        wrong_method = client.get("/login")
+        assert wrong_method.status_code == 405
+        assert wrong_method.headers["ratelimit-policy"].startswith('"api"')  # not "login"
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+def test_a_wrong_method_spends_nothing_of_the_endpoints_limiters(framework: str) -> None:
+    """Five GETs to a POST-only /login answer 405 and leave its login attempts untouched."""
+    if framework == "fastapi":
+        app: Any = FastAPI()
+
+        @app.post("/login")
+        @limit("login")
+        async def fastapi_login() -> dict[str, str]:
+            return {"hello": "you"}
+
+        app.add_middleware(RateLimitMiddleware, config=CONFIG)
+    else:
+        app = starlette_app()
+    with TestClient(app) as client:
+        assert statuses(client, 5, "/login") == [405] * 5
+        assert statuses(client, 3, "/login", method="POST") == [200, 200, 429]  # login: 2/minute
+
+
+class LoginEndpoint(HTTPEndpoint):
+    @limit("login")
+    async def post(self, request: Request) -> Response:
+        return PlainTextResponse("welcome")
+
+
+def test_a_class_endpoint_without_the_method_handler_is_a_405_limited_by_the_default() -> None:
+    marked_class = limit("login")(LoginEndpoint)
+    app = starlette_app(routes=[Route("/login", marked_class)])
+    with TestClient(app) as client:
+        assert statuses(client, 5, "/login") == [405] * 5
+        assert client.get("/login").headers["ratelimit-policy"].startswith('"api"')
+        assert statuses(client, 3, "/login", method="POST") == [200, 200, 429]
 
 
 # --- client identity -------------------------------------------------------------------------

@@ -1064,3 +1064,59 @@ def test_on_decision_hook_sees_every_decision(site: Site) -> None:
     assert statuses == [200] * 5 + [429]
     assert [event.decision.allowed for event in events] == [True] * 5 + [False]
     assert {event.limiter for event in events} == {"api"}
+
+
+# --- the request lifecycle -------------------------------------------------------------------
+
+
+def test_a_wrong_method_spends_nothing_of_a_class_views_limiters(site: Site) -> None:
+    """`limit("login")(PostOnly.as_view())`: GETs are Django's 405, limited by the default only."""
+    assert site.statuses(3, "/cbv/post-only") == [405] * 3
+    assert str(site.get("/cbv/post-only").headers["RateLimit-Policy"]).startswith('"api"')
+    assert site.statuses(3, "/cbv/post-only", "POST") == [200, 200, 429]  # login: 2/minute
+
+
+@pytest.fixture
+def finished(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The statuses every `Admission.finish` call was given, in order."""
+    from ratesync_middleware.lifecycle import Admission
+
+    calls: list[int | None] = []
+    original = Admission.finish
+
+    def record(self: Admission, status: int | None = None) -> None:
+        calls.append(status)
+        original(self, status)
+
+    monkeypatch.setattr(Admission, "finish", record)
+    return calls
+
+
+@pytest.fixture(params=["wsgi", "asgi"])
+def served_site(request: pytest.FixtureRequest) -> Iterator[Site]:
+    """Django's real handlers, which turn a failing view into a 500 response."""
+    served = SITES[request.param]()
+    yield served
+    served.close()
+
+
+def test_each_admitted_request_is_finished_once_with_its_status(
+    served_site: Site, finished: list[int | None]
+) -> None:
+    assert served_site.get("/").status_code == 200
+    assert served_site.get("/nowhere").status_code == 404
+    assert served_site.get("/broken").status_code == 500
+    assert finished == [200, 404, 500]
+
+
+def test_a_streamed_response_is_finished_after_its_last_chunk(
+    served_site: Site, finished: list[int | None]
+) -> None:
+    response = served_site.get("/streamed")
+    assert response.status_code == 200
+    assert finished == [200]
+
+
+def test_a_refused_request_needs_no_finish(site: Site, finished: list[int | None]) -> None:
+    assert site.statuses(6) == [200] * 5 + [429]
+    assert finished == [200] * 5

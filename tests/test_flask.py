@@ -18,8 +18,8 @@ from flask.views import MethodView
 from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
 
 from ratesync_middleware import ConfigError
+from ratesync_middleware.facts import RequestFacts
 from ratesync_middleware.flask import RateLimit, RateLimitExceeded, RateLimitUnavailable
-from ratesync_middleware.requests import RequestFacts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,18 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ratesync_middleware import ConfigError, Decision
-from ratesync_middleware import requests as requests_module
+from ratesync_middleware import plans as plans_module
+from ratesync_middleware.client_ip import ClientAddress
+from ratesync_middleware.facts import RequestFacts
 from ratesync_middleware.keys import join_identity
-from ratesync_middleware.requests import (
-    ClientAddress,
-    Marks,
-    Plan,
-    RequestFacts,
-    RequestLimiter,
-    exempt,
-    get_marks,
-    limit,
-)
+from ratesync_middleware.lifecycle import Plan, RequestLimiter
+from ratesync_middleware.marks import Marks, exempt, get_marks, limit
 
 PROXIES = ("10.0.0.0/8", "2001:db8:ffff::/48")
 
@@ -325,11 +319,11 @@ def test_an_unknown_limiter_in_a_decorator_is_a_config_error() -> None:
 
 
 def test_the_plan_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(requests_module, "PLAN_CACHE_SIZE", 16)
+    monkeypatch.setattr(plans_module, "PLAN_CACHE_SIZE", 16)
     core = RequestLimiter(RULES)
     for number in range(1000):
         assert names(core.plan("GET", f"/hostile/{number}", None)) == ["api"]
-    assert len(core._by_path) <= 16
+    assert len(core.plans._by_path) <= 16
 
 
 # --- the check ---------------------------------------------------------------------------------
@@ -343,7 +337,7 @@ SEVERAL: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("immediate", [False, True], ids=["check", "check_now"])
+@pytest.mark.parametrize("immediate", [False, True], ids=["begin", "begin_now"])
 async def test_every_limiter_must_allow_and_the_denial_names_its_limiter(immediate: bool) -> None:
     core = RequestLimiter(SEVERAL)
 
@@ -354,7 +348,8 @@ async def test_every_limiter_must_allow_and_the_denial_names_its_limiter(immedia
     facts = Facts(core.client_address)
 
     async def check() -> Decision | None:
-        return core.check_now(facts, plan) if immediate else await core.check(facts, plan)
+        admission = core.begin_now(facts, plan) if immediate else await core.begin(facts, plan)
+        return admission.decision
 
     first = await check()
     assert first is not None
@@ -395,14 +390,14 @@ def test_only_memory_stores_and_keys_without_async_parts_are_decided_immediately
 
         return core.plan("GET", "/", view)
 
-    assert core.immediate(plan_of("local"))
-    assert not core.immediate(plan_of("local", "remote"))  # a NATS store is awaited
-    assert not core.immediate(plan_of("custom"))  # so is a key function (it may be async)
+    assert core.decides_now(plan_of("local"))
+    assert not core.decides_now(plan_of("local", "remote"))  # a NATS store is awaited
+    assert not core.decides_now(plan_of("custom"))  # so is a key function (it may be async)
 
 
 async def test_not_limited_gives_no_decision() -> None:
     core = RequestLimiter(SEVERAL)
-    assert await core.check(Facts(core.client_address), ()) is None
+    assert (await core.begin(Facts(core.client_address), ())).decision is None
 
 
 async def test_cost_from_the_decorator() -> None:
@@ -411,6 +406,7 @@ async def test_cost_from_the_decorator() -> None:
     @limit("wide", cost=4)
     def view() -> None: ...
 
-    decision = await core.check(Facts(core.client_address), core.plan("GET", "/", view))
+    admission = await core.begin(Facts(core.client_address), core.plan("GET", "/", view))
+    decision = admission.decision
     assert decision is not None
     assert decision.remaining == 6

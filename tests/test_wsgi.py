@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from werkzeug.test import Client, EnvironBuilder
 
-from ratesync_middleware.requests import RequestFacts
+from ratesync_middleware.facts import RequestFacts
 from ratesync_middleware.wsgi import RateLimitMiddleware
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ See docs/django.md. Importing this package needs Django; the rest of the package
 
 from __future__ import annotations
 
-from ..requests import exempt, limit
+from ..marks import exempt, limit
 from .middleware import RateLimitMiddleware
 
 __all__ = ["RateLimitMiddleware", "exempt", "limit"]

@@ -5,9 +5,9 @@
     RATESYNC = {"config": BASE_DIR / "rate-sync.toml"}
 
 Under ASGI the middleware is a coroutine that awaits the store on the server's event loop, with
-no thread in between. Under WSGI it goes through `SyncRequestLimiter`: inline for memory stores,
-the process's one background loop for NATS. The limiting itself lives in `requests.py` and
-`headers.py`, shared with the other adapters.
+no thread in between. Under WSGI it goes through `SyncRequestLimiter`, the one sync driver. The
+limiting itself lives in the core (`lifecycle.py`, `plans.py`), shared with the other adapters;
+an admitted request is finished when Django closes its response.
 
 Each request is counted exactly once. Requests that reach a view are checked in `process_view`,
 where the view (and its `@limit` / `@exempt` marks) is known, so a refused request never runs its
@@ -29,30 +29,22 @@ from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
-from ..bucket import Decision
+from ..client_ip import ClientAddress
+from ..compat import mark_django_response_logged, on_django_response_close
 from ..config import Config, load_config
 from ..errors import ConfigError
-from ..headers import Header, RateLimitHeaders
+from ..facts import RequestFacts
+from ..headers import add_missing, text_headers
+from ..lifecycle import Admission, RequestLimiter
 from ..limiter import AsyncRateLimiter, DecisionHook
-from ..requests import ClientAddress, Plan, RequestFacts, RequestLimiter, get_marks
+from ..plans import Plan, method_handler
 from ..sync import SyncRequestLimiter
 from .conf import SETTING, LimitedView, import_hook, import_view, read_settings
 
-__all__ = ["DjangoFacts", "RateLimitMiddleware", "view_endpoint"]
+__all__ = ["DjangoFacts", "RateLimitMiddleware", "view_candidates"]
 
-DECISION_ATTRIBUTE: Final = "_ratesync_decision"  # on the request, once process_view has decided
+ADMISSION_ATTRIBUTE: Final = "_ratesync_admission"  # on the request, once process_view decided
 UNPREFIXED_HEADERS: Final = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})  # as Django's HttpHeaders
-# headers.py speaks ASGI (lower case); Django responses spell names as people write them.
-HEADER_NAMES: Final = {
-    "content-type": "Content-Type",
-    "content-length": "Content-Length",
-    "retry-after": "Retry-After",
-    "ratelimit": "RateLimit",
-    "ratelimit-policy": "RateLimit-Policy",
-    "x-ratelimit-limit": "X-RateLimit-Limit",
-    "x-ratelimit-remaining": "X-RateLimit-Remaining",
-    "x-ratelimit-reset": "X-RateLimit-Reset",
-}
 
 ViewFunction = Callable[..., Any]
 _Response = TypeVar("_Response", bound=HttpResponseBase)
@@ -94,12 +86,12 @@ class DjangoFacts(RequestFacts):
     __slots__ = ("_django_request", "user")
 
     def __init__(self, request: HttpRequest, client_address: ClientAddress) -> None:
-        meta = request.META
-        self.method = request.method or "GET"
-        self.path = request.path_info
-        self.peer = meta.get("REMOTE_ADDR") or None
-        self._client_address = client_address
-        self._client_ip = None
+        super().__init__(
+            request.method or "GET",
+            request.path_info,
+            request.META.get("REMOTE_ADDR") or None,
+            client_address,
+        )
         self._django_request = request
         self.user: Any = _UNRESOLVED
 
@@ -138,30 +130,25 @@ def _evaluated_user(request: HttpRequest) -> Any:
     return user
 
 
-# --- which object carries a view's marks -----------------------------------------------------
+# --- which objects carry a view's marks ----------------------------------------------------
 
 
-def view_endpoint(view: ViewFunction, method: str) -> Any:
-    """What carries the `@limit` / `@exempt` marks of `view` for a request with `method`.
+def view_candidates(view: ViewFunction | None, method: str) -> tuple[Any, ...]:
+    """What may carry the `@limit` / `@exempt` marks of `view` for `method`, in precedence order.
 
     A function view carries them itself (decorators built with `functools.wraps` copy them).
-    For a class-based view, in order: the handler method of the request (`post`, with `@limit`
-    or `method_decorator`), the `as_view()` function (marked in the URLconf, or given the marks
-    of `dispatch`, which `as_view()` copies), and the class.
+    For a class-based view: the handler method of the request (`post`, with `@limit` or
+    `method_decorator`), the `as_view()` function (marked in the URLconf, or given the marks
+    of `dispatch`, which `as_view()` copies), and the class. A class without a handler for the
+    method answers 405 itself: none of its marks apply (rules and the default still do).
     """
+    if view is None:
+        return ()
     view_class = getattr(view, "view_class", None)
     if view_class is None:
-        return view
-    name = method.lower()
-    if name in getattr(view_class, "http_method_names", ()):
-        if name == "head" and not hasattr(view_class, "head"):
-            name = "get"  # View.setup() answers HEAD with get()
-        handler = getattr(view_class, name, None)
-        if handler is not None and get_marks(handler) is not None:
-            return handler
-    if get_marks(view) is not None:
-        return view
-    return view_class
+        return (view,)
+    handler = method_handler(view_class, method, getattr(view_class, "http_method_names", ()))
+    return () if handler is None else (handler, view, view_class)
 
 
 def _resolved_view(request: HttpRequest) -> ViewFunction | None:
@@ -192,30 +179,30 @@ class _Limits:
         self.sync = None if asynchronous else SyncRequestLimiter(limiter)
         self.core = RequestLimiter(limiter) if self.sync is None else self.sync.core
         self.client_address = self.core.client_address
-        self.responses = RateLimitHeaders.for_config(config)
         self.view = view
         self._needs_user: dict[Plan, bool] = {}
 
     def plan(self, request: HttpRequest, view: ViewFunction | None) -> Plan:
         method = request.method or "GET"
-        endpoint = None if view is None else view_endpoint(view, method)
         planner = self.sync or self.core
-        return planner.plan(method, request.path_info, endpoint)
+        try:
+            return planner.cached_plan(
+                (view, method), method, request.path_info, view_candidates, view, method
+            )
+        except TypeError:  # an unhashable callable as a view: not cached
+            return planner.plan(method, request.path_info, *view_candidates(view, method))
 
-    def check(self, request: HttpRequest, plan: Plan) -> Decision | None:
-        """The decision for a plan, blocking (synchronous middleware)."""
+    def begin(self, request: HttpRequest, plan: Plan) -> Admission:
+        """The admission of a plan, blocking (synchronous middleware)."""
         assert self.sync is not None
-        return self.sync.check(DjangoFacts(request, self.client_address), plan)
+        return self.sync.begin(DjangoFacts(request, self.client_address), plan)
 
-    async def acheck(self, request: HttpRequest, plan: Plan) -> Decision | None:
-        """The decision for a plan, on the running event loop (asynchronous middleware)."""
+    async def abegin(self, request: HttpRequest, plan: Plan) -> Admission:
+        """The admission of a plan, on the running event loop (asynchronous middleware)."""
         facts = DjangoFacts(request, self.client_address)
         if self._user_keyed(plan):
             facts.user = await _auser(request)
-        core = self.core
-        return (
-            core.check_now(facts, plan) if core.immediate(plan) else await core.check(facts, plan)
-        )
+        return await self.core.begin(facts, plan)
 
     def _user_keyed(self, plan: Plan) -> bool:
         needed = self._needs_user.get(plan)
@@ -227,30 +214,32 @@ class _Limits:
 
     # -- responses --------------------------------------------------------------------------
 
-    def denial(self, decision: Decision) -> HttpResponse:
+    def denial(self, admission: Admission) -> HttpResponse:
         """The 429 (503 for a failing fail-closed store): problem+json, as the ASGI adapter's."""
-        denial = self.responses.denial(decision)
+        denial = admission.denial()
         # All headers at construction: setting them one by one after the default Content-Type
         # costs Django's validation twice for that one.
-        headers = {_django_name(name): value.decode("latin-1") for name, value in denial.headers}
+        headers = dict(text_headers(denial.headers))
         return _unlogged(HttpResponse(denial.body, status=denial.status, headers=headers))
 
-    def complete(self, response: HttpResponseBase, decision: Decision) -> HttpResponseBase:
+    def complete(self, response: HttpResponseBase, admission: Admission) -> HttpResponseBase:
         """A refusal from `RATESYNC["view"]`, with `Retry-After` and the rate-limit headers."""
         if response is None:
             raise ImproperlyConfigured(f"{SETTING}['view'] returned None instead of a response")
-        headers = [*self.responses.retry_after(decision), *self.responses.headers(decision)]
-        _set_headers(response, headers, replace=False)  # what the view set stays
+        add_missing(response, admission.refusal_headers())  # what the view set stays
         return _unlogged(response)
 
-    def finish(self, response: HttpResponseBase, decision: Decision | None) -> HttpResponseBase:
-        """An allowed request's response, with the rate-limit headers."""
-        if decision is not None and decision.allowed:
-            _set_headers(response, self.responses.headers(decision), replace=False)
+    def respond(self, response: HttpResponseBase, admission: Admission | None) -> HttpResponseBase:
+        """An admitted request's response: the rate-limit headers, and `finish` at its close."""
+        if admission is None or not admission.allowed:  # a refusal has its headers already
+            return response
+        add_missing(response, admission.headers())
+        # Django closes a response once it is sent (a streamed one after its last chunk).
+        on_django_response_close(response, admission.finish, response.status_code)
         return response
 
     def close(self) -> None:
-        if self.sync is not None and any(s.engine != "memory" for s in self.config.stores.values()):
+        if self.sync is not None:
             self.sync.close()
 
     async def aclose(self) -> None:
@@ -260,31 +249,16 @@ class _Limits:
             await sync_to_async(self.close, thread_sensitive=False)()
 
 
-@functools.lru_cache(maxsize=64)
-def _django_name(raw_name: bytes) -> str:
-    """`b"retry-after"` -> `"Retry-After"`: the few names headers.py produces, spelt as people do."""
-    name = raw_name.decode("latin-1")
-    return HEADER_NAMES.get(name, name)
-
-
 def _unlogged(response: _Response) -> _Response:
     """A refusal that Django's `django.request` logger skips (docs/django.md, "Logging").
 
     Django logs every response >= 400 (a 503 at ERROR, mailed to ADMINS in production): one line,
     or one mail, per refused request would turn a flood into a flood of logs. The server's access
     log still shows each refusal, `on_decision` reports it, and store failures are logged by
-    ratesync, throttled. Django marks a response it has logged with this attribute; if a future
-    Django renamed it, its logging would simply come back.
+    ratesync, throttled.
     """
-    response._has_been_logged = True
+    mark_django_response_logged(response)
     return response
-
-
-def _set_headers(response: HttpResponseBase, headers: list[Header], *, replace: bool) -> None:
-    for raw_name, raw_value in headers:
-        name = _django_name(raw_name)
-        if replace or name not in response:
-            response[name] = raw_value.decode("latin-1")
 
 
 def _load(*, asynchronous: bool) -> _Limits | None:
@@ -350,13 +324,13 @@ class RateLimitMiddleware:
         if limits is None:
             return self.get_response(request)
         response = self.get_response(request)
-        decision = request.__dict__.pop(DECISION_ATTRIBUTE, _UNCHECKED)
-        if decision is _UNCHECKED:  # no view was reached: count it here, once
+        admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
+        if admission is _UNCHECKED:  # no view was reached: count it here, once
             plan = limits.plan(request, _resolved_view(request))
-            decision = limits.check(request, plan) if plan else None
-            if decision is not None and not decision.allowed:
-                return self._refuse(limits, request, decision, render=True)
-        return limits.finish(response, decision)
+            admission = limits.begin(request, plan) if plan else None
+            if admission is not None and not admission.allowed:
+                return self._refuse(limits, request, admission, render=True)
+        return limits.respond(response, admission)
 
     def _process_view_sync(
         self,
@@ -369,24 +343,25 @@ class RateLimitMiddleware:
         if limits is None:
             return None
         plan = limits.plan(request, view)
-        decision = limits.check(request, plan) if plan else None
-        request.__dict__[DECISION_ATTRIBUTE] = decision
-        if decision is None or decision.allowed:
+        admission = limits.begin(request, plan) if plan else None
+        request.__dict__[ADMISSION_ATTRIBUTE] = admission
+        if admission is None or admission.allowed:
             return None
-        return self._refuse(limits, request, decision, render=False)
+        return self._refuse(limits, request, admission, render=False)
 
     def _refuse(
-        self, limits: _Limits, request: HttpRequest, decision: Decision, *, render: bool
+        self, limits: _Limits, request: HttpRequest, admission: Admission, *, render: bool
     ) -> HttpResponseBase:
         view = limits.view
         if view is None:
-            return limits.denial(decision)
+            return limits.denial(admission)
+        decision = admission.decision
         if iscoroutinefunction(view):
             response = async_to_sync(view)(request, decision)
         else:
             response = view(request, decision)
         # From process_view, Django renders a TemplateResponse itself; after the fact, we do.
-        return limits.complete(_rendered(response) if render else response, decision)
+        return limits.complete(_rendered(response) if render else response, admission)
 
     def _current(self) -> _Limits | None:
         if self._generation == _generation:
@@ -407,13 +382,13 @@ class RateLimitMiddleware:
         if limits is None:
             return await self.get_response(request)
         response = await self.get_response(request)
-        decision = request.__dict__.pop(DECISION_ATTRIBUTE, _UNCHECKED)
-        if decision is _UNCHECKED:
+        admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
+        if admission is _UNCHECKED:
             plan = limits.plan(request, _resolved_view(request))
-            decision = await limits.acheck(request, plan) if plan else None
-            if decision is not None and not decision.allowed:
-                return await self._arefuse(limits, request, decision, render=True)
-        return limits.finish(response, decision)
+            admission = await limits.abegin(request, plan) if plan else None
+            if admission is not None and not admission.allowed:
+                return await self._arefuse(limits, request, admission, render=True)
+        return limits.respond(response, admission)
 
     async def _process_view_async(
         self,
@@ -426,25 +401,26 @@ class RateLimitMiddleware:
         if limits is None:
             return None
         plan = limits.plan(request, view)
-        decision = await limits.acheck(request, plan) if plan else None
-        request.__dict__[DECISION_ATTRIBUTE] = decision
-        if decision is None or decision.allowed:
+        admission = await limits.abegin(request, plan) if plan else None
+        request.__dict__[ADMISSION_ATTRIBUTE] = admission
+        if admission is None or admission.allowed:
             return None
-        return await self._arefuse(limits, request, decision, render=False)
+        return await self._arefuse(limits, request, admission, render=False)
 
     async def _arefuse(
-        self, limits: _Limits, request: HttpRequest, decision: Decision, *, render: bool
+        self, limits: _Limits, request: HttpRequest, admission: Admission, *, render: bool
     ) -> HttpResponseBase:
         view = limits.view
         if view is None:
-            return limits.denial(decision)
+            return limits.denial(admission)
+        decision = admission.decision
         if iscoroutinefunction(view):
             response = await view(request, decision)
         else:  # as Django runs a sync view under ASGI; write it `async def` to skip the thread
             response = await sync_to_async(view)(request, decision)
         if render:
             response = await sync_to_async(_rendered)(response)
-        return limits.complete(response, decision)
+        return limits.complete(response, admission)
 
     async def _acurrent(self) -> _Limits | None:
         if self._generation == _generation:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..bucket import Decision, Policy
 
@@ -31,4 +31,17 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Release connections; the store may be used again afterwards (it reconnects)."""
+        ...
+
+
+@runtime_checkable
+class DecidesNow(Protocol):
+    """A capability: a store that can decide without awaiting (no I/O), like the memory store.
+
+    The core asks for it (`isinstance(store, DecidesNow)`, once per limiter) and then calls
+    `hit_now` without a coroutine; no adapter ever names a store class.
+    """
+
+    def hit_now(self, key: str, policy: Policy, cost: int = 1) -> Decision:
+        """`Store.hit`, answered at once."""
         ...

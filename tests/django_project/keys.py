@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from ratesync_middleware.requests import RequestFacts
+from ratesync_middleware.facts import RequestFacts
 
 
 def tenant(facts: RequestFacts) -> str | None:

@@ -22,5 +22,8 @@ urlpatterns = [
     path("cbv/as-view", limit("search")(views.Plain.as_view())),
     path("cbv/account", views.Account.as_view()),
     path("cbv/status", views.Status.as_view()),
+    path("cbv/post-only", limit("login")(views.PostOnly.as_view())),
+    path("streamed", views.streamed),
+    path("broken", views.broken),
     path("api/", include([path("v1/login", views.login)])),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.template import engines
 from django.template.response import SimpleTemplateResponse
 from django.utils.decorators import method_decorator
@@ -76,6 +76,21 @@ class Account(View):
 class Status(View):
     def get(self, request: HttpRequest) -> HttpResponse:
         return HttpResponse("status")
+
+
+class PostOnly(View):
+    """Marked in the URLconf (`limit("login")(PostOnly.as_view())`); a GET is Django's 405."""
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("welcome")
+
+
+def streamed(request: HttpRequest) -> StreamingHttpResponse:
+    return StreamingHttpResponse(iter([b"one ", b"two ", b"three"]))
+
+
+def broken(request: HttpRequest) -> HttpResponse:
+    raise RuntimeError("the view failed")
 
 
 # --- RATESYNC["view"] ------------------------------------------------------------------------

@@ -1,0 +1,215 @@
+"""The request lifecycle, for every adapter: `begin` decides, `Admission.finish` settles.
+
+    core = RequestLimiter("rate-sync.toml")
+    plan = core.plan(method, path, handler, view)      # which limiters (plans.py)
+    admission = await core.begin(facts, plan)          # identities, stores, the decision
+    if not admission.allowed:
+        send(admission.denial())                       # 429, or 503 for a fail-closed outage
+    else:
+        ... call the app, adding admission.headers() to its response ...
+        admission.finish(status)                       # exactly once, also on errors
+
+An adapter only translates: it builds the `RequestFacts` and the ordered candidate endpoints,
+answers the refusal it is given or calls the app, and calls `finish` with the final status.
+Everything a policy does before or after the response is written here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Iterable
+
+from .bucket import Decision
+from .client_ip import ClientAddress
+from .config import Config, ConfigSource
+from .errors import StoreError
+from .facts import RequestFacts
+from .headers import Denial, Header, RateLimitHeaders
+from .limiter import AsyncRateLimiter, logger
+from .marks import Marks
+from .plans import NOT_LIMITED, Plan, PlanResolver
+
+__all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
+
+
+class Admission:
+    """The outcome of `begin` for one request, and what is left to do when it ends.
+
+    `decision` is the one to report (the refusal, or the most restrictive of the allowing
+    decisions; None when no limiter applied). `finish` must be called once the response of an
+    admitted request is complete (or failed); later calls do nothing.
+    """
+
+    __slots__ = ("_responses", "decision", "finished")
+
+    def __init__(self, decision: Decision | None, responses: RateLimitHeaders) -> None:
+        self.decision = decision
+        self._responses = responses
+        self.finished = False
+
+    @property
+    def allowed(self) -> bool:
+        """False when the request must be refused (`denial()` says how)."""
+        decision = self.decision
+        return decision is None or decision.allowed
+
+    def headers(self) -> list[Header]:
+        """The rate-limit headers for the response (of the configured `headers` mode)."""
+        return self._responses.headers(self.decision)
+
+    def denial(self) -> Denial:
+        """The refusal to send: 429 (503 when a fail-closed store is down), headers and body."""
+        assert self.decision is not None, "an admission without a decision refuses nothing"
+        return self._responses.denial(self.decision)
+
+    def refusal_headers(self) -> list[Header]:
+        """`Retry-After` and the rate-limit headers, for a refusal the app's own code answers."""
+        decision = self.decision
+        assert decision is not None
+        return [*self._responses.retry_after(decision), *self._responses.headers(decision)]
+
+    def finish(self, status: int | None = None) -> None:
+        """The response is complete (`status`, None when it never started): settle the request.
+
+        Idempotent. This is where refunds, settled costs and slot releases are made.
+        """
+        self.finished = True
+
+
+class RequestLimiter:
+    """Plans and decisions for one configuration, shared by all adapters.
+
+    The configuration is compiled once; per request the work is a dict lookup for the plan,
+    the identity of each limiter and one store call per limiter.
+    """
+
+    def __init__(self, config: ConfigSource | AsyncRateLimiter = None) -> None:
+        self.limiter = config if isinstance(config, AsyncRateLimiter) else AsyncRateLimiter(config)
+        self.config: Config = self.limiter.config
+        middleware = self.config.middleware
+        self.client_address = ClientAddress(
+            middleware.trusted_proxies, middleware.ipv6_prefix, middleware.forwarded_header
+        )
+        self.plans = PlanResolver(self.config)
+        self.responses = RateLimitHeaders.for_config(self.config)
+        self._now: dict[Plan, bool] = {}  # plans come from the configuration and marks: few
+
+    # -- plans ------------------------------------------------------------------------------
+
+    def plan(self, method: str, path: str, *candidates: object) -> Plan:
+        """See `PlanResolver.plan`: the first marked candidate > route rules > default."""
+        return self.plans.plan(method, path, *candidates)
+
+    def cached_plan(
+        self,
+        key: Hashable,
+        method: str,
+        path: str,
+        find: Callable[..., Iterable[object]],
+        *args: object,
+    ) -> Plan:
+        """See `PlanResolver.cached_plan`."""
+        return self.plans.cached_plan(key, method, path, find, *args)
+
+    def marked_plan(self, marks: Marks, where: object = None) -> Plan:
+        """See `PlanResolver.marked_plan`."""
+        return self.plans.marked_plan(marks, where)
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def decides_now(self, plan: Plan) -> bool:
+        """Whether `begin_now` can decide `plan`: every store answers at once, no async keys."""
+        known = self._now.get(plan)
+        if known is None:
+            decides_now = self.limiter.decides_now
+            known = self._now[plan] = all(
+                item.identity.sync and decides_now(item.name) for item in plan
+            )
+        return known
+
+    async def begin(self, facts: RequestFacts, plan: Plan) -> Admission:
+        """Spend from every limiter of `plan`, in order; the first denial stops and refuses.
+
+        When all allow, the admission reports the most restrictive decision: the fewest
+        remaining units, real answers before fail-open ones.
+        """
+        if self.decides_now(plan):
+            return self.begin_now(facts, plan)
+        best: Decision | None = None
+        hit = self.limiter.hit
+        for item in plan:
+            identity = item.identity
+            key = identity.now(facts) if identity.sync else await identity(facts)
+            decision = await hit(item.name, key, item.cost)
+            if not decision.allowed:
+                return Admission(decision, self.responses)
+            if best is None or _more_restrictive(decision, best):
+                best = decision
+        return Admission(best, self.responses)
+
+    def begin_now(self, facts: RequestFacts, plan: Plan) -> Admission:
+        """`begin` for a plan that `decides_now`, without a coroutine."""
+        best: Decision | None = None
+        hit_now = self.limiter.hit_now
+        for item in plan:
+            decision = hit_now(item.name, item.identity.now(facts), item.cost)
+            if not decision.allowed:
+                return Admission(decision, self.responses)
+            if best is None or _more_restrictive(decision, best):
+                best = decision
+        return Admission(best, self.responses)
+
+    def degraded(self, plan: Plan, error: StoreError) -> Admission:
+        """The answer when the decision itself could not be made: the plan's strictest rule.
+
+        Any `fail_closed` limiter in the plan refuses (503); otherwise the request passes.
+        """
+        configs = [self.limiter.limiter(item.name) for item in plan]
+        strictest = next((c for c in configs if c.fail_closed), configs[0])
+        return Admission(self.limiter.degraded(strictest, error), self.responses)
+
+    # -- start-up and shutdown --------------------------------------------------------------
+
+    async def startup(self, endpoints: Iterable[object] = ()) -> None:
+        """Fail early: import key functions, check the marks of `endpoints`, open the stores.
+
+        Configuration errors raise `ConfigError`; a store that cannot be reached only logs (its
+        limiters answer fail-open/closed until it can).
+        """
+        self.prepare(endpoints)
+        await self.open_stores()
+
+    def prepare(self, endpoints: Iterable[object] = ()) -> None:
+        """The part of `startup` that needs no store: key functions and the endpoints' marks."""
+        self.plans.prepare(endpoints)
+
+    @property
+    def remote_stores(self) -> list[str]:
+        """The stores in use that talk to a server (all but the in-process memory store)."""
+        used = {limiter.store for limiter in self.config.limiters.values()}
+        return sorted(name for name in used if self.config.stores[name].engine != "memory")
+
+    async def open_stores(self) -> None:
+        """Connect the stores in use now rather than at the first request."""
+        await asyncio.gather(*(self._open(name) for name in self.remote_stores))
+
+    async def _open(self, name: str) -> None:
+        ready = getattr(self.limiter.store(name), "ready", None)
+        if ready is None:
+            return
+        try:
+            await ready()
+        except StoreError as error:  # requests answer fail-open/closed until it is back
+            logger.warning("store %r is not reachable at start-up: %s", name, error)
+
+    async def aclose(self) -> None:
+        """Close the stores (they reopen on next use)."""
+        await self.limiter.aclose()
+
+
+def _more_restrictive(decision: Decision, than: Decision) -> bool:
+    if decision.degraded != than.degraded:
+        return than.degraded  # a real answer says more than a fail-open guess
+    if decision.remaining != than.remaining:
+        return decision.remaining < than.remaining
+    return decision.reset_after > than.reset_after

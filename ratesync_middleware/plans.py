@@ -1,0 +1,242 @@
+"""Which limiters apply to a request: one resolver for every adapter.
+
+Precedence, the same everywhere: the first of the adapter's candidate endpoint objects that
+carries `@limit` / `@exempt` marks (an adapter lists them in its framework's order: the method
+handler, the view function, the view class, a blueprint...), else the first matching
+`[[routes]]` rule, else `[middleware] default`, else nothing. An adapter whose endpoint would not
+handle the request (a 404, a 405) lists no candidates: rules and the default still apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import inspect
+import re
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from .config import Config, RouteRule
+from .errors import ConfigError
+from .identities import Identity
+from .marks import MARKS_ATTRIBUTE, Marks, get_marks
+
+__all__ = [
+    "EXEMPT",
+    "NOT_LIMITED",
+    "PLAN_CACHE_SIZE",
+    "BoundedCache",
+    "Limit",
+    "Plan",
+    "PlanResolver",
+    "endpoint_objects",
+    "method_handler",
+]
+
+PLAN_CACHE_SIZE: Final = 4096  # request-keyed plans kept (paths and methods are client-controlled)
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limiter that applies to a request: its name, the cost, how to find the identity."""
+
+    name: str
+    cost: int
+    identity: Identity
+
+
+Plan = tuple[Limit, ...]
+"""The limiters of a request, checked in order; empty means not limited."""
+
+NOT_LIMITED: Final[Plan] = ()
+
+
+class _Candidate:
+    """A candidate endpoint that is nothing but its marks (see `EXEMPT`)."""
+
+    __slots__ = (MARKS_ATTRIBUTE,)
+
+    def __init__(self, marks: Marks) -> None:
+        setattr(self, MARKS_ATTRIBUTE, marks)
+
+
+EXEMPT: Final = _Candidate(Marks(exempt=True))
+"""A candidate that exempts the request: an adapter's own exemption (Flask's static files)."""
+
+
+def method_handler(
+    view_class: object, method: str, allowed: Collection[str] | None = None
+) -> object | None:
+    """The method of a class-based view that handles `method`, None when there is none (405).
+
+    `allowed`: the lower-case method names the framework dispatches at all (Django's
+    `http_method_names`). HEAD falls back to `get`, as Starlette, Django and Flask all do.
+    """
+    name = method.lower()
+    if allowed is not None and name not in allowed:
+        return None
+    handler = getattr(view_class, name, None)
+    if handler is None and name == "head":
+        handler = getattr(view_class, "get", None)
+    return handler
+
+
+def endpoint_objects(endpoint: object) -> Iterator[object]:
+    """An endpoint and, for a class, each of its attributes: what may carry marks, at start-up."""
+    yield endpoint
+    if inspect.isclass(endpoint):
+        for name in dir(endpoint):
+            with contextlib.suppress(Exception):  # a descriptor that raises has no marks
+                yield getattr(endpoint, name)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    match: Callable[[str], object]
+    methods: frozenset[str] | None
+    plan: Plan
+
+
+def _glob(pattern: str) -> Callable[[str], object]:
+    """A compiled `[[routes]] path` glob: `*` matches anything (also `/`), `?` one character."""
+    return re.compile(fnmatch.translate(pattern)).match
+
+
+class BoundedCache(dict[_K, _V]):
+    """A dict that forgets its oldest entries beyond `size`: keys can be client-controlled."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: _K, value: _V) -> _V:
+        if len(self) >= self.size:
+            # Another thread may have evicted it first (sync adapters share this across threads).
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                del self[next(iter(self))]
+        self[key] = value
+        return value
+
+
+class PlanResolver:
+    """Marks > `[[routes]]` > default, compiled once per configuration; one plan cache.
+
+    plans = PlanResolver(config)
+    plan = plans.plan("POST", "/login", handler, view)          # candidates in order
+    plan = plans.cached_plan(key, "POST", "/login", find)       # find() -> candidates
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._identities = {
+            name: Identity(limiter, config.source) for name, limiter in config.limiters.items()
+        }
+        middleware = config.middleware
+        self._default = self._plan_of(((name, 1) for name in middleware.default), "[middleware]")
+        self._rules = tuple(self._rule(rule) for rule in config.routes)
+        self._marked: dict[Marks, Plan] = {}  # marks are written in code: few
+        # Request-keyed, so bounded: an adapter's key -> the marked plan of its candidates
+        # (None: no candidate is marked), and (method, path) -> the rules' plan.
+        self._by_endpoint: BoundedCache[Hashable, Plan | None] = BoundedCache(PLAN_CACHE_SIZE)
+        self._by_path: BoundedCache[tuple[str, str], Plan] = BoundedCache(PLAN_CACHE_SIZE)
+
+    @property
+    def identities(self) -> dict[str, Identity]:
+        """Each limiter's compiled key, by limiter name."""
+        return self._identities
+
+    def _plan_of(self, limits: Iterable[tuple[str, int]], where: str) -> Plan:
+        plan = []
+        for name, cost in limits:
+            if name not in self._identities:
+                known = ", ".join(sorted(self._identities)) or "none"
+                raise ConfigError(
+                    f"{self.config.source}: {where}: no limiter {name!r} (defined: {known})"
+                )
+            plan.append(Limit(name, cost, self._identities[name]))
+        return tuple(plan)
+
+    def _rule(self, rule: RouteRule) -> _Rule:
+        methods = None
+        if rule.methods is not None:
+            methods = frozenset(rule.methods)
+            if "GET" in methods:
+                methods |= {"HEAD"}  # HEAD is GET without a body: no way around a GET limit
+        plan = NOT_LIMITED if rule.exempt else self._plan_of(((n, 1) for n in rule.limiters), "")
+        return _Rule(_glob(rule.path), methods, plan)
+
+    def marked_plan(self, marks: Marks, where: object = None) -> Plan:
+        """The plan of an endpoint carrying `marks` (exempt wins over limits)."""
+        plan = self._marked.get(marks)
+        if plan is None:
+            label = f"@limit on {getattr(where, '__qualname__', where)!s}" if where else "@limit"
+            plan = NOT_LIMITED if marks.exempt else self._plan_of(marks.limits, label)
+            self._marked[marks] = plan
+        return plan
+
+    def plan(self, method: str, path: str, *candidates: object) -> Plan:
+        """The limiters of a request: the first marked candidate > route rules > default."""
+        marked = self._marked_plan_of(candidates)
+        return marked if marked is not None else self.rules_plan(method, path)
+
+    def cached_plan(
+        self,
+        key: Hashable,
+        method: str,
+        path: str,
+        find: Callable[..., Iterable[object]],
+        *args: object,
+    ) -> Plan:
+        """`plan` for candidates costly to find: `find(*args)`, looked up once per `key`.
+
+        `key` must determine the candidates (ASGI: the scope type, method and path; Flask:
+        the endpoint and method); the path still decides between rules when none is marked.
+        """
+        cache = self._by_endpoint
+        try:
+            marked = cache[key]
+        except KeyError:
+            marked = cache.put(key, self._marked_plan_of(find(*args)))
+        return marked if marked is not None else self.rules_plan(method, path)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop what `cached_plan` keeps for `key` (it turned out not to determine the plan)."""
+        self._by_endpoint.pop(key, None)
+
+    def _marked_plan_of(self, candidates: Iterable[object]) -> Plan | None:
+        for candidate in candidates:
+            marks = get_marks(candidate)
+            if marks is not None:
+                plan = self._marked.get(marks)
+                return plan if plan is not None else self.marked_plan(marks, candidate)
+        return None
+
+    def rules_plan(self, method: str, path: str) -> Plan:
+        """The plan of a request no marks decide: the first matching rule, else the default."""
+        if not self._rules:
+            return self._default
+        key = (method, path)
+        plan = self._by_path.get(key)
+        if plan is None:
+            plan = self._by_path.put(key, self._match_rules(method, path))
+        return plan
+
+    def _match_rules(self, method: str, path: str) -> Plan:
+        for rule in self._rules:
+            if (rule.methods is None or method in rule.methods) and rule.match(path):
+                return rule.plan
+        return self._default
+
+    def prepare(self, endpoints: Iterable[object] = ()) -> None:
+        """Fail early: import key functions and check the marks of every endpoint object."""
+        for identity in self._identities.values():
+            identity.load()
+        for endpoint in endpoints:
+            for candidate in endpoint_objects(endpoint):
+                marks = get_marks(candidate)
+                if marks is not None:
+                    self.marked_plan(marks, candidate)
