@@ -903,12 +903,52 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 _TOML_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"[^"\n]*"|'[^'\n]*')"""
 _TOML_KEY_LINE = re.compile(rf"\s*({_TOML_KEY_PART}(?:\s*\.\s*{_TOML_KEY_PART})*)\s*=")
 _TOML_HEADER_LINE = re.compile(r"\s*(\[\[?)\s*([^\]\n]+?)\s*(\]\]?)\s*(?:#.*)?$")
+_TOML_PARSERS = frozenset({"tomllib._parser", "tomli._parser"})
 
 
 def _parser_limit_error(source: str, text: str, exc: Exception) -> ConfigError:
-    """The table and key of a value the TOML parser could not hold (nested past Python's recursion
-    limit, an integer of 4300+ digits): the first line at which a prefix of the file fails the
-    same way (the parser reads in order), then its key and the table header above it."""
+    """The line, table and key of a value the TOML parser could not hold (nested past Python's
+    recursion limit, an integer of 4300+ digits), named as the loader names them."""
+    line, path = _statement_in_traceback(exc) or _statement_by_bisection(text)
+    table: str | None = None
+    if len(path) > 1:
+        parents = path[:-1]
+        table = "[[routes]]" if parents == ("routes",) else f"[{'.'.join(map(_label, parents))}]"
+    if isinstance(exc, RecursionError):
+        problem = _TOO_DEEP
+    elif "digits" in str(exc):
+        problem = "an integer with thousands of digits, far beyond any limit"
+    else:
+        problem = f"cannot be parsed: {_short(str(exc))}"
+    key = path[-1] if path else None
+    return _Where(source, table or "").error(key, f"line {line}: {problem}", kind="bad_value")
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    """`limiters."api".burst` -> ("limiters", "api", "burst"), quotes removed (no escapes)."""
+    return tuple(part.strip("\"'") for part in re.findall(_TOML_KEY_PART, dotted))
+
+
+def _statement_in_traceback(exc: BaseException) -> tuple[int, tuple[str, ...]] | None:
+    """Where the parser's statement loop stood: its `src`, `pos` (the start of the key = value
+    statement) and `header` (the current table). Private to tomllib/tomli, hence the fallback."""
+    trace = exc.__traceback__
+    while trace is not None:
+        frame = trace.tb_frame
+        if frame.f_code.co_name == "loads" and frame.f_globals.get("__name__") in _TOML_PARSERS:
+            src, pos, header = (frame.f_locals.get(name) for name in ("src", "pos", "header"))
+            if not (isinstance(src, str) and isinstance(pos, int) and isinstance(header, tuple)):
+                return None
+            assignment = _TOML_KEY_LINE.match(src, pos)
+            key = _key_parts(assignment[1]) if assignment else ()
+            return src.count("\n", 0, pos) + 1, (*map(str, header), *key)
+        trace = trace.tb_next
+    return None
+
+
+def _statement_by_bisection(text: str) -> tuple[int, tuple[str, ...]]:
+    """The first line at which a prefix of the file fails the same way (the parser reads in
+    order), then the key on or above it and the table header above that: a parse per step."""
 
     def fails(line_count: int) -> bool:
         try:
@@ -924,20 +964,15 @@ def _parser_limit_error(source: str, text: str, exc: Exception) -> ConfigError:
     while bad - good > 1:
         middle = (good + bad) // 2
         good, bad = (good, middle) if fails(middle) else (middle, bad)
-    table = key = None
+    table: tuple[str, ...] = ()
+    key: tuple[str, ...] = ()
     for line in reversed(lines[:bad]):
         if header := _TOML_HEADER_LINE.match(line):
-            table = f"{header[1]}{header[2]}{header[3]}"
+            table = _key_parts(header[2])
             break
-        if key is None and (assignment := _TOML_KEY_LINE.match(line)):
-            key = re.sub(r"\s*\.\s*", ".", assignment[1])
-    if isinstance(exc, RecursionError):
-        problem = _TOO_DEEP
-    elif "digits" in str(exc):
-        problem = "an integer with thousands of digits, far beyond any limit"
-    else:
-        problem = f"cannot be parsed: {_short(str(exc))}"
-    return _Where(source, table or "").error(key, f"line {bad}: {problem}", kind="bad_value")
+        if not key and (assignment := _TOML_KEY_LINE.match(line)):
+            key = _key_parts(assignment[1])
+    return bad, (*table, *key)
 
 
 # --- no configuration at all -------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ratesync_middleware import AsyncRateLimiter
+from ratesync_middleware import config as config_module
 from ratesync_middleware.bucket import NS_PER_SECOND, Policy
 from ratesync_middleware.config import (
     MAX_COUNT,
@@ -31,6 +32,15 @@ DEEP = 5_000
 def in_tmp_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("RATE_SYNC_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(params=["parser-state", "bisection"])
+def locator(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What the TOML parser cannot hold is located from its state, or, where that is not
+    available (another parser version), by parsing prefixes of the file: both must name it."""
+    if request.param == "bisection":
+        monkeypatch.setattr(config_module, "_statement_in_traceback", lambda exc: None)
+    return str(request.param)
 
 
 def load_file(text: str) -> Config:
@@ -105,20 +115,34 @@ def use(config: Config) -> None:
     ],
     ids=["inline-tables", "arrays", "multi-line-arrays", "100-arrays"],
 )
-def test_deeply_nested_toml_values_name_their_table_and_key(value: str) -> None:
+def test_deeply_nested_toml_values_name_their_table_and_key(value: str, locator: str) -> None:
     error = file_error(f"[stores.main]\n[limiters.api]\nrate_per_second = 1\nkey = {value}\n")
     assert_names(error, "rate-sync.toml", "[limiters.api]", "key")
     assert error.kind == "bad_value"
     assert "nested more than 16 levels deep" in str(error)
 
 
-def test_the_parser_limit_error_names_the_line() -> None:
+def test_the_parser_limit_error_names_the_line(locator: str) -> None:
     error = file_error(
         "[middleware]\nheaders = 'draft'\n\n[[routes]]\npath = '/x'\n"
         "limiters = " + "[" * DEEP + "]" * DEEP + "\n"
     )
     assert_names(error, "rate-sync.toml", "[[routes]]", "limiters")
     assert ": line 6: " in str(error)
+
+
+def test_a_parser_limit_deep_in_a_big_file_is_found(locator: str) -> None:
+    tables = "".join(f"[limiters.l{i}]\nrate_per_second = 1\n" for i in range(5_000))
+    error = file_error(tables + "[limiters.last]\nrate_per_second = 1\nburst = " + "9" * 5_000)
+    assert_names(error, "rate-sync.toml", "[limiters.last]", "burst")
+    assert ": line 10003: an integer with thousands of digits" in str(error)
+
+
+def test_a_dotted_key_at_the_top_is_named_as_written(locator: str) -> None:
+    error = file_error("limiters.api.rate_per_second = 1\nlimiters.api.burst = " + "9" * 5_000)
+    assert_names(error, "rate-sync.toml", "[limiters.api]", "burst")
+    error = file_error('[limiters]\n"api".key = ' + "[" * DEEP + "]" * DEEP)
+    assert_names(error, "rate-sync.toml", "[limiters.api]", "key")
 
 
 @pytest.mark.parametrize(
