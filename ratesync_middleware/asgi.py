@@ -335,9 +335,9 @@ class RateLimitMiddleware:
 
     def _plan(self, scope: Scope, method: str, path: str) -> Plan:
         if self._routes.host_dependent:
-            return self.core.plan(method, path, *self._candidates(scope))
+            return self.core.plans.plan(method, path, *self._candidates(scope))
         key = (scope["type"], method, path)
-        plan = self.core.cached_plan(key, method, path, self._candidates, scope)
+        plan = self.core.plans.cached_plan(key, method, path, self._candidates, scope)
         if self._routes.host_dependent:  # found out just now: the Host header decides
             self.core.plans.forget(key)
         return plan

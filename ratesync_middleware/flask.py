@@ -181,7 +181,7 @@ class _AppState:
 
     def plan(self, flask_request: Request, method: str) -> Plan:
         """The limiters of this request (plans.py): view > blueprint > route rules > default."""
-        return self.limiter.cached_plan(
+        return self.limiter.plans.cached_plan(
             (flask_request.endpoint, method),
             method,
             flask_request.path,

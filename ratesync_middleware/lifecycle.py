@@ -1,7 +1,7 @@
 """The request lifecycle, for every adapter: `begin` decides, `Admission.finish` settles.
 
     core = RequestLimiter("rate-sync.toml")
-    plan = core.plan(method, path, handler, view)      # which limiters (plans.py)
+    plan = core.plans.plan(method, path, handler, view)  # which limiters (plans.py)
     admission = await core.begin(facts, plan)          # identities, stores, the decision
     if not admission.allowed:
         send(admission.denial())                       # 429, or 503 for a fail-closed outage
@@ -17,7 +17,7 @@ Everything a policy does before or after the response is written here, once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Iterable
 
 from .bucket import Decision
 from .client_ip import ClientAddress
@@ -99,17 +99,6 @@ class RequestLimiter:
     def plan(self, method: str, path: str, *candidates: object) -> Plan:
         """See `PlanResolver.plan`: the first marked candidate > route rules > default."""
         return self.plans.plan(method, path, *candidates)
-
-    def cached_plan(
-        self,
-        key: Hashable,
-        method: str,
-        path: str,
-        find: Callable[..., Iterable[object]],
-        *args: object,
-    ) -> Plan:
-        """See `PlanResolver.cached_plan`."""
-        return self.plans.cached_plan(key, method, path, find, *args)
 
     def marked_plan(self, marks: Marks, where: object = None) -> Plan:
         """See `PlanResolver.marked_plan`."""

@@ -10,7 +10,7 @@ the answer is the plan's strictest rule: any `fail_closed` limiter refuses.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Coroutine, Hashable, Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 from . import _portal
@@ -21,6 +21,7 @@ from .errors import StoreError
 from .facts import RequestFacts
 from .lifecycle import Admission, Plan, RequestLimiter
 from .limiter import AsyncRateLimiter
+from .plans import PlanResolver
 
 __all__ = ["SyncRequestLimiter", "outer_deadline", "run_inline"]
 
@@ -53,7 +54,7 @@ class SyncRequestLimiter:
     """`RequestLimiter` for synchronous callers, fork-safe, with one outer deadline.
 
     core = SyncRequestLimiter("rate-sync.toml")
-    admission = core.begin(facts, core.plan(method, path, view))
+    admission = core.begin(facts, core.plans.plan(method, path, view))
     """
 
     def __init__(self, config: ConfigSource | AsyncRateLimiter = None) -> None:
@@ -85,20 +86,10 @@ class SyncRequestLimiter:
 
     # -- plans and decisions ----------------------------------------------------------------
 
-    def plan(self, method: str, path: str, *candidates: object) -> Plan:
-        """See `RequestLimiter.plan`."""
-        return self.core.plan(method, path, *candidates)
-
-    def cached_plan(
-        self,
-        key: Hashable,
-        method: str,
-        path: str,
-        find: Callable[..., Iterable[object]],
-        *args: object,
-    ) -> Plan:
-        """See `RequestLimiter.cached_plan`."""
-        return self.core.cached_plan(key, method, path, find, *args)
+    @property
+    def plans(self) -> PlanResolver:
+        """This process's plan resolver (see `RequestLimiter.plans`)."""
+        return self.core.plans
 
     def begin(self, facts: RequestFacts, plan: Plan) -> Admission:
         """See `RequestLimiter.begin`; blocks at most the outer deadline."""

@@ -151,7 +151,7 @@ class RateLimitMiddleware:
         method: str = environ.get("REQUEST_METHOD") or "GET"
         path = environ_path(environ)
         limiter = self.limiter
-        plan = limiter.plan(method, path)
+        plan = limiter.plans.rules_plan(method, path)
         if not plan:
             return self.app(environ, start_response)
         facts = EnvironFacts(environ, method, path, limiter.client_address)

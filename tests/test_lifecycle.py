@@ -263,7 +263,7 @@ def test_when_the_loop_does_not_answer_any_fail_closed_limiter_refuses(silent_se
     driver = SyncRequestLimiter(config)
     driver.deadline = 0.3  # the loop thread is still connecting when the caller gives up
     started = time.monotonic()
-    admission = driver.begin(Facts(), driver.plan("GET", "/"))
+    admission = driver.begin(Facts(), driver.plans.plan("GET", "/"))
     assert time.monotonic() - started < 3.0
     assert not admission.allowed
     assert admission.denial().status == 503

@@ -34,7 +34,9 @@ def limits(store: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def spend(core: SyncRequestLimiter, peer: str = "203.0.113.7") -> list[bool]:
-    decisions = [core.begin(Facts("/x", peer), core.plan("GET", "/x")).decision for _ in range(3)]
+    decisions = [
+        core.begin(Facts("/x", peer), core.plans.plan("GET", "/x")).decision for _ in range(3)
+    ]
     return [d is not None and d.allowed for d in decisions]
 
 
@@ -66,14 +68,14 @@ def test_nats_plans_run_on_the_background_loop(nats_store: dict[str, Any]) -> No
 
 
 def _child(core: SyncRequestLimiter, results: Any) -> None:
-    decision = core.begin(Facts("/x", "203.0.113.7"), core.plan("GET", "/x")).decision
+    decision = core.begin(Facts("/x", "203.0.113.7"), core.plans.plan("GET", "/x")).decision
     results.put(decision is not None and decision.allowed and not decision.degraded)
 
 
 @pytest.mark.nats
 def test_a_forked_child_gets_its_own_connection(nats_store: dict[str, Any]) -> None:
     core = SyncRequestLimiter(limits(nats_store))
-    first = core.begin(Facts("/x", "203.0.113.7"), core.plan("GET", "/x")).decision
+    first = core.begin(Facts("/x", "203.0.113.7"), core.plans.plan("GET", "/x")).decision
     assert first is not None
     assert first.allowed
     context = multiprocessing.get_context("fork")
@@ -82,7 +84,7 @@ def test_a_forked_child_gets_its_own_connection(nats_store: dict[str, Any]) -> N
     child.start()
     child.join(30)
     assert results.get(timeout=5) is True
-    last = core.begin(Facts("/x", "203.0.113.7"), core.plan("GET", "/x")).decision
+    last = core.begin(Facts("/x", "203.0.113.7"), core.plans.plan("GET", "/x")).decision
     assert last is not None
     assert not last.allowed  # parent and child shared the bucket of 2
     core.close()

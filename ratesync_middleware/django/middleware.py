@@ -184,13 +184,13 @@ class _Limits:
 
     def plan(self, request: HttpRequest, view: ViewFunction | None) -> Plan:
         method = request.method or "GET"
-        planner = self.sync or self.core
+        plans = (self.sync or self.core).plans
         try:
-            return planner.cached_plan(
+            return plans.cached_plan(
                 (view, method), method, request.path_info, view_candidates, view, method
             )
         except TypeError:  # an unhashable callable as a view: not cached
-            return planner.plan(method, request.path_info, *view_candidates(view, method))
+            return plans.plan(method, request.path_info, *view_candidates(view, method))
 
     def begin(self, request: HttpRequest, plan: Plan) -> Admission:
         """The admission of a plan, blocking (synchronous middleware)."""
