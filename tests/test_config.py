@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
+import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ratesync_middleware.bucket import Policy
+from ratesync_middleware.bucket import Policy, consume
 from ratesync_middleware.config import (
     DEFAULT_STORE_NAME,
     Config,
@@ -21,6 +22,7 @@ from ratesync_middleware.config import (
     load_config,
 )
 from ratesync_middleware.errors import ConfigError
+from ratesync_middleware.headers import RateLimitHeaders
 
 
 def write(text: str, name: str = "rate-sync.toml") -> Path:
@@ -703,16 +705,28 @@ INTERESTING_STRINGS = [
     *("600/minute", "10/s", "0/d", "ip", "global", "header:X", "header:", "a.b:c", "/x/*"),
     *("${RATESYNC_TEST_UNSET}", "${RATESYNC_TEST_UNSET:-}", "${HOME:-x}", "${bad var}", "${"),
     *("token_bucket", "sliding_window", "draft", "10.0.0.0/8", "::1", "api", "prod", "default"),
+    *("${RATESYNC_TEST_UNSET:-10.0}", "${RATESYNC_TEST_UNSET:-20}", "${RATESYNC_TEST_UNSET:-true}"),
+    *("${RATESYNC_TEST_UNSET:-ten}", "${RATESYNC_TEST_UNSET:-1e999}", "999999999999/second"),
 ]
 scalars = st.one_of(
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.sampled_from([0, 1, 2, 5, 60, 128, 129]),
+    st.sampled_from([0, 1, 2, 5, 60, 128, 129, 10**9, 10**9 + 1, 31_622_401, 10**400]),
     st.floats(),
     st.text(max_size=12),
     st.sampled_from(INTERESTING_STRINGS),
 )
-values = st.one_of(scalars, st.lists(scalars, max_size=3))
+
+
+def nested_list(depth: int) -> list[Any]:
+    return [nested_list(depth - 1)] if depth else []
+
+
+values = st.one_of(
+    scalars,
+    st.lists(scalars, max_size=3),
+    st.builds(nested_list, st.integers(min_value=12, max_value=40)),
+)
 
 
 def tables(known: list[str]) -> st.SearchStrategy[dict[str, Any]]:
@@ -774,12 +788,28 @@ def to_toml(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def loads_or_config_error(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
+def usable_or_config_error(source: Path | dict[str, Any]) -> None:
+    """Loads, and then nothing downstream overflows (headers, one decision per limiter), or a
+    ConfigError."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RateSyncConfigWarning)
-        with contextlib.suppress(ConfigError):
-            assert isinstance(load_config(path), Config)
+        try:
+            config = load_config(source)
+        except ConfigError:
+            return
+    RateLimitHeaders.for_config(config)
+    now = time.time_ns()
+    for limiter in config.limiters.values():
+        tat, decision = consume(limiter.policy, now, now, limiter.policy.burst)
+        assert decision.allowed
+        assert tat is not None
+        assert tat < 2**63
+        assert consume(limiter.policy, tat, now)[1].retry_after < math.inf
+
+
+def loads_or_config_error(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    usable_or_config_error(path)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -794,7 +824,4 @@ def test_any_document_loads_or_raises_config_error(
     document: dict[str, Any], tmp_path: Path
 ) -> None:
     loads_or_config_error(tmp_path / "fuzz.toml", to_toml(document))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RateSyncConfigWarning)
-        with contextlib.suppress(ConfigError):
-            load_config(document)
+    usable_or_config_error(document)
