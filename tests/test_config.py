@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -825,3 +826,97 @@ def test_any_document_loads_or_raises_config_error(
 ) -> None:
     loads_or_config_error(tmp_path / "fuzz.toml", to_toml(document))
     usable_or_config_error(document)
+
+
+# --- what a ConfigError says in fields -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "table", "key"),
+    [
+        ("[stores.prod]\nengine = nats\n", "toml_syntax", None, None),
+        (
+            "[limiters.api]\nrate_per_second = 1\nbrust = 5\n",
+            "unknown_key",
+            "[limiters.api]",
+            "brust",
+        ),
+        ("[limiter.api]\n", "unknown_key", None, "limiter"),
+        ("[limiters.api]\nburst = 'x'\n", "bad_value", "[limiters.api]", "burst"),
+        ("[stores.prod]\nengine = 'nats'\n", "missing", "[stores.prod]", "url"),
+        ("[limiters.api]\nburst = 5\n", "missing", "[limiters.api]", "limit"),
+        ("[[routes]]\nexempt = true\n", "missing", "[[routes]] #1", "path"),
+        (
+            "[limiters.api]\nrate_per_second = 1\nlimit = '1/s'\n",
+            "conflict",
+            "[limiters.api]",
+            "rate_per_second",
+        ),
+        ("[[routes]]\npath = '/x'\n", "conflict", "[[routes]] #1", "limiters"),
+        (
+            "[limiters.api]\nstore = 'nope'\nrate_per_second = 1\n",
+            "undefined_reference",
+            "[limiters.api]",
+            "store",
+        ),
+        ("[middleware]\ndefault = 'nope'\n", "undefined_reference", "[middleware]", "default"),
+        ("[stores.prod]\ntoken = '${NATS_TOKEN}'\n", "env_var", "[stores.prod]", "token"),
+        ("[stores.prod]\ntoken = '${NATS TOKEN}'\n", "env_var", "[stores.prod]", "token"),
+    ],
+)
+def test_config_errors_say_where_and_what_in_fields(
+    text: str, kind: str, table: str | None, key: str | None
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(text)
+    error = caught.value
+    assert (error.source, error.kind, error.table, error.key) == (
+        "rate-sync.toml",
+        kind,
+        table,
+        key,
+    )
+    place = " ".join(part for part in (table, key) if part)
+    assert str(error).startswith(f"rate-sync.toml: {place}: " if place else "rate-sync.toml: ")
+    assert error.variable == ("NATS_TOKEN" if "NATS_TOKEN" in text else None)
+
+
+def test_missing_and_unreadable_files_are_told_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config("missing.toml")
+    assert (caught.value.kind, caught.value.source) == ("file", "missing.toml")
+    Path("latin1.toml").write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config("latin1.toml")
+    assert (caught.value.kind, caught.value.source) == ("unreadable", "latin1.toml")
+    monkeypatch.setenv("RATE_SYNC_CONFIG", "/nowhere/rate-sync.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    assert (caught.value.kind, caught.value.source) == ("file", "/nowhere/rate-sync.toml")
+
+
+def test_a_config_error_keeps_its_fields_through_pickle() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load("[limiters.api]\nrate_per_second = '${API_RATE:-ten}'\n")
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert str(copy) == str(caught.value)
+    assert (copy.source, copy.table, copy.key, copy.kind, copy.variable) == (
+        "rate-sync.toml",
+        "[limiters.api]",
+        "rate_per_second",
+        "env_var",
+        "API_RATE",
+    )
+
+
+def test_a_config_error_raised_elsewhere_has_the_defaults() -> None:
+    error = ConfigError("something else")
+    assert (error.source, error.table, error.key, error.kind, error.variable) == (
+        None,
+        None,
+        None,
+        "other",
+        None,
+    )
