@@ -881,9 +881,7 @@ def test_config_errors_say_where_and_what_in_fields(
     assert error.variable == ("NATS_TOKEN" if "NATS_TOKEN" in text else None)
 
 
-def test_missing_and_unreadable_files_are_told_apart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_and_unreadable_files_are_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config("missing.toml")
     assert (caught.value.kind, caught.value.source) == ("file", "missing.toml")
