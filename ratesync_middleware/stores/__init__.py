@@ -21,5 +21,11 @@ def create_store(config: Config, name: str, clock: Clock = wall_clock) -> Store:
     if store.engine == "nats":
         from .nats import NatsStore
 
-        return NatsStore(store, clock=clock)
+        # The bucket's max age must cover the longest refill time of the limiters on it.
+        windows = {
+            limiter.name: limiter.policy.window_ns
+            for limiter in config.limiters.values()
+            if limiter.store == name
+        }
+        return NatsStore(store, clock=clock, windows_ns=windows)
     raise ConfigError(f"{store.name}: unknown engine {store.engine!r}")  # pragma: no cover

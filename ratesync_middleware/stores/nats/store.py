@@ -8,115 +8,73 @@ The hot path (docs/engines/nats.md):
    proves the bucket empty the answer is a denial without any round trip.
 3. Concurrent decisions for one key in this process are queued and applied in arrival order by a
    single flusher, which writes their combined result with one compare-and-set.
-4. Writes and reads are plain requests over one inbox subscription (`_Replies`), cheaper than
+4. Writes and reads are plain requests over one inbox subscription (`Replies`), cheaper than
    nats-py's `request()`.
-Every call has a deadline; after a failure, calls fail at once until a short back-off ends.
+Each decision has one deadline, from its start to its answer (queueing, opening, every round trip
+included). After a failure, decisions fail at once until a short back-off ends, whatever the
+socket says; a connection that stops answering is given up within seconds and opened afresh in
+the background, one attempt per back-off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StreamInfo
+from nats.js.api import RawStreamMsg, StreamInfo
 
-from ..bucket import Decision, Policy, consume, peek
-from ..config import StoreConfig
-from ..errors import (
-    PRECREATE_COMMAND,
-    AuthenticationError,
-    BucketNotFoundError,
-    ConnectionRefusedError,
-    InsufficientPermissionsError,
-    JetStreamNotEnabledError,
-    StoreError,
-    StoreUnavailableError,
+from ...bucket import Decision, Policy, consume, peek
+from ...config import StoreConfig
+from ...errors import StoreError, StoreUnavailableError
+from ..base import Clock, wall_clock
+from .bucket import BucketOpener, precreate_command
+from .errors import (
+    BucketGoneError,
+    DeadlineError,
+    NatsFailure,
+    StalledError,
+    Translator,
+    is_auth_rejection,
+    is_permission_violation,
+    is_wrong_last_sequence,
 )
-from .base import Clock, wall_clock
+from .wire import (
+    EXPECTED_LAST_SUBJECT_SEQUENCE,
+    KV_OPERATION,
+    PENDING_BUFFER_BYTES,
+    STATUS,
+    Replies,
+    StoredEntry,
+    ack_revision,
+    decode_owned_tat,
+    decode_value,
+    encode_value,
+)
 
 logger = logging.getLogger("ratesync_middleware.nats")
 
-BUCKET_TTL_SECONDS = 24 * 3600
-BUCKET_HISTORY = 1
-VALUE_VERSION = 1
-_EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
-_KV_OPERATION = "KV-Operation"
-_STATUS = "Status"  # a reply's status header: "404" not found, "503" no responders
-_NO_RESPONDERS = "503"
-_WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 _RECONNECT_WAIT = 0.5  # seconds between reconnect attempts to one server
 _CONTENDED_SECONDS = 0.05  # after a lost compare-and-set, pace this key's writes for so long
 _WARNING_INTERVAL = 10.0
+_PROBE_SECONDS = 1  # after a missed deadline, a connection must answer a PING within this
+_RECREATION_CHECK_SECONDS = 2.0  # how often the bucket's stream is checked for a re-creation
+_CLOSE_SECONDS = 2.0
 
-
-def encode_value(tat: int, policy: Policy) -> bytes:
-    """The stored value: small JSON, versioned, with the policy so any reader can decode it."""
-    return (
-        f'{{"v":{VALUE_VERSION},"tat_ns":{tat},'
-        f'"interval_ns":{policy.interval_ns},"burst":{policy.burst}}}'
-    ).encode()
-
-
-def decode_value(data: bytes | None) -> dict[str, int] | None:
-    """The fields of a stored value, or None for an empty or foreign one (a full bucket)."""
-    if not data:
-        return None
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(value, dict):
-        return None
-    fields = {name: value.get(name) for name in ("v", "tat_ns", "interval_ns", "burst")}
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields.values()):
-        return None
-    return fields  # type: ignore[return-value]
-
-
-def decode_tat(data: bytes | None) -> int:
-    """The `tat` of a stored value; 0 (a full bucket) for an empty or foreign value."""
-    value = decode_value(data)
-    return value["tat_ns"] if value is not None else 0
-
-
-@dataclass(frozen=True)
-class StoredEntry:
-    """One key as NATS holds it, decoded (for `ratesync get` and `watch`)."""
-
-    key: str
-    revision: int
-    written_at: datetime | None
-    deleted: bool
-    value: dict[str, int] | None
-
-    def policy(self) -> Policy | None:
-        """The policy the last writer used, when the value carries one."""
-        if self.value is None or self.value["interval_ns"] < 1 or self.value["burst"] < 1:
-            return None
-        return Policy(self.key, self.value["interval_ns"], self.value["burst"])
-
-    @property
-    def tat_ns(self) -> int:
-        return 0 if self.deleted or self.value is None else self.value["tat_ns"]
-
-
-Waiter = tuple[Policy, int, "asyncio.Future[Decision] | None"]
-"""One decision to write: its policy, its cost, and who waits for it (None: the writer itself)."""
+Waiter = tuple[Policy, int, "asyncio.Future[Decision] | None", float]
+"""One decision to write: its policy, its cost, who waits for it (None: the writer itself), and
+its deadline (monotonic seconds)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -125,111 +83,74 @@ class _KeyState:
 
     tat: int = 0
     revision: int | None = None  # None: unknown, the next write must find out
+    lost: bool = False  # a failure left it unknown (a write may have landed): read before writing
     busy: bool = False  # a write to this key is under way; new decisions queue in `waiters`
     contended_until: float = 0.0  # monotonic time until which other processes race for it
     waiters: list[Waiter] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
 
 
-class _Replies:
-    """Request/reply for the hot path, over one wildcard inbox subscription per connection.
-
-    nats-py's `request()` draws a random token, wraps the wait in `wait_for` and builds a response
-    dataclass on every call: on a hot key that was a fifth of the CPU of a decision
-    (docs/benchmarks.md). Here a token is a counter and the deadline one timer.
-    """
-
-    def __init__(self, nc: NatsClient) -> None:
-        self._nc = nc
-        self._prefix = nc.new_inbox() + "."
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._tokens = itertools.count()
-
-    async def start(self) -> None:
-        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
-
-    async def _on_reply(self, message: Msg) -> None:
-        future = self._waiting.pop(message.subject[len(self._prefix) :], None)
-        if future is not None and not future.done():
-            future.set_result(message)
-
-    async def request(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
-    ) -> Msg:
-        """The reply to one request; `nats.errors.TimeoutError` after `timeout` seconds."""
-        token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = future
-        timer = loop.call_later(timeout, _time_out, future)
-        try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            message = await future
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
-        if not message.data and (message.headers or {}).get(_STATUS) == _NO_RESPONDERS:
-            raise nats.errors.NoRespondersError  # nothing stores the subject: no bucket
-        return message
-
-
-def _time_out(future: asyncio.Future[Msg]) -> None:
-    if not future.done():
-        future.set_exception(nats.errors.TimeoutError())
-
-
-def _ack_revision(message: Msg) -> int:
-    """The stream sequence in a JetStream publish acknowledgement; `APIError` for an error."""
-    try:
-        ack = json.loads(message.data)
-        error = ack.get("error")
-        if error is None:
-            return int(ack["seq"])
-        code, err_code = error.get("code"), error.get("err_code")
-        description = error.get("description")
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise nats.js.errors.APIError(description="unreadable acknowledgement") from None
-    raise nats.js.errors.APIError(code=code, description=description, err_code=err_code)
+class _NoTimeLeftError(DeadlineError):
+    """A decision's deadline would pass before its round trip ends: nothing was sent."""
 
 
 def _settle(waiters: list[Waiter], error: BaseException) -> None:
     """Fail the futures of `waiters` that are still pending."""
-    for _, _, future in waiters:
+    for _, _, future, _ in waiters:
         if future is not None and not future.done():
             future.set_exception(error)
 
 
-def _is_auth_error(error: BaseException) -> bool:
-    text = str(error).lower()
-    return isinstance(error, nats.errors.AuthorizationError) or "authorization violation" in text
-
-
-def _is_permission_error(error: BaseException) -> bool:
-    return "permissions violation" in str(error).lower()
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a background task's exception as seen: its callers got it, or nobody needs it."""
+    if not task.cancelled():
+        task.exception()
 
 
 class NatsStore:
-    """Buckets in a NATS JetStream KV bucket, shared by every process that names it."""
+    """Buckets in a NATS JetStream KV bucket, shared by every process that names it.
 
-    def __init__(self, config: StoreConfig, clock: Clock = wall_clock) -> None:
+    `windows_ns` maps the limiters on this store to their refill times (`Policy.window_ns`): the
+    bucket's max age must cover the longest, see `bucket.py`.
+    """
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        clock: Clock = wall_clock,
+        *,
+        windows_ns: Mapping[str, int] | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
         self._stream = f"KV_{config.bucket_name}"
         self._prefix = f"$KV.{config.bucket_name}."
+        self._bucket = BucketOpener(config, windows_ns or {}, Translator(config, ""))
+        self._errors = Translator(
+            config, precreate_command(config.bucket_name, self._bucket.ttl_seconds)
+        )
+        self._bucket.translator = self._errors
         self._cache: OrderedDict[str, _KeyState] = OrderedDict()
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
-        self._replies: _Replies | None = None
+        self._replies: Replies | None = None
         self._direct_get = f"$JS.API.DIRECT.GET.{self._stream}."  # + subject: its last message
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._opening: asyncio.Lock | None = None
+        self._opening: asyncio.Task[JetStreamContext] | None = None
+        self._opened_before = False  # since then, reopening never holds a decision up
+        self._probe: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stream_created: datetime | None = None
+        self._highest_ack = 0  # stream sequences only grow, unless the stream was re-created
         self._direct = False
         self._retry_at = 0.0  # monotonic time before which calls fail at once
         self._last_error: StoreError | None = None
         self._connect_errors: list[BaseException] = []
         self._permission_denied = False
         self._last_warning = 0.0
+        self._last_foreign_warning = 0.0
         self._round_trip = 0.0005  # seconds, a moving average of successful writes
+        self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -237,41 +158,69 @@ class NatsStore:
 
     # -- connection -------------------------------------------------------------------------
 
-    async def ready(self) -> JetStreamContext:
+    async def ready(self, deadline: float | None = None) -> JetStreamContext:
         """The JetStream context, connecting and opening the bucket on first use.
 
         Raises the seed guide's errors at start-up, `StoreUnavailableError` during a back-off.
+        Once a connection was open, reopening happens in the background: a decision waits for it
+        until its `deadline` at most, and others fail at once meanwhile.
         """
-        js = self._js
-        nc = self._nc
-        if js is not None and nc is not None and nc.is_connected:
-            if self._loop is asyncio.get_running_loop():
+        js, nc = self._js, self._nc
+        loop = asyncio.get_running_loop()
+        if js is not None and nc is not None and self._loop is loop:
+            if nc.is_connected:
                 return js
+            if not nc.is_closed:  # nats-py is reconnecting by itself
+                raise self._failed(
+                    StoreUnavailableError(f"store {self.config.name!r}: reconnecting to NATS")
+                )
+        if self._loop is not None and self._loop is not loop:
             self._forget_connection()  # opened on another (now dead) loop: start afresh here
-        elif js is not None and nc is not None and not nc.is_closed:
-            self._fail(StoreUnavailableError(f"store {self.config.name!r}: reconnecting to NATS"))
+            self._opening = self._probe = self._watcher = None
+            self._opened_before = False
+            self._loop = None
         if time.monotonic() < self._retry_at and self._last_error is not None:
-            raise self._last_error
-        if self._opening is None or self._loop is not asyncio.get_running_loop():
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            if self._js is None or self._nc is None or self._nc.is_closed:
-                try:
-                    await self._open()
-                except StoreError as error:
-                    self._fail(error)
-            assert self._js is not None
-            return self._js
+            raise self._last_error  # one open attempt per back-off
+        opening = self._opening
+        if opening is not None and not opening.done():
+            if self._opened_before:
+                raise StoreUnavailableError(
+                    f"store {self.config.name!r}: reconnecting to NATS (opening the bucket)"
+                )
+            return await asyncio.shield(opening)  # start-up: everybody waits for the first
+        opening = self._opening = loop.create_task(self._open_once())
+        opening.add_done_callback(_retrieve)
+        if not self._opened_before or deadline is None:
+            return await asyncio.shield(opening)
+        await asyncio.wait({opening}, timeout=max(0.0, deadline - time.monotonic()))
+        if not opening.done():
+            raise DeadlineError(
+                f"store {self.config.name!r}: reconnecting to NATS took longer than the deadline"
+            )
+        return opening.result()
 
-    def _fail(self, error: StoreError) -> None:
+    async def _open_once(self) -> JetStreamContext:
+        try:
+            await self._open()
+        except StoreError as error:
+            raise self._failed(error) from None
+        assert self._js is not None
+        return self._js
+
+    def _failed(self, error: StoreError) -> StoreError:
         """Record a failure: calls fail at once with `error` until the back-off ends."""
         self._last_error = error
         self._retry_at = time.monotonic() + self.config.backoff
-        raise error
+        return error
 
     def _forget_connection(self) -> None:
         self._nc = self._js = self._replies = None
         self._cache.clear()
+        current = asyncio.current_task()
+        on_own_loop = self._loop is asyncio.get_running_loop()
+        for task in (self._probe, self._watcher):
+            if task is not None and task is not current and not task.done() and on_own_loop:
+                task.cancel()
 
     def _drop_connection(self) -> None:
         """Forget the connection now and close it in the background."""
@@ -288,7 +237,7 @@ class NatsStore:
             # call made once per connection, given the connect deadline rather than a decision's.
             setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
             info = await self.open_bucket(setup)
-            replies = _Replies(nc)
+            replies = Replies(nc)
             await replies.start()
         except BaseException:
             await self._close_client(nc)
@@ -296,7 +245,12 @@ class NatsStore:
         self._direct = bool(info.config.allow_direct)
         self._nc, self._js, self._replies = nc, js, replies
         self._loop = asyncio.get_running_loop()
+        self._opened_before = True
+        self._last_reply = time.monotonic()
         self._cache.clear()
+        self._highest_ack = 0
+        self._stream_created = info.created
+        self._watcher = self._loop.create_task(self._watch_stream(nc, setup))
 
     async def connect(self) -> NatsClient:
         """Connect within `connect_timeout` over all URLs, failing early on a rejected login."""
@@ -311,7 +265,7 @@ class NatsStore:
                 self._on_runtime_error(error)
                 return
             self._connect_errors.append(error)
-            if _is_auth_error(error) and not rejected.done():
+            if is_auth_rejection(error) and not rejected.done():
                 rejected.set_result(None)
 
         connecting = loop.create_task(nc.connect(**self._connect_options(nc, on_error)))
@@ -327,7 +281,7 @@ class NatsStore:
         with suppress(BaseException):
             await connecting
         await self._close_client(nc)
-        raise self._connect_failure()
+        raise self._errors.connect_failure(self._connect_errors)
 
     def _connect_options(self, nc: NatsClient, on_error: Any) -> dict[str, Any]:
         config = self.config
@@ -339,6 +293,7 @@ class NatsStore:
         async def on_reconnected() -> None:
             logger.info("store %r: reconnected to NATS", config.name)
             self._cache.clear()
+            self._check_stream_soon()  # the server may have lost, or re-created, the bucket
 
         options: dict[str, Any] = {
             "servers": list(config.servers),
@@ -347,6 +302,7 @@ class NatsStore:
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": _RECONNECT_WAIT,
+            "pending_size": PENDING_BUFFER_BYTES,
             "error_cb": on_error,
             "disconnected_cb": on_disconnected,
             "reconnected_cb": on_reconnected,
@@ -372,111 +328,18 @@ class NatsStore:
         return context
 
     def _connect_failure(self) -> StoreError:
-        """The seed guide's error for what went wrong while connecting."""
-        servers = ", ".join(self.config.redacted_servers)
-        errors = self._connect_errors
-        if any(_is_auth_error(error) for error in errors):
-            how = (
-                "the token (check the environment variable it comes from, e.g. `echo $NATS_TOKEN`)"
-            )
-            if self.config.creds or self.config.nkey:
-                how = "the creds/nkey file"
-            elif any("@" in url for url in self.config.servers):
-                how = "the user and password in the URL"
-            return AuthenticationError(
-                f"Authentication violation: the NATS server at {servers} rejected the credentials "
-                f"of store {self.config.name!r}. Verify {how} against the server configuration."
-            )
-        reasons = sorted({type(error).__name__ for error in errors}) or ["no answer"]
-        return ConnectionRefusedError(
-            f"Connection refused: no NATS server accepted a connection at {servers} within "
-            f"{self.config.connect_timeout:g}s ({', '.join(reasons)}). Verify the URL, that "
-            "nats-server is running, and that the network and firewall let this host reach it "
-            "(e.g. `telnet HOST 4222`)."
-        )
+        return self._errors.connect_failure(self._connect_errors)
 
     async def open_bucket(self, js: JetStreamContext) -> StreamInfo:
         """Open the bucket, creating it with the guide's settings when allowed and missing."""
-        bucket = self.config.bucket_name
-        try:
-            info = await js.stream_info(self._stream)
-        except nats.js.errors.NotFoundError:
-            if not self.config.auto_create:
-                raise BucketNotFoundError(
-                    f"Bucket not found: KV bucket {bucket!r} does not exist and store "
-                    f"{self.config.name!r} has auto_create = false. Create it with "
-                    f"`{PRECREATE_COMMAND.format(bucket=bucket)}` (or `ratesync check`), "
-                    "or set auto_create = true."
-                ) from None
-            return await self._create_bucket(js)
-        except Exception as error:
-            raise self._jetstream_failure(error) from None
-        self._warn_on_settings(info)
-        return info
-
-    async def _create_bucket(self, js: JetStreamContext) -> StreamInfo:
-        bucket = self.config.bucket_name
-        kv_config = KeyValueConfig(
-            bucket=bucket,
-            history=BUCKET_HISTORY,
-            ttl=BUCKET_TTL_SECONDS,
-            replicas=self.config.replicas,
-            direct=True,
-        )
-        try:
-            await js.create_key_value(kv_config)
-            return await js.stream_info(self._stream)
-        except nats.js.errors.BadRequestError as error:
-            if error.err_code == 10058:  # created meanwhile by another process, other settings
-                return await js.stream_info(self._stream)
-            raise self._jetstream_failure(error) from None
-        except Exception as error:
-            raise self._jetstream_failure(error) from None
+        return await self._bucket.open(js, lambda: self._permission_denied)
 
     def _jetstream_failure(self, error: BaseException) -> StoreError:
-        bucket = self.config.bucket_name
-        if isinstance(
-            error, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError
-        ):
-            return JetStreamNotEnabledError(
-                f"JetStream not enabled: the NATS server of store {self.config.name!r} answers "
-                "but has no JetStream. Start nats-server with the `-js` flag (or `jetstream {}` "
-                "in its configuration), or ask your NATS administrator to enable it."
-            )
-        if self._permission_denied or _is_permission_error(error):
-            return InsufficientPermissionsError(
-                f"Insufficient permissions: the credentials of store {self.config.name!r} may not "
-                f"create KV bucket {bucket!r}. Ask your NATS administrator to grant it, or "
-                f"pre-create it with `{PRECREATE_COMMAND.format(bucket=bucket)}` and set "
-                "auto_create = false."
-            )
-        return StoreUnavailableError(
-            f"store {self.config.name!r}: opening KV bucket {bucket!r} failed "
-            f"({type(error).__name__}: {error})"
-        )
-
-    def _warn_on_settings(self, info: StreamInfo) -> None:
-        config = info.config
-        differences = []
-        if config.max_msgs_per_subject != BUCKET_HISTORY:
-            differences.append(f"history {config.max_msgs_per_subject} (expected {BUCKET_HISTORY})")
-        if not config.max_age or abs(config.max_age - BUCKET_TTL_SECONDS) > 1:
-            differences.append(f"ttl {config.max_age or 0:g}s (expected {BUCKET_TTL_SECONDS}s)")
-        if (config.num_replicas or 1) != self.config.replicas:
-            differences.append(f"replicas {config.num_replicas} (expected {self.config.replicas})")
-        if differences:
-            logger.warning(
-                "store %r: KV bucket %r exists with %s; using it as it is. To recreate it: "
-                "`nats kv rm %s` then `%s`",
-                self.config.name,
-                self.config.bucket_name,
-                ", ".join(differences),
-                self.config.bucket_name,
-                PRECREATE_COMMAND.format(bucket=self.config.bucket_name),
-            )
+        """The seed guide's error for a failed management call (`ratesync check` shows it)."""
+        return self._errors.bucket_failure(error, permission_denied=self._permission_denied)
 
     def _on_runtime_error(self, error: Exception) -> None:
-        if _is_permission_error(error):
+        if is_permission_violation(error):
             self._permission_denied = True
         self._warn("store %r: NATS reported %s", self.config.name, type(error).__name__)
 
@@ -486,14 +349,111 @@ class NatsStore:
             self._last_warning = now
             logger.warning(message, *args)
 
+    # -- a connection that hangs, a bucket that was re-created --------------------------------
+
+    def _suspect_connection(self) -> None:
+        """A call missed its deadline: check in the background that the connection answers."""
+        nc = self._nc
+        if (
+            nc is None
+            or not nc.is_connected
+            or (self._probe is not None and not self._probe.done())
+        ):
+            return
+        self._probe = asyncio.get_running_loop().create_task(self._probe_connection(nc))
+
+    async def _probe_connection(self, nc: NatsClient) -> None:
+        try:
+            # A PING queued behind everything written so far: its PONG proves the link drains.
+            await asyncio.wait_for(nc.flush(timeout=_PROBE_SECONDS), _PROBE_SECONDS + 0.5)
+        except NatsFailure:
+            if self._nc is nc and nc.is_connected:
+                self._give_up(nc, f"no answer to a PING within {_PROBE_SECONDS}s")
+
+    def _give_up(self, nc: NatsClient, why: str) -> None:
+        """The connection hangs (its outgoing buffer does not drain): open a new one."""
+        if self._nc is not nc:
+            return
+        logger.warning(
+            "store %r: the connection to NATS hangs (%s); opening a new one", self.config.name, why
+        )
+        self._failed(StalledError(f"store {self.config.name!r}: the connection to NATS hangs"))
+        self._drop_connection()
+
+    def _check_stream_soon(self) -> None:
+        watcher = self._watcher
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+        nc, js = self._nc, self._js
+        if nc is not None and js is not None:
+            setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch_stream(nc, setup, first_delay=0.0)
+            )
+
+    async def _watch_stream(
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        first_delay: float = _RECREATION_CHECK_SECONDS,
+    ) -> None:
+        """Every few seconds, compare the stream's creation time with the one we opened.
+
+        A bucket deleted and created again (`nats kv rm` + `nats kv add`) restarts its sequences
+        at 1, so a cached revision can match a newer key's and a stale state would overwrite it:
+        the cache is dropped as soon as the new stream is seen. Costs no request of a decision.
+        """
+        delay = first_delay
+        while self._nc is nc:
+            await asyncio.sleep(delay)
+            delay = _RECREATION_CHECK_SECONDS
+            if not nc.is_connected:
+                continue
+            try:
+                info = await js.stream_info(self._stream)
+            except nats.js.errors.NotFoundError:
+                self._cache.clear()  # deleted: writes get no responders and reopen it
+                continue
+            except Exception:  # a failed check is tried again next time
+                continue
+            if self._nc is not nc:
+                return
+            self._note_stream(info.created)
+
+    def _note_stream(self, created: datetime | None) -> None:
+        if created is None or created == self._stream_created:
+            return
+        if self._stream_created is not None:
+            logger.warning(
+                "store %r: KV bucket %r was re-created (stream created %s); forgetting the "
+                "cached state of %d keys",
+                self.config.name,
+                self.config.bucket_name,
+                created.isoformat(),
+                len(self._cache),
+            )
+        self._stream_created = created
+        self._highest_ack = 0
+        for state in self._cache.values():
+            state.revision, state.lost = None, True
+
     @staticmethod
     async def _close_client(nc: NatsClient) -> None:
-        with suppress(Exception):
-            await asyncio.wait_for(nc.close(), 2.0)
+        try:
+            await asyncio.wait_for(nc.close(), _CLOSE_SECONDS)
+        except Exception:
+            # A hung link keeps nats-py's close waiting to flush: drop the socket instead
+            # (a private attribute of nats-py 2.16's TCP transport; best effort).
+            writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+            with suppress(Exception):
+                writer.transport.abort()  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
         nc = self._nc
         self._forget_connection()
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
         for state in self._cache.values():
             if state.flusher is not None:
                 state.flusher.cancel()
@@ -503,7 +463,16 @@ class NatsStore:
     # -- decisions --------------------------------------------------------------------------
 
     async def hit(self, key: str, policy: Policy, cost: int = 1) -> Decision:
-        await self.ready()
+        started = time.monotonic()
+        deadline = started + self.config.timeout
+        nc = self._nc
+        if (
+            self._js is None
+            or nc is None
+            or not nc.is_connected
+            or self._loop is not asyncio.get_running_loop()
+        ):
+            await self.ready(deadline)
         cache = self._cache
         state = cache.get(key)
         if state is None:
@@ -516,11 +485,13 @@ class NatsStore:
                 new_tat, decision = consume(policy, state.tat, self._clock(), cost)
                 if new_tat is None:
                     return decision  # the cache proves the bucket empty: no round trip
-        if state.busy or state.contended_until > time.monotonic():
+        if started < self._retry_at and self._last_error is not None:
+            raise self._last_error  # a call just failed: answer at once, whatever the socket says
+        if state.busy or state.contended_until > started:
             # Another decision is writing this key, or other processes race for it: join the
             # next batch (the flusher paces a contended key's writes, see `_flush`).
             future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-            state.waiters.append((policy, cost, future))
+            state.waiters.append((policy, cost, future, deadline))
             if not state.busy:
                 state.busy = True
                 state.flusher = asyncio.get_running_loop().create_task(self._flush(key, state))
@@ -528,9 +499,12 @@ class NatsStore:
         # The key is idle: write this decision here, without a task or a future.
         state.busy = True
         try:
-            return (await self._commit(key, state, [(policy, cost, None)]))[0]
+            return (await self._commit(key, state, [(policy, cost, None, deadline)]))[0]
+        except _NoTimeLeftError:
+            raise  # nothing was sent: the key's state is still known
         except BaseException:
             state.revision = None  # interrupted or failed: what NATS holds is unknown
+            state.lost = True
             raise
         finally:
             state.busy = False
@@ -547,24 +521,32 @@ class NatsStore:
                     # Back-to-back writes from here would starve the other processes, which
                     # must read before they write: leave them a round trip, and batch more.
                     await asyncio.sleep(self._round_trip)
-                batch, state.waiters = state.waiters, []
+                # A waiter whose caller went away is not written: nobody would be told.
+                batch = [w for w in state.waiters if w[2] is None or not w[2].done()]
+                state.waiters = []
+                if not batch:
+                    continue
+                # Arrival order is deadline order: the batch must answer by its first's.
+                deadline = batch[0][3]
                 try:
                     if time.monotonic() < self._retry_at and self._last_error is not None:
                         raise self._last_error  # a call just failed: answer the rest at once
                     # Others wrote the key meanwhile, almost surely: read before writing.
-                    decisions = await self._commit(key, state, batch, read_first=contended)
+                    decisions = await self._commit(
+                        key, state, batch, read_first=contended, deadline=deadline
+                    )
                 except StoreError as error:
                     _settle(batch, error)
                     continue
                 except BaseException as error:
-                    state.revision = None
+                    state.revision, state.lost = None, True
                     failure = StoreUnavailableError(
                         f"decision interrupted ({type(error).__name__})"
                     )
                     _settle([*batch, *state.waiters], failure)
                     state.waiters = []
                     raise
-                for (_, _, future), decision in zip(batch, decisions, strict=True):
+                for (_, _, future, _), decision in zip(batch, decisions, strict=True):
                     if future is not None and not future.done():
                         future.set_result(decision)
         finally:
@@ -572,37 +554,54 @@ class NatsStore:
             state.busy = False
 
     async def _commit(
-        self, key: str, state: _KeyState, batch: list[Waiter], *, read_first: bool = False
+        self,
+        key: str,
+        state: _KeyState,
+        batch: list[Waiter],
+        *,
+        read_first: bool = False,
+        deadline: float | None = None,
     ) -> list[Decision]:
         """Apply `batch` in arrival order to the key's state and write it with compare-and-set.
 
         The cached state is tried first unless `read_first`; after a conflict it is read again.
+        Every round trip, and the retries after lost races, end by `deadline`.
         """
-        deadline = time.monotonic() + self.config.timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.config.timeout
         subject = self._prefix + key
+        read_first = read_first or state.lost
         while True:
             if read_first:
+                self._ensure_time_for_round_trip(key, deadline)
                 try:
-                    state.tat, state.revision = await self._read(subject)
-                except (nats.errors.Error, OSError) as read_error:
-                    raise self._call_failure(state, read_error) from None
+                    state.tat, state.revision = await self._read(subject, deadline)
+                    state.lost = False
+                    self._last_reply = time.monotonic()
+                except NatsFailure as read_error:
+                    raise self._call_failure(
+                        state, read_error, alone=self._alone(read_error)
+                    ) from None
             now = self._clock()
             tat = state.tat if state.revision is not None else 0
             new_tat = tat
             last_policy = batch[0][0]
             decisions = []
-            for policy, cost, _ in batch:
+            for policy, cost, _, _ in batch:
                 admitted_tat, decision = consume(policy, new_tat, now, cost)
                 if admitted_tat is not None:
                     new_tat, last_policy = admitted_tat, policy
                 decisions.append(decision)
             if new_tat == tat:
                 return decisions  # nothing admitted: nothing to write
+            self._ensure_time_for_round_trip(key, deadline)
             started = time.monotonic()
             try:
-                revision = await self._write(subject, new_tat, last_policy, state.revision or 0)
+                revision = await self._write(
+                    subject, new_tat, last_policy, state.revision or 0, deadline
+                )
             except nats.js.errors.APIError as error:
-                if error.err_code not in _WRONG_LAST_SEQUENCE:
+                if not is_wrong_last_sequence(error):
                     raise self._call_failure(state, error) from None
                 state.contended_until = time.monotonic() + _CONTENDED_SECONDS
                 if time.monotonic() >= deadline:
@@ -614,105 +613,168 @@ class NatsStore:
                     ) from None
                 read_first = True
                 continue
-            except (nats.errors.Error, OSError) as error:
-                raise self._call_failure(state, error) from None
-            state.tat, state.revision = new_tat, revision
+            except NatsFailure as error:
+                alone = self._alone(error)
+                raise self._call_failure(state, error, alone=alone) from None
+            state.tat, state.revision, state.lost = new_tat, revision, False
+            if revision <= self._highest_ack:
+                self._check_stream_soon()  # the stream's sequence went back: re-created?
+            self._highest_ack = revision
             # A moving average of the write round trip paces contended keys.
-            self._round_trip += (time.monotonic() - started - self._round_trip) / 16
+            self._last_reply = replied = time.monotonic()
+            self._round_trip += (replied - started - self._round_trip) / 16
             return decisions
 
-    def _call_failure(self, state: _KeyState, error: BaseException) -> StoreUnavailableError:
-        """A store call failed: its write may still land, so the key's state is unknown now."""
-        state.revision = None
-        failure = StoreUnavailableError(
-            f"store {self.config.name!r}: NATS call failed ({type(error).__name__})"
-        )
-        if isinstance(error, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+    def _ensure_time_for_round_trip(self, key: str, deadline: float) -> None:
+        """`DeadlineError` at once when the time left cannot fit one round trip.
+
+        A decision that queued behind other writes may have less left than a round trip
+        takes: it fails alone, at once, sending nothing (so the key's state stays known).
+        """
+        if deadline - time.monotonic() < self._round_trip:
+            raise _NoTimeLeftError(
+                f"store {self.config.name!r}: key {key!r}: the decision's deadline would pass "
+                f"before a round trip to NATS (~{self._round_trip * 1000:.0f} ms) ends"
+            )
+
+    def _alone(self, error: BaseException) -> bool:
+        """Whether a failed round trip fails only its own batch, without opening the back-off.
+
+        A missed deadline opens the back-off when NATS has not answered anything for a whole
+        deadline (a hang, a black hole: every call misses, whatever the socket says). While
+        other calls are answered (a slow link), a miss fails alone: the decision had queued
+        behind other writes and its round trip did not fit in what was left. Every miss has
+        the connection checked (`_suspect_connection`).
+        """
+        if not isinstance(error, nats.errors.TimeoutError | asyncio.TimeoutError):
+            return False
+        self._suspect_connection()
+        return time.monotonic() - self._last_reply < self.config.timeout
+
+    def _call_failure(
+        self, state: _KeyState, error: BaseException, *, alone: bool = False
+    ) -> StoreError:
+        """A store call failed: its write may still land, so the key's state is unknown now.
+
+        The back-off opens, unless `alone`: then only this batch fails (see `_alone`).
+        """
+        state.revision, state.lost = None, True
+        failure = self._errors.call_failure(error)
+        if alone:
+            return failure
+        if isinstance(failure, BucketGoneError):
             # Nobody stores `$KV.<bucket>.>` any more: the bucket was deleted. Open it afresh
             # (creating it when allowed) once the back-off ends.
             self._drop_connection()
-        self._last_error = failure
-        self._retry_at = time.monotonic() + self.config.backoff
-        return failure
+        elif isinstance(failure, StalledError):
+            nc = self._nc
+            if nc is not None:
+                self._give_up(nc, "its outgoing buffer does not drain")
+        elif isinstance(failure, DeadlineError):
+            self._suspect_connection()
+        return self._failed(failure)
 
-    async def _write(self, subject: str, tat: int, policy: Policy, last_revision: int) -> int:
+    async def _write(
+        self, subject: str, tat: int, policy: Policy, last_revision: int, deadline: float
+    ) -> int:
         """Store `tat` if the subject's last revision is `last_revision`; the new revision."""
-        headers = {_EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
+        headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
         message = await self._connected_replies().request(
-            subject, encode_value(tat, policy), headers, self.config.timeout
+            subject, encode_value(tat, policy), headers, deadline - time.monotonic()
         )
-        return _ack_revision(message)
+        return ack_revision(message)
 
-    def _connected_replies(self) -> _Replies:
+    def _connected_replies(self) -> Replies:
         replies = self._replies
         if replies is None:  # the connection was dropped meanwhile (a deleted bucket)
             raise nats.errors.ConnectionClosedError
         return replies
 
-    async def _read(self, subject: str) -> tuple[int, int]:
+    async def _read(self, subject: str, deadline: float) -> tuple[int, int]:
         """The stored `(tat, revision)` of a subject; `(0, 0)` when it never existed."""
-        if not self._direct:  # a bucket made without direct get: the JetStream API
-            entry = await self._read_entry(subject)
-            return (entry.tat_ns, entry.revision) if entry is not None else (0, 0)
-        message = await self._connected_replies().request(
-            self._direct_get + subject, b"", None, self.config.timeout
-        )
-        headers = message.headers or {}
-        status = headers.get(_STATUS)
-        if status == "404":
-            return 0, 0
-        if status is not None:
-            raise nats.js.errors.APIError(description=f"direct get: status {status}")
-        revision = int(headers.get("Nats-Sequence") or 0)
-        if headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
+        if self._direct:
+            message = await self._connected_replies().request(
+                self._direct_get + subject, b"", None, deadline - time.monotonic()
+            )
+            headers = message.headers or {}
+            status = headers.get(STATUS)
+            if status == "404":
+                return 0, 0
+            if status is not None:
+                raise nats.js.errors.APIError(
+                    code=int(status) if status.isdigit() else None,
+                    description=headers.get("Description") or f"direct get: status {status}",
+                )
+            revision = int(headers.get("Nats-Sequence") or 0)
+            data: bytes | None = message.data
+        else:  # a bucket made without direct get: the JetStream API
+            remaining = max(0.0, deadline - time.monotonic())
+            stored = await asyncio.wait_for(self._get_message(subject), remaining)
+            if stored is None:
+                return 0, 0
+            headers, revision, data = stored.headers or {}, int(stored.seq or 0), stored.data
+        if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
             return 0, revision
-        return decode_tat(message.data), revision
+        tat, problem = decode_owned_tat(data)
+        if problem is not None:
+            self._foreign_value(subject, problem)
+        return tat, revision
 
-    async def _read_entry(self, subject: str) -> StoredEntry | None:
+    def _foreign_value(self, subject: str, problem: str) -> None:
+        now = time.monotonic()
+        if now - self._last_foreign_warning >= _WARNING_INTERVAL:
+            self._last_foreign_warning = now
+            logger.warning(
+                "store %r: key %r of KV bucket %r holds a value this version cannot read "
+                "(%s); the next admitted decision overwrites it (docs/engines/nats.md, Value)",
+                self.config.name,
+                subject[len(self._prefix) :],
+                self.config.bucket_name,
+                problem,
+            )
+
+    async def _get_message(self, subject: str) -> RawStreamMsg | None:
         js = self._js
         if js is None:  # the connection was dropped meanwhile (a deleted bucket)
             raise nats.errors.ConnectionClosedError
         try:
-            message = await js.get_msg(self._stream, subject=subject, direct=self._direct)
+            return await js.get_msg(self._stream, subject=subject, direct=self._direct)
         except nats.js.errors.NotFoundError:
+            return None
+
+    async def _read_entry(self, subject: str) -> StoredEntry | None:
+        message = await self._get_message(subject)
+        if message is None:
             return None
         headers = message.headers or {}
         return StoredEntry(
             key=subject[len(self._prefix) :],
             revision=int(message.seq or 0),
             written_at=message.time,
-            deleted=headers.get(_KV_OPERATION) in ("DEL", "PURGE"),
+            deleted=headers.get(KV_OPERATION) in ("DEL", "PURGE"),
             value=decode_value(message.data),
         )
 
     async def read_entry(self, key: str) -> StoredEntry | None:
         """The stored entry of `key` as it is in NATS now; None when it never existed."""
         await self.ready()
-        try:
-            return await self._read_entry(self._prefix + key)
-        except (nats.errors.Error, OSError) as error:
-            raise StoreUnavailableError(
-                f"store {self.config.name!r}: read failed ({error!r})"
-            ) from None
+        with self._errors.calls("read"):
+            return await asyncio.wait_for(self._read_entry(self._prefix + key), self.config.timeout)
 
     async def peek(self, key: str, policy: Policy) -> Decision:
-        await self.ready()
-        try:
-            tat, _ = await self._read(self._prefix + key)
-        except (nats.errors.Error, OSError) as error:
-            raise StoreUnavailableError(
-                f"store {self.config.name!r}: read failed ({error!r})"
-            ) from None
+        deadline = time.monotonic() + self.config.timeout
+        await self.ready(deadline)
+        with self._errors.calls("read"):
+            tat, _ = await self._read(self._prefix + key, deadline)
         return peek(policy, tat, self._clock())
 
     async def reset(self, key: str) -> None:
         js = await self.ready()
-        try:
-            await js.publish(self._prefix + key, b"", headers={_KV_OPERATION: "DEL"})
-        except (nats.errors.Error, OSError) as error:
-            raise StoreUnavailableError(
-                f"store {self.config.name!r}: reset failed ({error!r})"
-            ) from None
+        with self._errors.calls("reset"):
+            await asyncio.wait_for(
+                js.publish(self._prefix + key, b"", headers={KV_OPERATION: "DEL"}),
+                self.config.timeout,
+            )
         state = self._cache.get(key)
         if state is not None:
-            state.revision = None
+            state.revision, state.lost = None, True

@@ -1,0 +1,191 @@
+"""What goes over the wire: the stored value's encoding, and the hot path's request/reply.
+
+The value format is documented in docs/engines/nats.md so that another language can share buckets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from ...bucket import Policy
+
+VALUE_VERSION = 1
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+KV_OPERATION = "KV-Operation"
+STATUS = "Status"  # a reply's status header: "404" not found, "503" no responders
+NO_RESPONDERS = "503"
+_FIELDS = ("v", "tat_ns", "interval_ns", "burst")
+
+# nats-py forces a flush, with no deadline, once its pending buffer passes this size; a request
+# is refused well before that, so that publishing never waits for a link that does not drain.
+PENDING_BUFFER_BYTES = 2 * 1024 * 1024
+_PENDING_LIMIT = PENDING_BUFFER_BYTES // 2
+
+
+def encode_value(tat: int, policy: Policy) -> bytes:
+    """The stored value: small JSON, versioned, with the policy so any reader can decode it."""
+    return (
+        f'{{"v":{VALUE_VERSION},"tat_ns":{tat},'
+        f'"interval_ns":{policy.interval_ns},"burst":{policy.burst}}}'
+    ).encode()
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def decode_value(data: bytes | None) -> dict[str, int] | None:
+    """The fields of a stored value, or None for an empty or foreign one (a full bucket)."""
+    if not data:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    fields = {name: value.get(name) for name in _FIELDS}
+    if not all(_is_integer(v) for v in fields.values()):
+        return None
+    return fields  # type: ignore[return-value]
+
+
+def decode_tat(data: bytes | None) -> int:
+    """The `tat` of a stored value; 0 (a full bucket) for an empty or foreign value."""
+    value = decode_value(data)
+    return value["tat_ns"] if value is not None else 0
+
+
+def decode_owned_tat(data: bytes | None) -> tuple[int, str | None]:
+    """The `tat` of a key a limiter owns, and what is wrong with the value (None: nothing).
+
+    A foreign value is never silently a full bucket: a finite number where an integer belongs
+    (`"tat_ns":1.796e+18`, as a writer with a fractional cost leaves) is rounded up, which can
+    only under-admit; anything else unreadable is a full bucket. Either way the caller logs it.
+    """
+    if not data:
+        return 0, None
+    fields = decode_value(data)
+    if fields is not None:
+        return fields["tat_ns"], None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return 0, "not JSON"
+    if not isinstance(value, dict):
+        return 0, f"a JSON {type(value).__name__}, not an object"
+    wrong = [name for name in _FIELDS if not _is_integer(value.get(name))]
+    tat = value.get("tat_ns")
+    what = "non-integer " + ", ".join(f"{name}={_shown(value.get(name))}" for name in wrong)
+    if isinstance(tat, float) and math.isfinite(tat) and tat >= 0:
+        return math.ceil(tat), what + " (tat_ns rounded up)"
+    if isinstance(tat, int) and not isinstance(tat, bool):
+        return tat, what
+    return 0, what + " (read as a full bucket)"
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 32 else text[:29] + "..."
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One key as NATS holds it, decoded (for `ratesync get` and `watch`)."""
+
+    key: str
+    revision: int
+    written_at: datetime | None
+    deleted: bool
+    value: dict[str, int] | None
+
+    def policy(self) -> Policy | None:
+        """The policy the last writer used, when the value carries one."""
+        if self.value is None or self.value["interval_ns"] < 1 or self.value["burst"] < 1:
+            return None
+        return Policy(self.key, self.value["interval_ns"], self.value["burst"])
+
+    @property
+    def tat_ns(self) -> int:
+        return 0 if self.deleted or self.value is None else self.value["tat_ns"]
+
+
+class Replies:
+    """Request/reply for the hot path, over one wildcard inbox subscription per connection.
+
+    nats-py's `request()` draws a random token, wraps the wait in `wait_for` and builds a response
+    dataclass on every call: on a hot key that was a fifth of the CPU of a decision
+    (docs/benchmarks.md). Here a token is a counter and the deadline one timer, which starts
+    before the publish; the publish itself never waits (see `PENDING_BUFFER_BYTES`).
+    """
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count()
+
+    async def start(self) -> None:
+        await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    async def _on_reply(self, message: Msg) -> None:
+        future = self._waiting.pop(message.subject[len(self._prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    async def request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> Msg:
+        """The reply to one request; `nats.errors.TimeoutError` after `timeout` seconds.
+
+        `OutboundBufferLimitError` at once when the connection's outgoing buffer is not
+        draining: nats-py would block this publish until it did.
+        """
+        nc = self._nc
+        if nc.pending_data_size > _PENDING_LIMIT:
+            raise nats.errors.OutboundBufferLimitError
+        if timeout <= 0:
+            raise nats.errors.TimeoutError
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = future
+        timer = loop.call_later(timeout, _time_out, future)
+        try:
+            await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            message = await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        if not message.data and (message.headers or {}).get(STATUS) == NO_RESPONDERS:
+            raise nats.errors.NoRespondersError  # nothing stores the subject: no bucket
+        return message
+
+
+def _time_out(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
+
+
+def ack_revision(message: Msg) -> int:
+    """The stream sequence in a JetStream publish acknowledgement; `APIError` for an error."""
+    try:
+        ack = json.loads(message.data)
+        error = ack.get("error")
+        if error is None:
+            return int(ack["seq"])
+        code, err_code = error.get("code"), error.get("err_code")
+        description = error.get("description")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise nats.js.errors.APIError(description="unreadable acknowledgement") from None
+    raise nats.js.errors.APIError(code=code, description=description, err_code=err_code)

@@ -1,0 +1,309 @@
+"""The NATS store on an operator's worst day (issue 18): hung servers, black holes, slow links.
+
+Real nats-server processes only; a stalled or slow link is `tests/tcpproxy.py` on loopback. Every
+server this file SIGSTOPs is SIGCONTed and stopped in `finally`. The claims are in
+docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from ratesync_middleware import AsyncRateLimiter, Decision
+from ratesync_middleware.stores.nats import NatsStore
+from tests.conftest import start_server
+from tests.natsserver import NatsServer
+from tests.tcpproxy import TcpProxy, tcp_proxy
+
+pytestmark = [pytest.mark.nats]
+
+
+def limits(url: str, bucket: str, **store: Any) -> dict[str, Any]:
+    return {
+        "stores": {"prod": {"engine": "nats", "url": url, "bucket_name": bucket, **store}},
+        "limiters": {
+            "api": {"store": "prod", "rate_per_second": 1000.0, "burst": 1000},
+            "slow": {"store": "prod", "rate_per_second": 0.001, "burst": 3},
+        },
+    }
+
+
+def nats_store_of(limiter: AsyncRateLimiter) -> NatsStore:
+    store = limiter.store("prod")
+    assert isinstance(store, NatsStore)
+    return store
+
+
+@contextmanager
+def stopped(server: NatsServer) -> Iterator[None]:
+    """The server SIGSTOPped (hung: its sockets stay open, nothing is read or answered)."""
+    assert server.process is not None
+    pid = server.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.1)  # every thread of the server has stopped
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def own_server() -> Iterator[NatsServer]:
+    """A server of this test's own: it will be hung, and must not hang the session's server."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.cleanup()
+
+
+async def timed(limiter: AsyncRateLimiter, name: str, key: str) -> tuple[float, Decision]:
+    started = time.monotonic()
+    decision = await limiter.hit(name, key=key)
+    return time.monotonic() - started, decision
+
+
+async def load(
+    limiter: AsyncRateLimiter, workers: int, seconds: float, key: Callable[[int], str]
+) -> tuple[list[tuple[float, float, Decision]], int]:
+    """`workers` concurrent decision loops for `seconds`: (start offset, latency, decision) each.
+
+    Returns the answers and how many decisions were still unanswered 2 s after the end.
+    """
+    begun = time.monotonic()
+    answers: list[tuple[float, float, Decision]] = []
+
+    async def worker(index: int) -> None:
+        for n in range(100_000):
+            started = time.monotonic()
+            if started - begun >= seconds:
+                return
+            decision = await limiter.hit("api", key=key(index * 7 + n))
+            answers.append((started - begun, time.monotonic() - started, decision))
+            await asyncio.sleep(0)  # a real request does some work between decisions
+
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(workers)]
+    _, pending = await asyncio.wait(tasks, timeout=seconds + 2.0)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return answers, len(pending)
+
+
+# -- fault 1: a hung server under load ----------------------------------------------------------
+
+
+def long_key(n: int) -> str:
+    # Long identities (hashed to 64 hex digits in the key) make each request as large as a real
+    # app's with user ids: the outgoing buffer fills as it would under a heavier load.
+    return f"user-{n % 2000:04d}-" + "x" * 120
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "seconds"),
+    # A black hole fills the kernel's buffers (~4 MiB) and then nats-py's 2 MiB pending
+    # buffer within ~7 s at this load: past that, a publish used to wait for the link.
+    [("sigstop", 4.0), ("black-hole", 9.0)],
+)
+async def test_a_hung_server_under_load_answers_every_decision_within_a_second(
+    own_server: NatsServer, bucket_name: str, fault: str, seconds: float
+) -> None:
+    with tcp_proxy(own_server.port) as proxy:
+        url = proxy.url if fault == "black-hole" else own_server.url
+        async with AsyncRateLimiter(limits(url, bucket_name)) as limiter:
+            await asyncio.gather(*(limiter.hit("api", key=long_key(n)) for n in range(200)))
+            hang: Any = stopped(own_server) if fault == "sigstop" else black_holed(proxy)
+            with hang:
+                answers, unanswered = await load(limiter, 1000, seconds, long_key)
+            assert unanswered == 0, f"{unanswered} decisions hung"
+            latencies = [latency for _, latency, _ in answers]
+            late = [latency for started, latency, _ in answers if started >= 1.0]
+            quick = sum(latency < 0.05 for latency in late) / max(1, len(late))
+            print(
+                f"{fault}: {len(answers)} answers, max {max(latencies):.3f}s, "
+                f"{quick:.1%} of {len(late)} after 1 s under 50 ms"
+            )
+            assert max(latencies) < 1.0
+            assert len(late) >= 1000
+            assert quick >= 0.8
+            assert all(d.allowed and d.degraded for _, _, d in answers if d.degraded)
+            # The server answers again: limiting resumes without a restart.
+            deadline = time.monotonic() + 15
+            decision = await limiter.hit("api", key="after")
+            while decision.degraded and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                decision = await limiter.hit("api", key="after")
+            assert not decision.degraded, "limiting did not resume"
+
+
+@contextmanager
+def black_holed(proxy: TcpProxy) -> Iterator[None]:
+    proxy.pause()
+    try:
+        yield
+    finally:
+        proxy.resume()
+
+
+async def test_a_connection_that_does_not_drain_is_dropped_within_seconds(
+    own_server: NatsServer, bucket_name: str
+) -> None:
+    async with AsyncRateLimiter(limits(own_server.url, bucket_name)) as limiter:
+        assert not (await limiter.hit("api", key="k")).degraded
+        store = nats_store_of(limiter)
+        first = store._nc
+        with stopped(own_server):
+            started = time.monotonic()
+            while store._nc is first and time.monotonic() - started < 6.0:
+                await limiter.hit("api", key="k")
+                await asyncio.sleep(0.05)
+            assert store._nc is not first, "the hung connection was never given up"
+            assert time.monotonic() - started < 5.0
+        deadline = time.monotonic() + 15
+        decision = await limiter.hit("api", key="k")
+        while decision.degraded and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            decision = await limiter.hit("api", key="k")
+        assert not decision.degraded, "limiting did not resume on a new connection"
+
+
+# -- fault 2: the back-off holds while TCP is up; the deadline is per decision ------------------
+
+
+async def test_back_off_answers_at_once_while_the_socket_is_still_up(
+    own_server: NatsServer, bucket_name: str
+) -> None:
+    async with AsyncRateLimiter(limits(own_server.url, bucket_name, backoff=2.0)) as limiter:
+        assert not (await limiter.hit("api", key="a")).degraded
+        with stopped(own_server):
+            first, failed = await timed(limiter, "api", "a")
+            assert failed.degraded
+            assert first < 0.6
+            for key in ("a", "b", "never-seen"):  # cached, idle and unknown keys alike
+                elapsed, decision = await timed(limiter, "api", key)
+                assert decision.degraded
+                assert elapsed < 0.05, f"{key}: waited {elapsed:.3f}s during the back-off"
+
+
+async def test_a_decision_queued_behind_a_write_keeps_its_own_deadline(
+    nats_server: NatsServer, bucket_name: str
+) -> None:
+    # A round trip of 0.4 s under a deadline of 0.5 s: the first write lands in time, and a
+    # decision queued right behind it has 0.1 s left for its own write, not another 0.5 s.
+    with tcp_proxy(nats_server.port) as proxy:
+        async with AsyncRateLimiter(limits(proxy.url, bucket_name, timeout=0.5)) as limiter:
+            assert not (await limiter.hit("api", key="k")).degraded
+            proxy.delay = 0.2
+            first = asyncio.ensure_future(timed(limiter, "api", "k"))
+            await asyncio.sleep(0.02)
+            queued_latency, queued = await timed(limiter, "api", "k")
+            first_latency, first_decision = await first
+            print(f"first {first_latency:.3f}s, queued {queued_latency:.3f}s")
+            assert not first_decision.degraded
+            assert queued_latency < 0.5 + 0.15
+            assert queued.degraded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("timeout", "answered_by_nats"), [(0.25, 0.5), (0.5, 0.95)])
+async def test_a_slow_link_keeps_every_answer_within_the_deadline(
+    nats_server: NatsServer, bucket_name: str, timeout: float, answered_by_nats: float
+) -> None:
+    # 60 ms each way: a 120 ms round trip. A decision on an idle key takes one round trip; one
+    # queued behind a write to its key takes up to two, which the default 0.25 s deadline does
+    # not always fit: those are answered fail-open by their deadline, and the others by NATS
+    # (a miss while NATS answers other calls opens no back-off). With 0.5 s, nearly all fit.
+    with tcp_proxy(nats_server.port) as proxy:
+        config = limits(proxy.url, bucket_name, timeout=timeout)
+        async with AsyncRateLimiter(config) as limiter:
+            assert not (await limiter.hit("api", key="warm")).degraded
+            proxy.delay = 0.06
+            answers, unanswered = await load(limiter, 200, 2.0, lambda n: f"k{n % 20}")
+    assert unanswered == 0
+    latencies = sorted(latency for _, latency, _ in answers)
+    real = sum(not d.degraded for _, _, d in answers) / len(answers)
+    p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    print(
+        f"timeout {timeout}: {len(answers)} answers, p99 {p99:.3f}s, "
+        f"max {latencies[-1]:.3f}s, {real:.1%} answered by NATS"
+    )
+    assert latencies[-1] < timeout + 0.15
+    assert real >= answered_by_nats
+    assert all(d.allowed for _, _, d in answers)
+
+
+# -- fault 6: one open attempt per back-off -------------------------------------------------------
+
+
+async def test_one_open_attempt_per_back_off_while_the_bucket_is_gone(
+    own_server: NatsServer, bucket_name: str
+) -> None:
+    config = limits(own_server.url, bucket_name, auto_create=False, backoff=0.5)
+    import nats
+
+    nc = await nats.connect(own_server.url)
+    try:
+        await nc.jetstream().create_key_value(bucket=bucket_name, history=1, ttl=86400)
+        async with AsyncRateLimiter(config) as limiter:
+            assert not (await limiter.hit("api", key="k")).degraded
+            await nc.jetstream().delete_key_value(bucket_name)
+            store = nats_store_of(limiter)
+            opened = 0
+            original_open = store._open
+
+            async def counting_open(*args: Any, **kwargs: Any) -> Any:
+                nonlocal opened
+                opened += 1
+                return await original_open(*args, **kwargs)
+
+            store._open = counting_open  # type: ignore[method-assign]
+            started = time.monotonic()
+            latencies: list[float] = []
+
+            async def worker(index: int) -> None:
+                while time.monotonic() - started < 2.0:
+                    elapsed, decision = await timed(limiter, "api", f"k{index}")
+                    latencies.append(elapsed)
+                    assert decision.degraded
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(50))), 10)
+            elapsed = time.monotonic() - started
+            print(f"{opened} open attempts in {elapsed:.2f}s, max wait {max(latencies):.3f}s")
+            assert opened <= elapsed / 0.5 + 1
+            assert max(latencies) < 0.25 + 0.15
+    finally:
+        await nc.close()
+
+
+async def test_a_burst_larger_than_the_outgoing_buffer_never_blocks_a_decision(
+    nats_server: NatsServer, bucket_name: str
+) -> None:
+    # 12,000 writes at once on a black-holed link are more than nats-py's 2 MiB pending buffer
+    # and the kernel's socket buffers: a publish that forces a flush would wait for the link.
+    with tcp_proxy(nats_server.port) as proxy:
+        async with AsyncRateLimiter(limits(proxy.url, bucket_name)) as limiter:
+            assert not (await limiter.hit("api", key="warm")).degraded
+            with black_holed(proxy):
+                started = time.monotonic()
+                burst = [timed(limiter, "api", long_key(n) + str(n)) for n in range(12_000)]
+                done, pending = await asyncio.wait(
+                    [asyncio.ensure_future(decision) for decision in burst], timeout=3.0
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                elapsed = time.monotonic() - started
+            assert not pending, f"{len(pending)} of 12000 decisions hung ({elapsed:.1f}s)"
+            assert max(task.result()[0] for task in done) < 1.0
