@@ -121,3 +121,60 @@ def peek(policy: Policy, tat: int, now: int) -> Decision:
         reset_after=(start - now) / NS_PER_SECOND,
         policy=policy.name,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Several token buckets on one group (`limit = ["10/second", "1000/day"]`): all must allow.
+
+    The state is one `tat` per rate, in order. A request is charged to every rate or to none:
+    a denial by the daily rate spends nothing of the per-second one. The decision reported
+    for an admission is the rate with the fewest units left; for a denial, the rate that
+    makes the request wait longest (it is allowed only once all of them allow it).
+    """
+
+    name: str
+    rates: tuple[Policy, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.rates) < 2:
+            raise ValueError("Rates needs two rates or more (one rate is a Policy)")
+
+    @property
+    def burst(self) -> int:
+        """The quota reported when no decision says which rate binds: the smallest."""
+        return min(rate.burst for rate in self.rates)
+
+    @property
+    def window_ns(self) -> int:
+        """Time for every bucket to refill from empty: the longest of the rates'."""
+        return max(rate.window_ns for rate in self.rates)
+
+    def consume(
+        self, tats: tuple[int, ...], now: int, cost: int = 1
+    ) -> tuple[tuple[int, ...] | None, Decision]:
+        """Apply one request to every rate; the new `tat`s, or None when any rate denies."""
+        new_tats = []
+        binding: Decision | None = None
+        denial: Decision | None = None
+        for rate, tat in zip(self.rates, tats or (0,) * len(self.rates), strict=True):
+            new_tat, decision = consume(rate, tat, now, cost)
+            if new_tat is None:
+                if denial is None or decision.retry_after > denial.retry_after:
+                    denial = decision
+            else:
+                new_tats.append(new_tat)
+                if binding is None or decision.remaining < binding.remaining:
+                    binding = decision
+        if denial is not None:
+            return None, denial
+        assert binding is not None
+        return tuple(new_tats), binding
+
+    def peek(self, tats: tuple[int, ...], now: int) -> Decision:
+        """Every rate as a zero-cost request sees it: the one with the fewest units left."""
+        views = [
+            peek(rate, tat, now)
+            for rate, tat in zip(self.rates, tats or (0,) * len(self.rates), strict=True)
+        ]
+        return min(views, key=lambda decision: (decision.remaining, -decision.reset_after))

@@ -1,0 +1,104 @@
+"""Exact sliding-window maths (rate-sync's `algorithm = "sliding_window"`): pure, clock passed in.
+
+At most `limit` units are admitted in any window of `window_ns` nanoseconds, half-open: an
+admission at `t0` counts at time `t` while `t - window_ns < t0 <= t`, so it leaves the window
+at `t0 + window_ns`. The state is the log of the admissions still in the window, oldest first,
+as `(admitted_at_ns, units)` pairs; a batch admitted at one instant is one pair. The log never
+holds more than `limit` units, so its size is bounded by the limit (docs/engines/nats.md says
+what that costs). A denial changes nothing; admissions only add to the log and time only
+removes from it, so a stale copy of the log never proves a denial that the real one would not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .bucket import NS_PER_SECOND, Decision
+
+__all__ = ["EMPTY_LOG", "Log", "SlidingWindow"]
+
+Log = tuple[tuple[int, int], ...]
+"""Admissions still in the window: `(admitted_at_ns, units)`, oldest first."""
+
+EMPTY_LOG: Log = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SlidingWindow:
+    """At most `limit` units in any `window_ns`; `Retry-After` is when enough units leave."""
+
+    name: str
+    limit: int
+    window_ns: int
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if self.window_ns < 1:
+            raise ValueError("window_ns must be >= 1")
+
+    @property
+    def burst(self) -> int:
+        """The quota reported as `limit` in decisions and headers."""
+        return self.limit
+
+    def live(self, log: Log, now: int) -> Log:
+        """The entries of `log` still inside the window at `now`."""
+        cutoff = now - self.window_ns
+        start = 0
+        for admitted_at, _ in log:
+            if admitted_at > cutoff:
+                break
+            start += 1
+        return log[start:] if start else log
+
+    def consume(self, log: Log, now: int, cost: int = 1) -> tuple[Log | None, Decision]:
+        """Apply one request of `cost` at `now`; the new log, or None when it is denied."""
+        live = self.live(log, now)
+        used = sum(units for _, units in live)
+        limit = self.limit
+        if used + cost <= limit:
+            if live and live[-1][0] == now:
+                admitted = (*live[:-1], (now, live[-1][1] + cost))
+            else:
+                admitted = (*live, (now, cost))
+            # Empty again once this newest admission has left.
+            reset_after = self.window_ns / NS_PER_SECOND
+            return admitted, Decision(True, limit, limit - used - cost, 0.0, reset_after, self.name)
+        reset_after = (live[-1][0] + self.window_ns - now) / NS_PER_SECOND if live else 0.0
+        if cost > limit:
+            return None, Decision(
+                False,
+                limit,
+                limit - used,
+                math.inf,
+                reset_after,
+                self.name,
+                f"cost {cost} exceeds the limit {limit} of limiter {self.name!r}",
+            )
+        return None, Decision(
+            False,
+            limit,
+            limit - used,
+            (self.free_at(live, used + cost - limit) - now) / NS_PER_SECOND,
+            reset_after,
+            self.name,
+            f"rate limit {self.name!r} exceeded",
+        )
+
+    def free_at(self, live: Log, units: int) -> int:
+        """When the oldest entries of `live` holding at least `units` units have left."""
+        freed = 0
+        for admitted_at, count in live:
+            freed += count
+            if freed >= units:
+                return admitted_at + self.window_ns
+        raise ValueError("the log holds fewer units than asked for")  # pragma: no cover
+
+    def peek(self, log: Log, now: int) -> Decision:
+        """The window as a zero-cost request sees it, changing nothing."""
+        live = self.live(log, now)
+        used = sum(units for _, units in live)
+        reset_after = (live[-1][0] + self.window_ns - now) / NS_PER_SECOND if live else 0.0
+        return Decision(True, self.limit, self.limit - used, 0.0, reset_after, self.name)
