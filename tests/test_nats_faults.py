@@ -8,6 +8,8 @@ docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import signal
 import time
@@ -15,10 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import nats
 import pytest
 
 from ratesync_middleware import AsyncRateLimiter, Decision
-from ratesync_middleware.stores.nats import NatsStore
+from ratesync_middleware.stores.nats import BucketTtlTooShortError, NatsStore
 from tests.conftest import start_server
 from tests.natsserver import NatsServer
 from tests.tcpproxy import TcpProxy, tcp_proxy
@@ -250,8 +253,6 @@ async def test_one_open_attempt_per_back_off_while_the_bucket_is_gone(
     own_server: NatsServer, bucket_name: str
 ) -> None:
     config = limits(own_server.url, bucket_name, auto_create=False, backoff=0.5)
-    import nats
-
     nc = await nats.connect(own_server.url)
     try:
         await nc.jetstream().create_key_value(bucket=bucket_name, history=1, ttl=86400)
@@ -307,3 +308,143 @@ async def test_a_burst_larger_than_the_outgoing_buffer_never_blocks_a_decision(
                 elapsed = time.monotonic() - started
             assert not pending, f"{len(pending)} of 12000 decisions hung ({elapsed:.1f}s)"
             assert max(task.result()[0] for task in done) < 1.0
+
+
+# -- fault 3: the bucket's max age covers the longest window --------------------------------------
+
+
+WEEKLY = {"limit": 5, "window_seconds": 7 * 86400}  # 5 per week: a week to refill
+
+
+async def test_an_auto_created_bucket_keeps_keys_for_the_longest_window(
+    nats_url: str, bucket_name: str
+) -> None:
+    config = limits(nats_url, bucket_name)
+    config["limiters"]["weekly"] = {"store": "prod", **WEEKLY}
+    async with AsyncRateLimiter(config) as limiter:
+        assert not (await limiter.hit("weekly", key="k")).degraded
+    nc = await nats.connect(nats_url)
+    try:
+        status = await (await nc.jetstream().key_value(bucket_name)).status()
+    finally:
+        await nc.close()
+    assert status.ttl is not None
+    assert status.ttl >= 7 * 86400  # a key idle for a day is not a full bucket a week early
+
+
+async def test_an_existing_bucket_that_forgets_keys_early_is_refused(
+    nats_url: str, bucket_name: str
+) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().create_key_value(bucket=bucket_name, history=1, ttl=86400)
+    finally:
+        await nc.close()
+    config = limits(nats_url, bucket_name, auto_create=False)
+    config["limiters"]["weekly"] = {"store": "prod", **WEEKLY}
+    async with AsyncRateLimiter(config) as limiter:
+        with pytest.raises(BucketTtlTooShortError) as raised:
+            await nats_store_of(limiter).ready()
+        message = str(raised.value)
+        assert message.startswith("Bucket TTL too short")
+        assert bucket_name in message
+        assert "24h" in message  # the bucket's max age
+        assert "604800s" in message  # and the window it must cover
+        assert f"nats kv add {bucket_name} --history=1 --ttl=168h" in message
+        decisions = [await limiter.hit("weekly", key="k") for _ in range(7)]
+        assert all(d.degraded for d in decisions)  # never a silent full bucket every day
+
+
+# -- fault 4: a bucket deleted and created again out of band --------------------------------------
+
+
+async def test_a_re_created_bucket_drops_the_cached_revisions(
+    nats_url: str, bucket_name: str
+) -> None:
+    # A's cached revision of key k is 2 (two writes of cost 1). The bucket is re-created and B
+    # spends 8 in two writes: the new stream's revision of k is 2 as well, holding 8 spent. A's
+    # compare-and-set with revision 2 would succeed and overwrite 8 spent with A's 3.
+    config = limits(nats_url, bucket_name)
+    config["limiters"]["burst10"] = {"store": "prod", "rate_per_second": 0.01, "burst": 10}
+    async with AsyncRateLimiter(config) as a:
+        admitted = [(await a.hit("burst10", key="k")).allowed for _ in range(2)]
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.delete_key_value(bucket_name)
+            await js.create_key_value(bucket=bucket_name, history=1, ttl=86400, direct=True)
+        finally:
+            await nc.close()
+        async with AsyncRateLimiter(config) as b:
+            assert (await b.hit("burst10", key="k", cost=4)).allowed
+            assert (await b.hit("burst10", key="k", cost=4)).allowed
+        await asyncio.sleep(2.6)  # the store checks the stream's creation time every 2 s
+        admitted_after = [await a.hit("burst10", key="k") for _ in range(8)]
+    assert not any(d.degraded for d in admitted_after)
+    # The new bucket holds 8 spent of 10: two more, not eight.
+    assert sum(d.allowed for d in admitted_after) == 2, admitted + admitted_after
+
+
+# -- fault 5: a foreign value is logged, never silently a full bucket -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("stored", "remaining"),
+    [
+        # A writer with a fractional cost left 5 spent as a float: read as 5 spent (rounded up).
+        (
+            lambda now: json.dumps(
+                {"v": 1, "tat_ns": float(now + 5 * 10**8), "interval_ns": 10**8, "burst": 10}
+            ),
+            4,
+        ),
+        (lambda now: "not json at all", 9),  # unreadable: a full bucket, but said so
+    ],
+    ids=["float-tat", "garbage"],
+)
+async def test_a_foreign_value_is_logged_and_never_silently_a_full_bucket(
+    nats_url: str,
+    bucket_name: str,
+    caplog: pytest.LogCaptureFixture,
+    stored: Callable[[int], str],
+    remaining: int,
+) -> None:
+    config = limits(nats_url, bucket_name)
+    config["limiters"]["ten"] = {"store": "prod", "rate_per_second": 10.0, "burst": 10}
+    async with AsyncRateLimiter(config) as limiter:
+        assert not (await limiter.hit("ten", key="warm")).degraded  # creates the bucket
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value(bucket_name)
+            await kv.put("ten.victim", stored(time.time_ns()).encode())
+        finally:
+            await nc.close()
+        with caplog.at_level(logging.WARNING, logger="ratesync_middleware.nats"):
+            decision = await limiter.hit("ten", key="victim")
+    assert not decision.degraded
+    assert decision.remaining == remaining
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ratesync_middleware.nats"]
+    assert any("'ten.victim'" in text and "cannot read" in text for text in warnings), warnings
+
+
+# -- fault 8: a write the bucket refuses says why --------------------------------------------------
+
+
+async def test_a_refused_write_logs_the_servers_reason(
+    nats_url: str, bucket_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().create_key_value(
+            bucket=bucket_name, history=1, ttl=86400, max_value_size=16, direct=True
+        )
+    finally:
+        await nc.close()
+    async with AsyncRateLimiter(limits(nats_url, bucket_name, auto_create=False)) as limiter:
+        with caplog.at_level(logging.WARNING):
+            decision = await limiter.hit("api", key="k")
+    assert decision.degraded
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    print(logged)
+    assert "message size exceeds maximum allowed" in logged  # the server's description
+    assert "error 10054" in logged  # and its error code

@@ -23,9 +23,15 @@ def create_store(config: Config, name: str, clock: Clock = wall_clock) -> Store:
 
         # The bucket's max age must cover the longest refill time of the limiters on it.
         windows = {
-            limiter.name: limiter.policy.window_ns
+            limiter.name: _longest_window_ns(limiter.policy)
             for limiter in config.limiters.values()
             if limiter.store == name
         }
         return NatsStore(store, clock=clock, windows_ns=windows)
     raise ConfigError(f"{store.name}: unknown engine {store.engine!r}")  # pragma: no cover
+
+
+def _longest_window_ns(policy: object) -> int:
+    """The refill time of a limiter's policy: its longest, for several rates on one group."""
+    rates = getattr(policy, "rates", None) or (policy,)
+    return max(int(getattr(rate, "window_ns", 0)) for rate in rates)

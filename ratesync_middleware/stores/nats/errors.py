@@ -139,13 +139,16 @@ class Translator:
             f"store {config.name!r}: opening KV bucket {bucket!r} failed ({describe(error)})"
         )
 
-    def call_failure(self, error: BaseException, what: str = "NATS call") -> StoreError:
+    def call_failure(self, error: BaseException, what: str = "request") -> StoreError:
         """A call of a decision, a read or a reset failed; the class says what to do next."""
         name, bucket = self.config.name, self.config.bucket_name
         if isinstance(error, StoreError):
             return error
         if isinstance(error, nats.errors.TimeoutError | asyncio.TimeoutError):
-            return DeadlineError(f"store {name!r}: {what} got no answer within its deadline")
+            return DeadlineError(
+                f"store {name!r}: no answer from NATS to a {what} within the deadline "
+                f"({self.config.timeout:g}s)"
+            )
         if isinstance(error, nats.errors.OutboundBufferLimitError):
             return StalledError(
                 f"store {name!r}: the connection to NATS does not drain its outgoing buffer "
@@ -158,11 +161,10 @@ class Translator:
             )
         if isinstance(error, nats.js.errors.APIError):
             return WriteRejectedError(
-                f"store {name!r}: NATS refused the {what} on KV bucket {bucket!r}: "
-                f"{describe(error)}. Check the bucket's limits with `nats kv status {bucket}` "
-                "(or `ratesync check`)"
+                f"store {name!r}: KV bucket {bucket!r} refused a {what}: {describe(error)}. "
+                f"Check the bucket's limits with `nats kv status {bucket}` (or `ratesync check`)"
             )
-        return StoreUnavailableError(f"store {name!r}: {what} failed ({describe(error)})")
+        return StoreUnavailableError(f"store {name!r}: a {what} failed ({describe(error)})")
 
     @contextmanager
     def calls(self, what: str) -> Iterator[None]:
