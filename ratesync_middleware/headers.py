@@ -79,9 +79,11 @@ class HeaderMap(Protocol):
 
 def add_missing(headers: HeaderMap, extra: Iterable[Header]) -> None:
     """Add the headers of `extra` that a response (an app's own refusal) did not set itself."""
-    for name, value in text_headers(extra):
+    names = _HEADER_NAMES
+    for raw_name, raw_value in extra:
+        name = names.get(raw_name) or raw_name.decode("latin-1")
         if name not in headers:
-            headers[name] = value
+            headers[name] = raw_value.decode("latin-1")
 
 
 def retry_after_seconds(seconds: float) -> int | None:

@@ -74,6 +74,7 @@ class _Bound(NamedTuple):
     config: LimiterConfig
     store: Store
     now: Callable[[str, Policy, int], Decision] | None  # the store's `hit_now`, if it has one
+    is_global: bool  # one bucket for everybody: the key is ignored
 
 
 class AsyncRateLimiter:
@@ -142,7 +143,7 @@ class AsyncRateLimiter:
             config = self.limiter(limiter)
             store = self.store(config.store)
             now = store.hit_now if isinstance(store, DecidesNow) else None
-            bound = self._bound[limiter] = _Bound(config, store, now)
+            bound = self._bound[limiter] = _Bound(config, store, now, config.is_global)
         return bound
 
     def decides_now(self, limiter: str) -> bool:
@@ -151,8 +152,8 @@ class AsyncRateLimiter:
 
     def resolve(self, limiter: str, key: str | None) -> tuple[LimiterConfig, Store, str]:
         """The limiter's configuration, its store, and the store key of `key`'s group."""
-        config, store, _ = self._bind(limiter)
-        return config, store, group_key(limiter, None if config.is_global else key)
+        config, store, _, is_global = self._bind(limiter)
+        return config, store, group_key(limiter, None if is_global else key)
 
     async def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
         """Spend `cost` from the bucket of `key` under `limiter` and say whether it was allowed.
@@ -162,11 +163,11 @@ class AsyncRateLimiter:
         gives the limiter's fail-open/closed answer, marked `degraded`.
         """
         bound = self._bound.get(limiter) or self._bind(limiter)
+        if bound.now is not None:  # nothing to wait for: no coroutine chain
+            return self.hit_now(limiter, key, cost)
         check_cost(cost)
         config = bound.config
-        store_key = group_key(limiter, None if config.is_global else key)
-        if bound.now is not None:  # nothing to wait for: no coroutine chain
-            return self._decide_now(bound, store_key, key, cost)
+        store_key = group_key(limiter, None if bound.is_global else key)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
         try:
@@ -185,22 +186,18 @@ class AsyncRateLimiter:
         Raises `TypeError` for a limiter whose store must be awaited.
         """
         bound = self._bound.get(limiter) or self._bind(limiter)
-        check_cost(cost)
-        if bound.now is None:
+        if type(cost) is not int or cost < 1:  # bool is not int here: True is no cost
+            check_cost(cost)
+        decide = bound.now
+        if decide is None:
             raise TypeError(f"limiter {limiter!r} uses store {bound.config.store!r}: await hit()")
         config = bound.config
-        return self._decide_now(
-            bound, group_key(limiter, None if config.is_global else key), key, cost
-        )
-
-    def _decide_now(self, bound: _Bound, store_key: str, key: str | None, cost: int) -> Decision:
-        decide = bound.now
-        assert decide is not None
+        store_key = group_key(limiter, None if bound.is_global else key)
         if self.on_decision is None:
-            return decide(store_key, bound.config.policy, cost)
+            return decide(store_key, config.policy, cost)
         started = time.perf_counter()
-        decision = decide(store_key, bound.config.policy, cost)
-        self.notify(bound.config, key, decision, started, None)
+        decision = decide(store_key, config.policy, cost)
+        self.notify(config, key, decision, started, None)
         return decision
 
     def notify(

@@ -88,8 +88,8 @@ class SyncRequestLimiter:
 
     @property
     def plans(self) -> PlanResolver:
-        """This process's plan resolver (see `RequestLimiter.plans`)."""
-        return self.core.plans
+        """The plan resolver (`RequestLimiter.plans`): configuration only, so fork-safe as it is."""
+        return self._core.plans
 
     def begin(self, facts: RequestFacts, plan: Plan) -> Admission:
         """See `RequestLimiter.begin`; blocks at most the outer deadline."""
