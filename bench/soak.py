@@ -794,6 +794,9 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(
+        signal.SIGINT, signal.default_int_handler
+    )  # also when started with SIGINT ignored
     clock = Clock()
     log = AppLog(workdir / "app.log", clock)
     segments: list[Segment] = []
