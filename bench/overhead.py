@@ -1090,7 +1090,10 @@ def breakdown(scenario_name: str) -> None:
     config = limiter.limiter("api")
     store = limiter.store(config.store)
     key = group_key("api", CLIENT_IP)
-    decision = run_inline(core.check(ScopeFacts(ASGI_SCOPE, "/", core.client_address), plan))
+    decision = run_inline(
+        core.abegin(ScopeFacts(ASGI_SCOPE, "/", core.client_address), plan)
+    ).decision
+    assert decision is not None
     now = time.time_ns()
     tat = now + (0 if scenario.name == "allowed" else 10**15)
 
@@ -1106,10 +1109,8 @@ def breakdown(scenario_name: str) -> None:
         lambda: lambda: ScopeFacts(ASGI_SCOPE, "/", core.client_address).client_ip,
     )
     _component(
-        "  RequestLimiter.check (whole decision)",
-        lambda: (
-            lambda: run_inline(core.check(ScopeFacts(ASGI_SCOPE, "/", core.client_address), plan))
-        ),
+        "  RequestLimiter.begin (whole decision)",
+        lambda: lambda: core.begin(ScopeFacts(ASGI_SCOPE, "/", core.client_address), plan),
     )
     _component(
         "    AsyncRateLimiter.hit", lambda: lambda: run_inline(limiter.hit("api", CLIENT_IP))
@@ -1126,9 +1127,9 @@ def breakdown(scenario_name: str) -> None:
         "          Decision(...) (frozen dataclass)",
         lambda: lambda: Decision(True, 1, 1, 0.0, 1.0, "api"),
     )
-    _component("  RateLimitHeaders.headers", lambda: lambda: mw.responses.headers(decision))
+    _component("  RateLimitHeaders.headers", lambda: lambda: core.responses.headers(decision))
     if not decision.allowed:
-        _component("  RateLimitHeaders.denial", lambda: lambda: mw.responses.denial(decision))
+        _component("  RateLimitHeaders.denial", lambda: lambda: core.responses.denial(decision))
 
     # Flask: our hooks inside a pushed request context.
     from flask import Flask
@@ -1167,18 +1168,18 @@ def breakdown(scenario_name: str) -> None:
                 "Flask: _AppState.after_request",
                 lambda: lambda: state.after_request(response),
             )
-            from ratesync_middleware.wsgi import wsgi_headers
+            from ratesync_middleware.headers import text_headers
 
-            extra = state.responses.headers(decision)
+            extra = state.limiter.core.responses.headers(decision)
             _component(
-                "  response.headers.extend(wsgi_headers(...))",
-                lambda: lambda: app.response_class("ok").headers.extend(wsgi_headers(extra)),
+                "  response.headers.extend(text_headers(...))",
+                lambda: lambda: app.response_class("ok").headers.extend(text_headers(extra)),
             )
             _component("  (a new Response alone)", lambda: lambda: app.response_class("ok"))
         else:
             from ratesync_middleware.flask import RateLimitExceeded
 
-            denial = state.responses.denial(decision)
+            denial = state.limiter.core.responses.denial(decision)
 
             def handled() -> Callable[[], Any]:
                 def fn() -> None:
@@ -1240,17 +1241,16 @@ def breakdown(scenario_name: str) -> None:
     req = request()
     _component("  _Limits.plan", lambda: lambda: limits.plan(req, view))
     dplan = limits.plan(req, view)
-    _component("  _Limits.check", lambda: lambda: limits.check(req, dplan))
+    _component("  _Limits.begin", lambda: lambda: limits.begin(req, dplan))
+    admission = limits.begin(req, dplan)
     if decision.allowed:
-        ddecision = limits.check(req, dplan)
         _component(
-            "Django: HttpResponse + _Limits.finish",
-            lambda: lambda: limits.finish(HttpResponse("ok"), ddecision),
+            "Django: HttpResponse + _Limits.respond",
+            lambda: lambda: limits.respond(HttpResponse("ok"), admission),
         )
         _component("  (an HttpResponse alone)", lambda: lambda: HttpResponse("ok"))
     else:
-        ddecision = limits.check(req, dplan)
-        _component("  _Limits.denial (the 429)", lambda: lambda: limits.denial(ddecision))
+        _component("  _Limits.denial (the 429)", lambda: lambda: limits.denial(admission))
 
     try:
         rows = _interleaved(comps)  # the Flask request context stays pushed meanwhile

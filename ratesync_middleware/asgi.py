@@ -250,6 +250,9 @@ class RateLimitMiddleware:
             return
         self._config_error = None
         self.config = self.core.config
+        self._plans = self.core.plans
+        self._cached_plan = self._plans.cached_plan  # bound once: this runs on every request
+        self._find = self._candidates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._config_error is not None:
@@ -274,11 +277,19 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self.core
-        admission = await core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        admission = core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        if not isinstance(admission, Admission):  # a store that must be awaited
+            admission = await admission
         if not admission.allowed:
             await self._refuse(scope, receive, send, admission)
             return
         extra = admission.headers()
+        if not extra and not admission.needs_status:  # nothing to add, nothing to learn
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                admission.finish()
+            return
         status: int | None = None
 
         async def send_with_headers(message: Message) -> None:
@@ -319,7 +330,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self.core
-        admission = await core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        admission = core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        if not isinstance(admission, Admission):
+            admission = await admission
         decision = admission.decision
         if decision is not None and not decision.allowed:
             code = WS_TRY_AGAIN_LATER if decision.degraded else WS_POLICY_VIOLATION
@@ -334,12 +347,13 @@ class RateLimitMiddleware:
     # -- route plans ----------------------------------------------------------------------------
 
     def _plan(self, scope: Scope, method: str, path: str) -> Plan:
-        if self._routes.host_dependent:
-            return self.core.plans.plan(method, path, *self._candidates(scope))
+        routes = self._routes
+        if routes.host_dependent:
+            return self._plans.plan(method, path, *self._candidates(scope))
         key = (scope["type"], method, path)
-        plan = self.core.plans.cached_plan(key, method, path, self._candidates, scope)
-        if self._routes.host_dependent:  # found out just now: the Host header decides
-            self.core.plans.forget(key)
+        plan = self._cached_plan(key, method, path, self._find, scope)
+        if routes.host_dependent:  # found out just now: the Host header decides
+            self._plans.forget(key)
         return plan
 
     def _app_routes(self, scope: Scope) -> list[BaseRoute] | None:

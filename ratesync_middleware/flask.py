@@ -181,10 +181,11 @@ class _AppState:
 
     def plan(self, flask_request: Request, method: str) -> Plan:
         """The limiters of this request (plans.py): view > blueprint > route rules > default."""
+        path = flask_request.path
         return self.limiter.plans.cached_plan(
-            (flask_request.endpoint, method),
+            (flask_request.endpoint, method, path),
             method,
-            flask_request.path,
+            path,
             self._candidates,
             flask_request,
             method,

@@ -2,7 +2,9 @@
 
     core = RequestLimiter("rate-sync.toml")
     plan = core.plans.plan(method, path, handler, view)  # which limiters (plans.py)
-    admission = await core.begin(facts, plan)          # identities, stores, the decision
+    admission = core.begin(facts, plan)                # identities, stores, the decision
+    if not isinstance(admission, Admission):           # a store must be awaited
+        admission = await admission
     if not admission.allowed:
         send(admission.denial())                       # 429, or 503 for a fail-closed outage
     else:
@@ -17,7 +19,8 @@ Everything a policy does before or after the response is written here, once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from .bucket import Decision
 from .client_ip import ClientAddress
@@ -68,6 +71,12 @@ class Admission:
         assert decision is not None
         return [*self._responses.retry_after(decision), *self._responses.headers(decision)]
 
+    @property
+    def needs_status(self) -> bool:
+        """Whether `finish` uses the response status (no policy of today's plans does), so an
+        adapter that pays to learn it (ASGI wraps `send`) may pass None instead."""
+        return False
+
     def finish(self, status: int | None = None) -> None:
         """The response is complete (`status`, None when it never started): settle the request.
 
@@ -116,7 +125,19 @@ class RequestLimiter:
             )
         return known
 
-    async def begin(self, facts: RequestFacts, plan: Plan) -> Admission:
+    def begin(self, facts: RequestFacts, plan: Plan) -> Admission | Coroutine[Any, Any, Admission]:
+        """The `Admission` of a request, at once when every store of `plan` decides without
+        waiting (memory), else a coroutine to await for it (`abegin`).
+
+        Sync callers hand the coroutine to the background loop; async callers await it. Either
+        way there is no coroutine at all on the path that does not need one.
+        """
+        now = self._now.get(plan)
+        if now if now is not None else self.decides_now(plan):
+            return self.begin_now(facts, plan)
+        return self.abegin(facts, plan)
+
+    async def abegin(self, facts: RequestFacts, plan: Plan) -> Admission:
         """Spend from every limiter of `plan`, in order; the first denial stops and refuses.
 
         When all allow, the admission reports the most restrictive decision: the fewest

@@ -139,9 +139,8 @@ class PlanResolver:
         self._default = self._plan_of(((name, 1) for name in middleware.default), "[middleware]")
         self._rules = tuple(self._rule(rule) for rule in config.routes)
         self._marked: dict[Marks, Plan] = {}  # marks are written in code: few
-        # Request-keyed, so bounded: an adapter's key -> the marked plan of its candidates
-        # (None: no candidate is marked), and (method, path) -> the rules' plan.
-        self._by_endpoint: BoundedCache[Hashable, Plan | None] = BoundedCache(PLAN_CACHE_SIZE)
+        # Request-keyed, so bounded: an adapter's key -> its plan, (method, path) -> the rules'.
+        self._by_request: BoundedCache[Hashable, Plan] = BoundedCache(PLAN_CACHE_SIZE)
         self._by_path: BoundedCache[tuple[str, str], Plan] = BoundedCache(PLAN_CACHE_SIZE)
 
     @property
@@ -193,19 +192,17 @@ class PlanResolver:
     ) -> Plan:
         """`plan` for candidates costly to find: `find(*args)`, looked up once per `key`.
 
-        `key` must determine the candidates (ASGI: the scope type, method and path; Flask:
-        the endpoint and method); the path still decides between rules when none is marked.
+        `key` must determine the whole plan: what picks the candidates (ASGI: the scope type;
+        Flask: the endpoint; Django: the view), the method and the path.
         """
-        cache = self._by_endpoint
-        try:
-            marked = cache[key]
-        except KeyError:
-            marked = cache.put(key, self._marked_plan_of(find(*args)))
-        return marked if marked is not None else self.rules_plan(method, path)
+        plan = self._by_request.get(key)
+        if plan is None:
+            plan = self._by_request.put(key, self.plan(method, path, *find(*args)))
+        return plan
 
     def forget(self, key: Hashable) -> None:
         """Drop what `cached_plan` keeps for `key` (it turned out not to determine the plan)."""
-        self._by_endpoint.pop(key, None)
+        self._by_request.pop(key, None)
 
     def _marked_plan_of(self, candidates: Iterable[object]) -> Plan | None:
         for candidate in candidates:

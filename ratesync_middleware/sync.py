@@ -54,7 +54,7 @@ class SyncRequestLimiter:
     """`RequestLimiter` for synchronous callers, fork-safe, with one outer deadline.
 
     core = SyncRequestLimiter("rate-sync.toml")
-    admission = core.begin(facts, core.plans.plan(method, path, view))
+    admission = core.begin(facts, core.plans.plan(method, path, view))  # blocks, bounded
     """
 
     def __init__(self, config: ConfigSource | AsyncRateLimiter = None) -> None:
@@ -94,10 +94,11 @@ class SyncRequestLimiter:
     def begin(self, facts: RequestFacts, plan: Plan) -> Admission:
         """See `RequestLimiter.begin`; blocks at most the outer deadline."""
         core = self.core
-        if core.decides_now(plan):
-            return core.begin_now(facts, plan)
+        admission = core.begin(facts, plan)
+        if isinstance(admission, Admission):
+            return admission
         try:
-            return _portal.run(core.begin(facts, plan), self.deadline)
+            return _portal.run(admission, self.deadline)
         except StoreError as error:  # the loop thread itself did not answer in time
             return core.degraded(plan, error)
 

@@ -15,7 +15,7 @@ from ratesync_middleware import plans as plans_module
 from ratesync_middleware.client_ip import ClientAddress
 from ratesync_middleware.facts import RequestFacts
 from ratesync_middleware.keys import join_identity
-from ratesync_middleware.lifecycle import Plan, RequestLimiter
+from ratesync_middleware.lifecycle import Admission, Plan, RequestLimiter
 from ratesync_middleware.marks import Marks, exempt, get_marks, limit
 
 PROXIES = ("10.0.0.0/8", "2001:db8:ffff::/48")
@@ -337,7 +337,7 @@ SEVERAL: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("immediate", [False, True], ids=["begin", "begin_now"])
+@pytest.mark.parametrize("immediate", [False, True], ids=["abegin", "begin"])
 async def test_every_limiter_must_allow_and_the_denial_names_its_limiter(immediate: bool) -> None:
     core = RequestLimiter(SEVERAL)
 
@@ -348,7 +348,8 @@ async def test_every_limiter_must_allow_and_the_denial_names_its_limiter(immedia
     facts = Facts(core.client_address)
 
     async def check() -> Decision | None:
-        admission = core.begin_now(facts, plan) if immediate else await core.begin(facts, plan)
+        admission = core.begin(facts, plan) if immediate else await core.abegin(facts, plan)
+        assert isinstance(admission, Admission)  # memory stores: decided at once
         return admission.decision
 
     first = await check()
@@ -397,7 +398,7 @@ def test_only_memory_stores_and_keys_without_async_parts_are_decided_immediately
 
 async def test_not_limited_gives_no_decision() -> None:
     core = RequestLimiter(SEVERAL)
-    assert (await core.begin(Facts(core.client_address), ())).decision is None
+    assert (await core.abegin(Facts(core.client_address), ())).decision is None
 
 
 async def test_cost_from_the_decorator() -> None:
@@ -406,7 +407,7 @@ async def test_cost_from_the_decorator() -> None:
     @limit("wide", cost=4)
     def view() -> None: ...
 
-    admission = await core.begin(Facts(core.client_address), core.plan("GET", "/", view))
+    admission = await core.abegin(Facts(core.client_address), core.plan("GET", "/", view))
     decision = admission.decision
     assert decision is not None
     assert decision.remaining == 6

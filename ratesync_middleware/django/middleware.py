@@ -185,12 +185,13 @@ class _Limits:
     def plan(self, request: HttpRequest, view: ViewFunction | None) -> Plan:
         method = request.method or "GET"
         plans = (self.sync or self.core).plans
+        path = request.path_info
         try:
             return plans.cached_plan(
-                (view, method), method, request.path_info, view_candidates, view, method
+                (view, method, path), method, path, view_candidates, view, method
             )
         except TypeError:  # an unhashable callable as a view: not cached
-            return plans.plan(method, request.path_info, *view_candidates(view, method))
+            return plans.plan(method, path, *view_candidates(view, method))
 
     def begin(self, request: HttpRequest, plan: Plan) -> Admission:
         """The admission of a plan, blocking (synchronous middleware)."""
@@ -202,7 +203,8 @@ class _Limits:
         facts = DjangoFacts(request, self.client_address)
         if self._user_keyed(plan):
             facts.user = await _auser(request)
-        return await self.core.begin(facts, plan)
+        admission = self.core.begin(facts, plan)
+        return admission if isinstance(admission, Admission) else await admission
 
     def _user_keyed(self, plan: Plan) -> bool:
         needed = self._needs_user.get(plan)
