@@ -448,3 +448,23 @@ async def test_a_refused_write_logs_the_servers_reason(
     print(logged)
     assert "message size exceeds maximum allowed" in logged  # the server's description
     assert "error 10054" in logged  # and its error code
+
+
+async def test_a_burst_on_a_healthy_link_keeps_its_connection(
+    nats_server: NatsServer, bucket_name: str
+) -> None:
+    # The same burst with the server answering: the outgoing buffer may pass its limit for a
+    # moment (requests refused unsent), but the PING is answered and the connection stays.
+    async with AsyncRateLimiter(limits(nats_server.url, bucket_name)) as limiter:
+        assert not (await limiter.hit("api", key="warm")).degraded
+        store = nats_store_of(limiter)
+        connection = store._nc
+        burst = await asyncio.wait_for(
+            asyncio.gather(*(timed(limiter, "api", long_key(n) + str(n)) for n in range(6_000))),
+            10.0,
+        )
+        real = sum(not decision.degraded for _, decision in burst)
+        print(f"{real} of 6000 answered by NATS, max {max(t for t, _ in burst):.3f}s")
+        await asyncio.sleep(1.5)  # a probe, if any, has had its PONG
+        assert store._nc is connection
+        assert not (await limiter.hit("api", key="after")).degraded

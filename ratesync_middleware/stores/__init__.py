@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from .base import Clock, Store, wall_clock
 from .memory import MemoryStore
 
-__all__ = ["Clock", "MemoryStore", "Store", "create_store", "wall_clock"]
+__all__ = ["Clock", "MemoryStore", "Store", "create_store", "limiter_windows_ns", "wall_clock"]
 
 
 def create_store(config: Config, name: str, clock: Clock = wall_clock) -> Store:
@@ -21,14 +21,18 @@ def create_store(config: Config, name: str, clock: Clock = wall_clock) -> Store:
     if store.engine == "nats":
         from .nats import NatsStore
 
-        # The bucket's max age must cover the longest refill time of the limiters on it.
-        windows = {
-            limiter.name: _longest_window_ns(limiter.policy)
-            for limiter in config.limiters.values()
-            if limiter.store == name
-        }
-        return NatsStore(store, clock=clock, windows_ns=windows)
+        return NatsStore(store, clock=clock, windows_ns=limiter_windows_ns(config, name))
     raise ConfigError(f"{store.name}: unknown engine {store.engine!r}")  # pragma: no cover
+
+
+def limiter_windows_ns(config: Config, name: str) -> dict[str, int]:
+    """The refill time of each limiter on store `name`: a NATS bucket's max age must cover them
+    (`ratesync check` can pass the same to `NatsStore`)."""
+    return {
+        limiter.name: _longest_window_ns(limiter.policy)
+        for limiter in config.limiters.values()
+        if limiter.store == name
+    }
 
 
 def _longest_window_ns(policy: object) -> int:

@@ -463,8 +463,7 @@ class NatsStore:
     # -- decisions --------------------------------------------------------------------------
 
     async def hit(self, key: str, policy: Policy, cost: int = 1) -> Decision:
-        started = time.monotonic()
-        deadline = started + self.config.timeout
+        deadline = 0.0  # the decision's, from its start: taken only when it is needed
         nc = self._nc
         if (
             self._js is None
@@ -472,6 +471,7 @@ class NatsStore:
             or not nc.is_connected
             or self._loop is not asyncio.get_running_loop()
         ):
+            deadline = time.monotonic() + self.config.timeout
             await self.ready(deadline)
         cache = self._cache
         state = cache.get(key)
@@ -485,9 +485,12 @@ class NatsStore:
                 new_tat, decision = consume(policy, state.tat, self._clock(), cost)
                 if new_tat is None:
                     return decision  # the cache proves the bucket empty: no round trip
-        if started < self._retry_at and self._last_error is not None:
+        now = time.monotonic()
+        if now < self._retry_at and self._last_error is not None:
             raise self._last_error  # a call just failed: answer at once, whatever the socket says
-        if state.busy or state.contended_until > started:
+        if not deadline:
+            deadline = now + self.config.timeout
+        if state.busy or state.contended_until > now:
             # Another decision is writing this key, or other processes race for it: join the
             # next batch (the flusher paces a contended key's writes, see `_flush`).
             future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
@@ -573,9 +576,11 @@ class NatsStore:
         read_first = read_first or state.lost
         while True:
             if read_first:
-                self._ensure_time_for_round_trip(key, deadline)
+                remaining = deadline - time.monotonic()
+                if remaining < self._round_trip:
+                    raise self._no_time_left(key)
                 try:
-                    state.tat, state.revision = await self._read(subject, deadline)
+                    state.tat, state.revision = await self._read(subject, remaining)
                     state.lost = False
                     self._last_reply = time.monotonic()
                 except NatsFailure as read_error:
@@ -594,11 +599,13 @@ class NatsStore:
                 decisions.append(decision)
             if new_tat == tat:
                 return decisions  # nothing admitted: nothing to write
-            self._ensure_time_for_round_trip(key, deadline)
             started = time.monotonic()
+            remaining = deadline - started
+            if remaining < self._round_trip:
+                raise self._no_time_left(key)
             try:
                 revision = await self._write(
-                    subject, new_tat, last_policy, state.revision or 0, deadline
+                    subject, new_tat, last_policy, state.revision or 0, remaining
                 )
             except nats.js.errors.APIError as error:
                 if not is_wrong_last_sequence(error):
@@ -625,17 +632,13 @@ class NatsStore:
             self._round_trip += (replied - started - self._round_trip) / 16
             return decisions
 
-    def _ensure_time_for_round_trip(self, key: str, deadline: float) -> None:
-        """`DeadlineError` at once when the time left cannot fit one round trip.
-
-        A decision that queued behind other writes may have less left than a round trip
-        takes: it fails alone, at once, sending nothing (so the key's state stays known).
-        """
-        if deadline - time.monotonic() < self._round_trip:
-            raise _NoTimeLeftError(
-                f"store {self.config.name!r}: key {key!r}: the decision's deadline would pass "
-                f"before a round trip to NATS (~{self._round_trip * 1000:.0f} ms) ends"
-            )
+    def _no_time_left(self, key: str) -> _NoTimeLeftError:
+        """A decision that queued behind other writes may have less time left than a round
+        trip takes: it fails alone, at once, sending nothing (the key's state stays known)."""
+        return _NoTimeLeftError(
+            f"store {self.config.name!r}: key {key!r}: the decision's deadline would pass "
+            f"before a round trip to NATS (~{self._round_trip * 1000:.0f} ms) ends"
+        )
 
     def _alone(self, error: BaseException) -> bool:
         """Whether a failed round trip fails only its own batch, without opening the back-off.
@@ -644,8 +647,13 @@ class NatsStore:
         deadline (a hang, a black hole: every call misses, whatever the socket says). While
         other calls are answered (a slow link), a miss fails alone: the decision had queued
         behind other writes and its round trip did not fit in what was left. Every miss has
-        the connection checked (`_suspect_connection`).
+        the connection checked (`_suspect_connection`). So has a request refused before it was
+        sent because the outgoing buffer is full: a burst, or a link that does not drain (then
+        the PING goes unanswered and the connection is given up).
         """
+        if isinstance(error, nats.errors.OutboundBufferLimitError):
+            self._suspect_connection()
+            return True
         if not isinstance(error, nats.errors.TimeoutError | asyncio.TimeoutError):
             return False
         self._suspect_connection()
@@ -658,7 +666,8 @@ class NatsStore:
 
         The back-off opens, unless `alone`: then only this batch fails (see `_alone`).
         """
-        state.revision, state.lost = None, True
+        if not isinstance(error, nats.errors.OutboundBufferLimitError):  # else: never sent
+            state.revision, state.lost = None, True
         failure = self._errors.call_failure(error)
         if alone:
             return failure
@@ -666,21 +675,17 @@ class NatsStore:
             # Nobody stores `$KV.<bucket>.>` any more: the bucket was deleted. Open it afresh
             # (creating it when allowed) once the back-off ends.
             self._drop_connection()
-        elif isinstance(failure, StalledError):
-            nc = self._nc
-            if nc is not None:
-                self._give_up(nc, "its outgoing buffer does not drain")
         elif isinstance(failure, DeadlineError):
             self._suspect_connection()
         return self._failed(failure)
 
     async def _write(
-        self, subject: str, tat: int, policy: Policy, last_revision: int, deadline: float
+        self, subject: str, tat: int, policy: Policy, last_revision: int, timeout: float
     ) -> int:
         """Store `tat` if the subject's last revision is `last_revision`; the new revision."""
         headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
         message = await self._connected_replies().request(
-            subject, encode_value(tat, policy), headers, deadline - time.monotonic()
+            subject, encode_value(tat, policy), headers, timeout
         )
         return ack_revision(message)
 
@@ -690,11 +695,11 @@ class NatsStore:
             raise nats.errors.ConnectionClosedError
         return replies
 
-    async def _read(self, subject: str, deadline: float) -> tuple[int, int]:
+    async def _read(self, subject: str, timeout: float) -> tuple[int, int]:
         """The stored `(tat, revision)` of a subject; `(0, 0)` when it never existed."""
         if self._direct:
             message = await self._connected_replies().request(
-                self._direct_get + subject, b"", None, deadline - time.monotonic()
+                self._direct_get + subject, b"", None, timeout
             )
             headers = message.headers or {}
             status = headers.get(STATUS)
@@ -708,8 +713,7 @@ class NatsStore:
             revision = int(headers.get("Nats-Sequence") or 0)
             data: bytes | None = message.data
         else:  # a bucket made without direct get: the JetStream API
-            remaining = max(0.0, deadline - time.monotonic())
-            stored = await asyncio.wait_for(self._get_message(subject), remaining)
+            stored = await asyncio.wait_for(self._get_message(subject), max(0.0, timeout))
             if stored is None:
                 return 0, 0
             headers, revision, data = stored.headers or {}, int(stored.seq or 0), stored.data
@@ -765,7 +769,7 @@ class NatsStore:
         deadline = time.monotonic() + self.config.timeout
         await self.ready(deadline)
         with self._errors.calls("read"):
-            tat, _ = await self._read(self._prefix + key, deadline)
+            tat, _ = await self._read(self._prefix + key, deadline - time.monotonic())
         return peek(policy, tat, self._clock())
 
     async def reset(self, key: str) -> None:

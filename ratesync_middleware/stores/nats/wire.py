@@ -27,9 +27,10 @@ NO_RESPONDERS = "503"
 _FIELDS = ("v", "tat_ns", "interval_ns", "burst")
 
 # nats-py forces a flush, with no deadline, once its pending buffer passes this size; a request
-# is refused well before that, so that publishing never waits for a link that does not drain.
+# is refused before that (one request is far below the margin: a key is at most ~110 bytes and
+# a value ~100), so that publishing never waits for a link that does not drain.
 PENDING_BUFFER_BYTES = 2 * 1024 * 1024
-_PENDING_LIMIT = PENDING_BUFFER_BYTES // 2
+_PENDING_LIMIT = PENDING_BUFFER_BYTES - 64 * 1024
 
 
 def encode_value(tat: int, policy: Policy) -> bytes:
