@@ -46,10 +46,20 @@ def _import_key(limiter: str, spec: str, source: str) -> KeyFunction:
             target = getattr(target, attribute)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(
-            f"{source}: [limiters.{limiter}] key: cannot import {spec!r}: {exc}"
+            f"{source}: [limiters.{limiter}] key: cannot import {spec!r}: {exc}",
+            source=source,
+            table=f"[limiters.{limiter}]",
+            key="key",
+            kind="bad_value",
         ) from None
     if not callable(target):
-        raise ConfigError(f"{source}: [limiters.{limiter}] key: {spec!r} is not callable")
+        raise ConfigError(
+            f"{source}: [limiters.{limiter}] key: {spec!r} is not callable",
+            source=source,
+            table=f"[limiters.{limiter}]",
+            key="key",
+            kind="bad_value",
+        )
     function: KeyFunction = target
     return function
 

@@ -29,7 +29,6 @@ from .errors import StoreError
 from .facts import RequestFacts
 from .headers import Denial, Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
-from .marks import Marks
 from .plans import NOT_LIMITED, Plan, PlanResolver
 
 __all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
@@ -108,10 +107,6 @@ class RequestLimiter:
     def plan(self, method: str, path: str, *candidates: object) -> Plan:
         """See `PlanResolver.plan`: the first marked candidate > route rules > default."""
         return self.plans.plan(method, path, *candidates)
-
-    def marked_plan(self, marks: Marks, where: object = None) -> Plan:
-        """See `PlanResolver.marked_plan`."""
-        return self.plans.marked_plan(marks, where)
 
     # -- decisions --------------------------------------------------------------------------
 

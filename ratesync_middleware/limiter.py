@@ -127,7 +127,9 @@ class AsyncRateLimiter:
         except KeyError:
             known = ", ".join(sorted(self.config.limiters)) or "none"
             raise ConfigError(
-                f"{self.config.source}: no limiter {name!r} (defined: {known})"
+                f"{self.config.source}: no limiter {name!r} (defined: {known})",
+                source=self.config.source,
+                kind="undefined_reference",
             ) from None
 
     def store(self, name: str) -> Store:

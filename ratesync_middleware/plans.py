@@ -154,7 +154,11 @@ class PlanResolver:
             if name not in self._identities:
                 known = ", ".join(sorted(self._identities)) or "none"
                 raise ConfigError(
-                    f"{self.config.source}: {where}: no limiter {name!r} (defined: {known})"
+                    f"{self.config.source}: {where}: no limiter {name!r} (defined: {known})",
+                    source=self.config.source,
+                    table="[middleware]" if where == "[middleware]" else None,
+                    key="default" if where == "[middleware]" else None,
+                    kind="undefined_reference",
                 )
             plan.append(Limit(name, cost, self._identities[name]))
         return tuple(plan)

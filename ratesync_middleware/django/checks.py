@@ -37,7 +37,9 @@ from django.utils.module_loading import import_string
 
 from ..config import Config, RateSyncConfigWarning, load_config
 from ..errors import ConfigError, ConfigErrorKind
-from ..requests import Identity, RequestLimiter, get_marks
+from ..identities import Identity
+from ..marks import get_marks
+from ..plans import PlanResolver, endpoint_objects
 from .conf import SETTING, RateSyncSettings, import_view, read_settings
 from .middleware import RateLimitMiddleware
 
@@ -218,13 +220,11 @@ def _views(patterns: Iterable[Any], depth: int = 0) -> Iterator[Any]:
 
 
 def _marked(view: Any) -> Iterator[Any]:
-    """The view and, for a class-based view, its class and handler methods."""
+    """The view and, for a class-based view, its class and its methods."""
     yield view
     view_class = getattr(view, "view_class", None)
     if view_class is not None:
-        yield view_class
-        for name in getattr(view_class, "http_method_names", ()):
-            yield getattr(view_class, name, None)
+        yield from endpoint_objects(view_class)
 
 
 def _label(endpoint: Any) -> str:
@@ -244,7 +244,7 @@ def check_views(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RateSyncConfigWarning)
         try:
-            core = RequestLimiter(load_config(options.source))
+            plans = PlanResolver(load_config(options.source))
         except ConfigError:
             return []  # check_settings reports it
     try:
@@ -260,7 +260,7 @@ def check_views(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list
                 continue
             seen.add(id(endpoint))
             try:
-                core.marked_plan(marks, endpoint)
+                plans.marked_plan(marks, endpoint)
             except ConfigError as error:
                 errors.append(
                     checks.Error(
