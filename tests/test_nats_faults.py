@@ -468,3 +468,33 @@ async def test_a_burst_on_a_healthy_link_keeps_its_connection(
         await asyncio.sleep(1.5)  # a probe, if any, has had its PONG
         assert store._nc is connection
         assert not (await limiter.hit("api", key="after")).degraded
+
+
+@pytest.mark.slow
+async def test_a_server_that_hangs_at_start_up_holds_only_the_first_attempt(
+    nats_server: NatsServer, bucket_name: str
+) -> None:
+    # Connecting into a black hole takes the whole connect_timeout. The first attempt holds its
+    # callers (start-up); every later one runs in the background, one per back-off, and holds a
+    # decision until its deadline at most.
+    with tcp_proxy(nats_server.port) as proxy:
+        proxy.pause()
+        config = limits(proxy.url, bucket_name, connect_timeout=1.0, backoff=0.3)
+        async with AsyncRateLimiter(config) as limiter:
+            first, decision = await timed(limiter, "api", "k")
+            assert decision.degraded
+            assert first < 1.0 + 0.5
+            latencies = []
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:
+                elapsed, decision = await timed(limiter, "api", "k")
+                assert decision.degraded
+                latencies.append(elapsed)
+                await asyncio.sleep(0.02)
+            print(f"first {first:.3f}s, then max {max(latencies):.3f}s of {len(latencies)}")
+            assert max(latencies) < 0.25 + 0.15
+            proxy.resume()
+            deadline = time.monotonic() + 10
+            while (await limiter.hit("api", key="k")).degraded:
+                assert time.monotonic() < deadline, "limiting did not start once the link came up"
+                await asyncio.sleep(0.1)

@@ -162,7 +162,7 @@ class NatsStore:
         """The JetStream context, connecting and opening the bucket on first use.
 
         Raises the seed guide's errors at start-up, `StoreUnavailableError` during a back-off.
-        Once a connection was open, reopening happens in the background: a decision waits for it
+        After the first attempt, opening happens in the background: a decision waits for it
         until its `deadline` at most, and others fail at once meanwhile.
         """
         js, nc = self._js, self._nc
@@ -181,21 +181,24 @@ class NatsStore:
             self._loop = None
         if time.monotonic() < self._retry_at and self._last_error is not None:
             raise self._last_error  # one open attempt per back-off
+        # The first attempt at start-up holds its callers (for `connect_timeout` at most); any
+        # later one is a background task that holds a decision until its deadline at most.
+        patient = deadline is None or (not self._opened_before and self._last_error is None)
         opening = self._opening
         if opening is not None and not opening.done():
-            if self._opened_before:
+            if deadline is not None and not patient:
                 raise StoreUnavailableError(
-                    f"store {self.config.name!r}: reconnecting to NATS (opening the bucket)"
+                    f"store {self.config.name!r}: (re)connecting to NATS, an attempt is under way"
                 )
-            return await asyncio.shield(opening)  # start-up: everybody waits for the first
+            return await asyncio.shield(opening)
         opening = self._opening = loop.create_task(self._open_once())
         opening.add_done_callback(_retrieve)
-        if not self._opened_before or deadline is None:
+        if deadline is None or patient:
             return await asyncio.shield(opening)
         await asyncio.wait({opening}, timeout=max(0.0, deadline - time.monotonic()))
         if not opening.done():
             raise DeadlineError(
-                f"store {self.config.name!r}: reconnecting to NATS took longer than the deadline"
+                f"store {self.config.name!r}: connecting to NATS took longer than the deadline"
             )
         return opening.result()
 
