@@ -69,7 +69,7 @@ def memory_bytes_per_key(n: int, rep: int) -> dict[str, float]:
             store.hit_now(group_key("api", identity(i, f"r{rep}-")), LIVE)
         full = traced_bytes()
         assert len(store) == n, len(store)
-        store._tats.clear()
+        store._states.clear()
         cleared = traced_bytes()
     finally:
         tracemalloc.stop()

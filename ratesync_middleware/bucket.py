@@ -55,6 +55,22 @@ class Policy:
         """Time for an empty bucket to refill completely."""
         return self.burst * self.interval_ns
 
+    # The algorithm interface (algorithms.py): the state is the bucket's `tat`.
+    empty = 0
+
+    def consume(self, tat: int, now: int, cost: int = 1) -> tuple[int | None, Decision]:
+        """See the module function `consume`."""
+        return consume(self, tat, now, cost)
+
+    def peek(self, tat: int, now: int) -> Decision:
+        """See the module function `peek`."""
+        return peek(self, tat, now)
+
+    @staticmethod
+    def idle_at(tat: int) -> int:
+        """When the bucket is full again (the same as no state at all)."""
+        return tat
+
 
 class Decision(NamedTuple):
     """The answer for one request.
@@ -149,6 +165,13 @@ class Rates:
     def window_ns(self) -> int:
         """Time for every bucket to refill from empty: the longest of the rates'."""
         return max(rate.window_ns for rate in self.rates)
+
+    empty: tuple[int, ...] = ()
+
+    @staticmethod
+    def idle_at(tats: tuple[int, ...]) -> int:
+        """When every bucket is full again."""
+        return max(tats, default=0)
 
     def consume(
         self, tats: tuple[int, ...], now: int, cost: int = 1

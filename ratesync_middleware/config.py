@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from .bucket import NS_PER_SECOND, PERIOD_SECONDS, Policy
+from .algorithms import Algorithm
+from .bucket import NS_PER_SECOND, PERIOD_SECONDS, Policy, Rates
 from .errors import ConfigError, ConfigErrorKind
+from .window import SlidingWindow
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -85,7 +87,7 @@ class LimiterConfig:
 
     name: str
     store: str
-    policy: Policy
+    policy: Algorithm  # a token bucket (Policy), several rates (Rates) or a SlidingWindow
     key: tuple[str, ...] = ("ip",)
     fail_closed: bool = False
 
@@ -407,7 +409,24 @@ def _check_limit(value: Any) -> tuple[int, int | None]:
     return count, period
 
 
-_limit = _Scalar(_check_limit, _limit_text, "an integer or N/period")
+def _check_limits(value: Any) -> tuple[tuple[int, int | None], ...]:
+    """One limit (an integer or "N/period"), or a list of "N/period" rates: all must allow."""
+    if not isinstance(value, (list, tuple)):
+        return (_check_limit(value),)
+    rates = []
+    for element in value:
+        if not isinstance(element, str):
+            raise _BadValueError('a list of "N/period" strings', _show(element))
+        try:
+            rates.append(_check_limit(element))
+        except _BadValueError as exc:
+            raise _BadValueError(exc.what, exc.got or _show(element)) from None
+    if not rates:
+        raise _BadValueError('at least one "N/period" rate')
+    return tuple(rates)
+
+
+_limit = _Scalar(_check_limits, _limit_text, "an integer or N/period")
 
 _OTHER_ENGINES = ("redis", "postgres")  # rate-sync's other stores
 _engine_name = _choice("nats", "memory")
@@ -698,16 +717,25 @@ def _store(where: _Where, name: str, table: Mapping[Any, Any]) -> StoreConfig:
     return StoreConfig(name, "nats", servers=servers, **values)
 
 
-def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Policy:
-    """rate_per_second, or limit = "N/period", or rate-sync's integer limit + window_seconds."""
+_PERIOD_NAMES = {seconds: unit for unit, seconds in PERIOD_SECONDS.items()}
+
+
+def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Algorithm:
+    """The limiter's algorithm: a token bucket (rate_per_second, limit = "N/period", or
+    rate-sync's integer limit + window_seconds), several rates (a list of "N/period"), or
+    rate-sync's exact sliding window (algorithm = "sliding_window")."""
     rate: float | None = values.get("rate_per_second")
-    limit: tuple[int, int | None] | None = values.get("limit")
+    limits: tuple[tuple[int, int | None], ...] | None = values.get("limit")
     window: int | None = values.get("window_seconds")
     one_of = 'set exactly one of rate_per_second = 10.0 or limit = "600/minute"'
-    if rate is not None and limit is not None:
+    if rate is not None and limits is not None:
         raise where.error("rate_per_second", one_of, kind="conflict")
-    if limit is not None:
-        count, period = limit
+    if values.get("algorithm") == "sliding_window":
+        return _sliding_window(where, name, values)
+    if limits is not None and len(limits) > 1:
+        return _rates(where, name, values, limits)
+    if limits is not None:
+        count, period = limits[0]
         if period is None:
             if window is None:
                 raise where.error(
@@ -735,6 +763,63 @@ def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Policy:
     return _bounded(where, "rate_per_second", "burst" in values, policy)
 
 
+def _window_of(where: _Where, count: int, period: int | None, window: int | None) -> int:
+    """The seconds of `limit = N` + `window_seconds`, or of `limit = "N/period"`."""
+    if period is None:
+        if window is None:
+            raise where.error(
+                "limit", "an integer limit needs window_seconds (N per window)", kind="missing"
+            )
+        return window
+    if window is not None:
+        raise where.error(
+            "window_seconds", f'cannot be combined with limit = "{count}/period"', kind="conflict"
+        )
+    return period
+
+
+def _sliding_window(where: _Where, name: str, values: Mapping[str, Any]) -> SlidingWindow:
+    """rate-sync's exact sliding window: at most `limit` in any `window_seconds`."""
+    limits: tuple[tuple[int, int | None], ...] | None = values.get("limit")
+    if limits is None:
+        raise where.error(
+            "limit",
+            "a sliding window counts admissions: give limit = 5 and window_seconds = 300",
+            kind="missing" if "rate_per_second" not in values else "conflict",
+        )
+    if len(limits) > 1:
+        raise where.error("limit", "a sliding window takes one limit, not a list", kind="conflict")
+    if "burst" in values:
+        raise where.error(
+            "burst", "a sliding window has no burst: its limit is its capacity", kind="conflict"
+        )
+    count, period = limits[0]
+    seconds = _window_of(where, count, period, values.get("window_seconds"))
+    return SlidingWindow(name, count, seconds * NS_PER_SECOND)
+
+
+def _rates(
+    where: _Where, name: str, values: Mapping[str, Any], limits: tuple[tuple[int, int | None], ...]
+) -> Rates:
+    """`limit = ["10/second", "1000/day"]`: each rate's N is its own capacity."""
+    for conflicting in ("burst", "window_seconds"):
+        if conflicting in values:
+            raise where.error(
+                conflicting,
+                "cannot be combined with several rates: each rate's N is its capacity",
+                kind="conflict",
+            )
+    rates = []
+    for count, period in limits:
+        assert period is not None  # a list holds "N/period" strings only
+        unit = _PERIOD_NAMES.get(period, f"{period}s")
+        rate = Policy.per_period(f"{name}:{count}/{unit}", count, period, count)
+        rates.append(_bounded(where, "limit", False, rate))
+    if len({rate.name for rate in rates}) != len(rates):
+        raise where.error("limit", "the same rate is listed twice", kind="conflict")
+    return Rates(name, tuple(rates))
+
+
 def _bounded(where: _Where, rate_key: str, burst_given: bool, policy: Policy) -> Policy:
     """An empty bucket refills within MAX_REFILL_SECONDS, so `tat` stays far inside 64 bits."""
     limit_ns = MAX_REFILL_SECONDS * NS_PER_SECOND
@@ -754,8 +839,6 @@ def _limiter(
     where: _Where, name: str, table: Mapping[Any, Any], stores: Mapping[str, StoreConfig]
 ) -> LimiterConfig:
     values = _fields(where, table, _LIMITER_KEYS, _LIMITER_IGNORED)
-    if values.get("algorithm") == "sliding_window":
-        where.warn("algorithm", "sliding_window is approximated by a token bucket of the same rate")
     store = values.get("store")
     if store is None:
         if len(stores) != 1:

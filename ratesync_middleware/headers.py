@@ -22,7 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from .bucket import NS_PER_SECOND, Decision, Policy
+from .algorithms import Algorithm
+from .bucket import NS_PER_SECOND, Decision, Policy, Rates
 from .config import Config, HeadersMode
 
 __all__ = [
@@ -134,14 +135,33 @@ class _Precomputed:
     unavailable: _Problem  # 503
 
 
+def _policy_item(policy: Algorithm) -> str:
+    """One `RateLimit-Policy` item: quota `q` (the burst, or the window's limit) and window
+    `w` (seconds for an empty bucket to refill, or the sliding window's length)."""
+    # Intervals are rounded up to whole nanoseconds (3/second: 333,333,334 ns), so a refill
+    # time may exceed the period by up to `burst` ns: not a second more in the header.
+    window = max(1, math.ceil((policy.window_ns - policy.burst) / NS_PER_SECOND))
+    return f'"{policy.name}";q={policy.burst};w={window}'
+
+
 class RateLimitHeaders:
     """Headers and refusals for the limiters of one configuration, precomputed per limiter."""
 
-    def __init__(self, mode: HeadersMode, policies: Iterable[Policy]) -> None:
+    def __init__(self, mode: HeadersMode, policies: Iterable[Algorithm]) -> None:
         if mode not in ("draft", "legacy", "none"):
             raise ValueError(f"headers mode must be 'draft', 'legacy' or 'none', not {mode!r}")
         self.mode = mode
-        self._by_name = {policy.name: self._precompute(policy) for policy in policies}
+        self._by_name: dict[str, _Precomputed] = {}
+        for policy in policies:
+            if isinstance(policy, Rates):
+                # One policy item per rate (draft-11 allows a list); a decision names the
+                # rate that bound it, and the limiter's own name covers degraded answers.
+                listed = ", ".join(_policy_item(rate) for rate in policy.rates).encode()
+                covered: tuple[Algorithm, ...] = (*policy.rates, policy)
+                for item in covered:
+                    self._by_name[item.name] = self._precompute(item, listed)
+            else:
+                self._by_name[policy.name] = self._precompute(policy)
 
     @classmethod
     def for_config(cls, config: Config) -> RateLimitHeaders:
@@ -150,11 +170,10 @@ class RateLimitHeaders:
         return cls(config.middleware.headers, policies)
 
     @staticmethod
-    def _precompute(policy: Policy) -> _Precomputed:
+    def _precompute(policy: Algorithm, policy_header: bytes | None = None) -> _Precomputed:
         name = policy.name
-        window = max(1, math.ceil(policy.window_ns / NS_PER_SECOND))
         return _Precomputed(
-            policy_header=(b"ratelimit-policy", f'"{name}";q={policy.burst};w={window}'.encode()),
+            policy_header=(b"ratelimit-policy", policy_header or _policy_item(policy).encode()),
             limit=str(policy.burst).encode(),
             exceeded=_problem(
                 429,

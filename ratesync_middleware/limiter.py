@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from .bucket import Decision, Policy
+from .algorithms import Algorithm
+from .bucket import Decision
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, StoreError
 from .keys import group_key
@@ -73,7 +74,7 @@ class _Bound(NamedTuple):
 
     config: LimiterConfig
     store: Store
-    now: Callable[[str, Policy, int], Decision] | None  # the store's `hit_now`, if it has one
+    now: Callable[[str, Algorithm, int], Decision] | None  # the store's `hit_now`, if any
     is_global: bool  # one bucket for everybody: the key is ignored
 
 
@@ -235,7 +236,7 @@ class AsyncRateLimiter:
     def degraded(self, config: LimiterConfig, error: StoreError) -> Decision:
         """The fail-open or fail-closed answer of `config` while its store fails (logged, throttled)."""
         self._failures.report(config.store, error)
-        policy: Policy = config.policy
+        policy = config.policy
         retry_after = self.config.stores[config.store].backoff if config.fail_closed else 0.0
         return Decision(
             allowed=not config.fail_closed,

@@ -43,6 +43,12 @@ class SlidingWindow:
         """The quota reported as `limit` in decisions and headers."""
         return self.limit
 
+    empty: Log = EMPTY_LOG
+
+    def idle_at(self, log: Log) -> int:
+        """When the newest admission has left the window (the same as no state at all)."""
+        return log[-1][0] + self.window_ns if log else 0
+
     def live(self, log: Log, now: int) -> Log:
         """The entries of `log` still inside the window at `now`."""
         cutoff = now - self.window_ns

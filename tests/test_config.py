@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ratesync_middleware.bucket import Policy, consume
+from ratesync_middleware.bucket import NS_PER_SECOND, Policy, Rates, consume
 from ratesync_middleware.config import (
     DEFAULT_STORE_NAME,
     Config,
@@ -24,6 +24,7 @@ from ratesync_middleware.config import (
 )
 from ratesync_middleware.errors import ConfigError
 from ratesync_middleware.headers import RateLimitHeaders
+from ratesync_middleware.window import SlidingWindow
 
 
 def write(text: str, name: str = "rate-sync.toml") -> Path:
@@ -512,13 +513,65 @@ def test_algorithm() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load("[limiters.a]\nrate_per_second = 1\nalgorithm = 'token_bucket'\n")
-    with pytest.warns(RateSyncConfigWarning, match="approximated by a token bucket"):
         config = load(
             "[limiters.a]\nlimit = 100\nwindow_seconds = 60\nalgorithm = 'sliding_window'\n",
         )
-    assert config.limiters["a"].policy == Policy.per_period("a", 100, 60, 100)
+    assert config.limiters["a"].policy == SlidingWindow("a", 100, 60 * NS_PER_SECOND)
     message = load_error("[limiters.a]\nrate_per_second = 1\nalgorithm = 'leaky'\n")
     assert "[limiters.a] algorithm: expected one of 'token_bucket', 'sliding_window'" in message
+
+
+def test_a_sliding_window_as_rate_sync_writes_it() -> None:
+    """rate-sync's login protection: at most 5 in any 300 s (an exact window, no warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = load(
+            '[limiters.login]\nalgorithm = "sliding_window"\nlimit = 5\nwindow_seconds = 300\n'
+        )
+    assert config.limiters["login"].policy == SlidingWindow("login", 5, 300 * NS_PER_SECOND)
+    per_minute = load('[limiters.a]\nalgorithm = "sliding_window"\nlimit = "5/minute"\n')
+    assert per_minute.limiters["a"].policy == SlidingWindow("a", 5, 60 * NS_PER_SECOND)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("rate_per_second = 1.0", "limit: a sliding window counts admissions"),
+        ("limit = 5", "limit: an integer limit needs window_seconds"),
+        ("limit = 5\nwindow_seconds = 60\nburst = 9", "burst: a sliding window has no burst"),
+        ('limit = ["5/minute", "50/hour"]', "limit: a sliding window takes one limit"),
+    ],
+)
+def test_a_sliding_window_needs_a_count_and_a_window(table: str, message: str) -> None:
+    text = f'[limiters.a]\nalgorithm = "sliding_window"\n{table}\n'
+    assert f"rate-sync.toml: [limiters.a] {message}" in load_error(text)
+
+
+def test_several_rates_each_with_its_own_capacity() -> None:
+    config = load('[limiters.api]\nlimit = ["10/second", "1000/day"]\n')
+    assert config.limiters["api"].policy == Rates(
+        "api",
+        (
+            Policy.per_period("api:10/second", 10, 1, 10),
+            Policy.per_period("api:1000/day", 1000, 86400, 1000),
+        ),
+    )
+    single = load('[limiters.api]\nlimit = ["10/second"]\n')
+    assert single.limiters["api"].policy == Policy.per_period("api", 10, 1, 10)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('limit = ["10/second", "1000/day"]\nburst = 20', "burst: cannot be combined with several"),
+        ('limit = ["10/second", 5]', 'limit: expected a list of "N/period" strings, got 5 (int)'),
+        ('limit = ["10/second", "ten/day"]', 'limit: expected "N/second"'),
+        ('limit = ["10/second", "10/second"]', "limit: the same rate is listed twice"),
+        ("limit = []", 'limit: expected at least one "N/period" rate'),
+    ],
+)
+def test_several_rates_are_checked(table: str, message: str) -> None:
+    assert f"rate-sync.toml: [limiters.api] {message}" in load_error(f"[limiters.api]\n{table}\n")
 
 
 # --- limiters --------------------------------------------------------------------------------------

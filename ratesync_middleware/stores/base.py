@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from ..bucket import Decision, Policy
+from ..algorithms import Algorithm
+from ..bucket import Decision
 
 Clock = Callable[[], int]
 """Wall-clock time in integer nanoseconds since the epoch; shared buckets need one clock for all hosts."""
@@ -17,11 +18,11 @@ wall_clock: Clock = time.time_ns
 class Store(Protocol):
     """Holds one `tat` per group key and applies requests to it atomically."""
 
-    async def hit(self, key: str, policy: Policy, cost: int = 1) -> Decision:
+    async def hit(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
         """Apply a request of `cost` to the bucket at `key`; raise `StoreError` when no answer."""
         ...
 
-    async def peek(self, key: str, policy: Policy) -> Decision:
+    async def peek(self, key: str, policy: Algorithm) -> Decision:
         """The bucket's state now, changing nothing."""
         ...
 
@@ -42,6 +43,6 @@ class DecidesNow(Protocol):
     `hit_now` without a coroutine; no adapter ever names a store class.
     """
 
-    def hit_now(self, key: str, policy: Policy, cost: int = 1) -> Decision:
+    def hit_now(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
         """`Store.hit`, answered at once."""
         ...

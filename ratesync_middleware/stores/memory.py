@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Any
 
+from ..algorithms import Algorithm, AlgorithmLike
 from ..bucket import Decision, Policy, consume, peek
 from .base import Clock, wall_clock
 
@@ -12,60 +14,78 @@ _SWEEP_EVERY = 8  # writes between two looks for idle buckets (a power of two)
 
 
 class MemoryStore:
-    """Per-process buckets, safe under coroutines and threads, bounded in memory.
+    """Per-process state of every group, safe under coroutines and threads, bounded in memory.
 
-    A bucket whose `tat` lies in the past is full, which is the same as no entry at all, so such
-    entries are dropped as they age out of the least-recently-used end. Past `max_keys` live
-    buckets the oldest is dropped even if not full (an over-admission documented in the docs).
+    A token bucket's entry is its `tat` (an int); any other algorithm's is `(idle_at, state)`.
+    An entry idle since `idle_at` is the same as no entry at all (a full bucket, an empty
+    window), so such entries are dropped as they age out of the least-recently-used end. Past
+    `max_keys` live entries the oldest is dropped even if not idle (an over-admission
+    documented in the docs).
     """
 
     def __init__(self, max_keys: int = 100_000, clock: Clock = wall_clock) -> None:
-        self._tats: OrderedDict[str, int] = OrderedDict()
+        self._states: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._max_keys = max_keys
         self._clock = clock
         self._writes = 0
 
     def __len__(self) -> int:
-        return len(self._tats)
+        return len(self._states)
 
-    def hit_now(self, key: str, policy: Policy, cost: int = 1) -> Decision:
+    def hit_now(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
         """The synchronous core of `hit`: nothing here ever waits."""
         now = self._clock()
         with self._lock:
-            tats = self._tats
-            new_tat, decision = consume(policy, tats.get(key, 0), now, cost)
-            if new_tat is not None:
-                tats[key] = new_tat
-                tats.move_to_end(key)
+            states = self._states
+            if type(policy) is Policy:  # the common case, kept lean: the entry is the tat
+                tat = states.get(key, 0)
+                new, decision = consume(policy, tat if type(tat) is int else 0, now, cost)
+                stored: Any = new
+            else:
+                algorithm: AlgorithmLike = policy
+                new, decision = algorithm.consume(self._state(key, policy), now, cost)
+                stored = None if new is None else (algorithm.idle_at(new), new)
+            if stored is not None:
+                states[key] = stored
+                states.move_to_end(key)
                 self._writes += 1
-                if not self._writes & (_SWEEP_EVERY - 1) or len(tats) > self._max_keys:
+                if not self._writes & (_SWEEP_EVERY - 1) or len(states) > self._max_keys:
                     self._drop_idle(now)
             return decision
+
+    def _state(self, key: str, policy: Algorithm) -> Any:
+        """The state of `key` for a non-token-bucket `policy` (empty when none or another kind's)."""
+        entry = self._states.get(key)
+        return entry[1] if type(entry) is tuple else policy.empty
 
     def _drop_idle(self, now: int) -> None:
         # Amortised O(1): every few writes, look at as many of the oldest entries as writes
         # happened, twice over; and enforce the hard bound.
-        tats = self._tats
+        states = self._states
         for _ in range(2 * _SWEEP_EVERY):
-            oldest = next(iter(tats))
-            if tats[oldest] > now:
+            entry = states[next(iter(states))]
+            if (entry if type(entry) is int else entry[0]) > now:
                 break
-            del tats[oldest]
-        while len(tats) > self._max_keys:
-            tats.popitem(last=False)
+            states.popitem(last=False)
+        while len(states) > self._max_keys:
+            states.popitem(last=False)
 
-    async def hit(self, key: str, policy: Policy, cost: int = 1) -> Decision:
+    async def hit(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
         return self.hit_now(key, policy, cost)
 
-    async def peek(self, key: str, policy: Policy) -> Decision:
+    async def peek(self, key: str, policy: Algorithm) -> Decision:
+        now = self._clock()
         with self._lock:
-            tat = self._tats.get(key, 0)
-        return peek(policy, tat, self._clock())
+            if type(policy) is Policy:
+                tat = self._states.get(key, 0)
+                return peek(policy, tat if type(tat) is int else 0, now)
+            algorithm: AlgorithmLike = policy
+            return algorithm.peek(self._state(key, policy), now)
 
     async def reset(self, key: str) -> None:
         with self._lock:
-            self._tats.pop(key, None)
+            self._states.pop(key, None)
 
     async def aclose(self) -> None:
         """Nothing to release; state survives so a closed-then-reused limiter keeps its buckets."""

@@ -35,7 +35,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamInfo
 
-from ...bucket import Decision, Policy, consume, peek
+from ...algorithms import Algorithm
+from ...bucket import Decision
 from ...config import StoreConfig
 from ...errors import StoreError, StoreUnavailableError
 from ..base import Clock, wall_clock
@@ -58,9 +59,9 @@ from .wire import (
     Replies,
     StoredEntry,
     ack_revision,
-    decode_owned_tat,
+    decode_state,
     decode_value,
-    encode_value,
+    encode_state,
 )
 
 logger = logging.getLogger("ratesync_middleware.nats")
@@ -72,7 +73,7 @@ _PROBE_SECONDS = 1  # after a missed deadline, a connection must answer a PING w
 _RECREATION_CHECK_SECONDS = 2.0  # how often the bucket's stream is checked for a re-creation
 _CLOSE_SECONDS = 2.0
 
-Waiter = tuple[Policy, int, "asyncio.Future[Decision] | None", float]
+Waiter = tuple[Algorithm, int, "asyncio.Future[Decision] | None", float]
 """One decision to write: its policy, its cost, who waits for it (None: the writer itself), and
 its deadline (monotonic seconds)."""
 
@@ -81,7 +82,7 @@ its deadline (monotonic seconds)."""
 class _KeyState:
     """What this process knows of one key, and the decisions waiting to be written to it."""
 
-    tat: int = 0
+    state: Any = None  # the algorithm's state (a token bucket's tat, ...), when revision is known
     revision: int | None = None  # None: unknown, the next write must find out
     lost: bool = False  # a failure left it unknown (a write may have landed): read before writing
     busy: bool = False  # a write to this key is under way; new decisions queue in `waiters`
@@ -465,7 +466,7 @@ class NatsStore:
 
     # -- decisions --------------------------------------------------------------------------
 
-    async def hit(self, key: str, policy: Policy, cost: int = 1) -> Decision:
+    async def hit(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
         deadline = 0.0  # the decision's, from its start: taken only when it is needed
         nc = self._nc
         if (
@@ -485,8 +486,8 @@ class NatsStore:
         else:
             cache.move_to_end(key)
             if state.revision is not None:
-                new_tat, decision = consume(policy, state.tat, self._clock(), cost)
-                if new_tat is None:
+                admitted, decision = policy.consume(state.state, self._clock(), cost)
+                if admitted is None:
                     return decision  # the cache proves the bucket empty: no round trip
         now = time.monotonic()
         if now < self._retry_at and self._last_error is not None:
@@ -583,7 +584,7 @@ class NatsStore:
                 if remaining < self._round_trip:
                     raise self._no_time_left(key)
                 try:
-                    state.tat, state.revision = await self._read(subject, remaining)
+                    state.state, state.revision = await self._read(subject, remaining, batch[0][0])
                     state.lost = False
                     self._last_reply = time.monotonic()
                 except NatsFailure as read_error:
@@ -591,16 +592,15 @@ class NatsStore:
                         state, read_error, alone=self._alone(read_error)
                     ) from None
             now = self._clock()
-            tat = state.tat if state.revision is not None else 0
-            new_tat = tat
-            last_policy = batch[0][0]
+            last_policy: Algorithm | None = None
+            new_state: Any = state.state if state.revision is not None else batch[0][0].empty
             decisions = []
             for policy, cost, _, _ in batch:
-                admitted_tat, decision = consume(policy, new_tat, now, cost)
-                if admitted_tat is not None:
-                    new_tat, last_policy = admitted_tat, policy
+                admitted, decision = policy.consume(new_state, now, cost)
+                if admitted is not None:
+                    new_state, last_policy = admitted, policy
                 decisions.append(decision)
-            if new_tat == tat:
+            if last_policy is None:
                 return decisions  # nothing admitted: nothing to write
             started = time.monotonic()
             remaining = deadline - started
@@ -608,7 +608,7 @@ class NatsStore:
                 raise self._no_time_left(key)
             try:
                 revision = await self._write(
-                    subject, new_tat, last_policy, state.revision or 0, remaining
+                    subject, new_state, last_policy, state.revision or 0, remaining
                 )
             except nats.js.errors.APIError as error:
                 if not is_wrong_last_sequence(error):
@@ -626,7 +626,7 @@ class NatsStore:
             except NatsFailure as error:
                 alone = self._alone(error)
                 raise self._call_failure(state, error, alone=alone) from None
-            state.tat, state.revision, state.lost = new_tat, revision, False
+            state.state, state.revision, state.lost = new_state, revision, False
             if revision <= self._highest_ack:
                 self._check_stream_soon()  # the stream's sequence went back: re-created?
             self._highest_ack = revision
@@ -683,12 +683,12 @@ class NatsStore:
         return self._failed(failure)
 
     async def _write(
-        self, subject: str, tat: int, policy: Policy, last_revision: int, timeout: float
+        self, subject: str, state: Any, policy: Algorithm, last_revision: int, timeout: float
     ) -> int:
-        """Store `tat` if the subject's last revision is `last_revision`; the new revision."""
+        """Store `state` if the subject's last revision is `last_revision`; the new revision."""
         headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
         message = await self._connected_replies().request(
-            subject, encode_value(tat, policy), headers, timeout
+            subject, encode_state(policy, state), headers, timeout
         )
         return ack_revision(message)
 
@@ -698,8 +698,8 @@ class NatsStore:
             raise nats.errors.ConnectionClosedError
         return replies
 
-    async def _read(self, subject: str, timeout: float) -> tuple[int, int]:
-        """The stored `(tat, revision)` of a subject; `(0, 0)` when it never existed."""
+    async def _read(self, subject: str, timeout: float, policy: Algorithm) -> tuple[Any, int]:
+        """The stored `(state, revision)` of a subject; `(policy.empty, 0)` when it never existed."""
         if self._direct:
             message = await self._connected_replies().request(
                 self._direct_get + subject, b"", None, timeout
@@ -707,7 +707,7 @@ class NatsStore:
             headers = message.headers or {}
             status = headers.get(STATUS)
             if status == "404":
-                return 0, 0
+                return policy.empty, 0
             if status is not None:
                 raise nats.js.errors.APIError(
                     code=int(status) if status.isdigit() else None,
@@ -718,14 +718,14 @@ class NatsStore:
         else:  # a bucket made without direct get: the JetStream API
             stored = await asyncio.wait_for(self._get_message(subject), max(0.0, timeout))
             if stored is None:
-                return 0, 0
+                return policy.empty, 0
             headers, revision, data = stored.headers or {}, int(stored.seq or 0), stored.data
         if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
-            return 0, revision
-        tat, problem = decode_owned_tat(data)
+            return policy.empty, revision
+        value, problem = decode_state(policy, data)
         if problem is not None:
             self._foreign_value(subject, problem)
-        return tat, revision
+        return value, revision
 
     def _foreign_value(self, subject: str, problem: str) -> None:
         now = time.monotonic()
@@ -768,12 +768,12 @@ class NatsStore:
         with self._errors.calls("read"):
             return await asyncio.wait_for(self._read_entry(self._prefix + key), self.config.timeout)
 
-    async def peek(self, key: str, policy: Policy) -> Decision:
+    async def peek(self, key: str, policy: Algorithm) -> Decision:
         deadline = time.monotonic() + self.config.timeout
         await self.ready(deadline)
         with self._errors.calls("read"):
-            tat, _ = await self._read(self._prefix + key, deadline - time.monotonic())
-        return peek(policy, tat, self._clock())
+            value, _ = await self._read(self._prefix + key, deadline - time.monotonic(), policy)
+        return policy.peek(value, self._clock())
 
     async def reset(self, key: str) -> None:
         js = await self.ready()

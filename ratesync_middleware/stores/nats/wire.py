@@ -11,13 +11,16 @@ import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from ...bucket import Policy
+from ...algorithms import Algorithm
+from ...bucket import Policy, Rates
+from ...window import Log
 
 VALUE_VERSION = 1
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
@@ -39,6 +42,77 @@ def encode_value(tat: int, policy: Policy) -> bytes:
         f'{{"v":{VALUE_VERSION},"tat_ns":{tat},'
         f'"interval_ns":{policy.interval_ns},"burst":{policy.burst}}}'
     ).encode()
+
+
+def encode_state(policy: Algorithm, state: Any) -> bytes:
+    """The stored value of any algorithm's state (docs/engines/nats.md, "Value").
+
+    A token bucket keeps the original form; several rates and a sliding window add a `kind`.
+    """
+    if isinstance(policy, Policy):
+        return encode_value(state, policy)
+    if isinstance(policy, Rates):
+        tats = ",".join(str(tat) for tat in state)
+        rates = ",".join(f"[{rate.interval_ns},{rate.burst}]" for rate in policy.rates)
+        return (
+            f'{{"v":{VALUE_VERSION},"kind":"rates","tats_ns":[{tats}],"rates":[{rates}]}}'.encode()
+        )
+    log = ",".join(f"[{admitted_at},{units}]" for admitted_at, units in state)
+    return (
+        f'{{"v":{VALUE_VERSION},"kind":"window","limit":{policy.limit},'
+        f'"window_ns":{policy.window_ns},"log":[{log}]}}'
+    ).encode()
+
+
+def decode_state(policy: Algorithm, data: bytes | None) -> tuple[Any, str | None]:
+    """The state of a key `policy` owns, and what is wrong with the value (None: nothing).
+
+    A value this policy cannot read (another kind, a foreign writer) is reported, never
+    silently taken as a full bucket; the state is then the empty one, which the next
+    admitted decision overwrites.
+    """
+    if isinstance(policy, Policy):
+        return decode_owned_tat(data)
+    if not data:
+        return policy.empty, None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return policy.empty, "not JSON"
+    if not isinstance(value, dict):
+        return policy.empty, f"a JSON {type(value).__name__}, not an object"
+    if isinstance(policy, Rates):
+        tats = value.get("tats_ns")
+        if (
+            value.get("kind") == "rates"
+            and isinstance(tats, list)
+            and len(tats) == len(policy.rates)
+            and all(_is_integer(tat) for tat in tats)
+        ):
+            return tuple(tats), None
+        return policy.empty, f"not a value of {len(policy.rates)} rates (read as full buckets)"
+    log = value.get("log")
+    if value.get("kind") == "window" and isinstance(log, list):
+        entries = _log_entries(log)
+        if entries is not None:
+            return entries, None
+    return policy.empty, "not a sliding-window log (read as an empty window)"
+
+
+def _log_entries(log: list[Any]) -> Log | None:
+    entries = []
+    for entry in log:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and _is_integer(entry[0])
+            and _is_integer(entry[1])
+            and entry[1] >= 1
+        ):
+            return None
+        entries.append((entry[0], entry[1]))
+    entries.sort()
+    return tuple(entries)
 
 
 def _is_integer(value: object) -> bool:

@@ -1,0 +1,42 @@
+"""The ways a limiter counts, behind one interface that every store relies on.
+
+- `bucket.Policy`: a GCRA token bucket, one rate (`rate_per_second`, `limit = "N/period"`);
+  the state is its `tat`.
+- `bucket.Rates`: several token buckets on one group (`limit = ["10/second", "1000/day"]`),
+  charged all or none; the state is one `tat` per rate.
+- `window.SlidingWindow`: rate-sync's exact sliding window (`algorithm = "sliding_window"`);
+  the state is the log of admissions still in the window.
+
+States are immutable values (an int or tuples), so a store can cache and compare them. For all
+three, requests only add to a state and time only takes away, so a stale state under-estimates
+the real one and a denial it proves is a real denial (the stores' free denials rely on it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .bucket import Decision, Policy, Rates
+from .window import SlidingWindow
+
+__all__ = ["Algorithm", "AlgorithmLike", "Policy", "Rates", "SlidingWindow"]
+
+Algorithm = Policy | Rates | SlidingWindow
+"""What `LimiterConfig.policy` holds."""
+
+
+class AlgorithmLike(Protocol):
+    """The interface the three share (stores are written against it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def burst(self) -> int: ...
+    @property
+    def window_ns(self) -> int: ...
+    @property
+    def empty(self) -> Any: ...
+
+    def consume(self, state: Any, now: int, cost: int = 1) -> tuple[Any, Decision]: ...
+    def peek(self, state: Any, now: int) -> Decision: ...
+    def idle_at(self, state: Any) -> int: ...
