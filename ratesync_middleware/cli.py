@@ -17,7 +17,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,13 +28,14 @@ from . import __version__
 from .bucket import peek
 from .config import ENV_CONFIG, SEARCH_PATHS, Config, StoreConfig, discover_config_path, load_config
 from .errors import (
-    PRECREATE_COMMAND,
     AuthenticationError,
     ConfigError,
     RateSyncError,
     StoreError,
 )
+from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
+from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
 
 
 @dataclass
@@ -70,7 +71,9 @@ FULL_FRACTION = 0.9
 # -- check --------------------------------------------------------------------------------------
 
 
-async def check_store(config: StoreConfig) -> list[Step]:
+async def check_store(
+    config: StoreConfig, windows_ns: Mapping[str, int] | None = None
+) -> list[Step]:
     """The guide's verification steps for one store, stopping at the first that fails."""
     if config.engine != "nats":
         return [Step(config.name, "memory store", True, "in-process, nothing to set up")]
@@ -81,7 +84,8 @@ async def check_store(config: StoreConfig) -> list[Step]:
         return ok
 
     servers = ", ".join(config.redacted_servers)
-    store = NatsStore(config)
+    windows_ns = windows_ns or {}
+    store = NatsStore(config, windows_ns=windows_ns)
     try:
         nc = await store.connect()
     except AuthenticationError as error:
@@ -117,7 +121,7 @@ async def check_store(config: StoreConfig) -> list[Step]:
             step("bucket present", True, config.bucket_name)
         else:
             step("bucket creatable", True, f"{config.bucket_name} created (auto_create = true)")
-        step(*_settings_step(config, info))
+        step(*_settings_step(config, info, bucket_ttl_seconds(windows_ns)))
         steps.append(Step(config.name, *_limits_step(config, info)))
     finally:
         await store._close_client(nc)
@@ -144,7 +148,9 @@ async def _bucket_exists(js: Any, bucket: str) -> bool:
     return True
 
 
-def _settings_step(config: StoreConfig, info: Any) -> tuple[str, bool, str]:
+def _settings_step(config: StoreConfig, info: Any, expected_ttl: int) -> tuple[str, bool, str]:
+    """The bucket's settings against the guide's: history 1, the TTL (24 h, or the longest
+    window of the store's limiters when longer), the configured replicas."""
     history = info.config.max_msgs_per_subject
     ttl = info.config.max_age or 0
     replicas = info.config.num_replicas or 1
@@ -152,14 +158,19 @@ def _settings_step(config: StoreConfig, info: Any) -> tuple[str, bool, str]:
     wrong = []
     if history != BUCKET_HISTORY:
         wrong.append(f"history is {history}, the guide's is {BUCKET_HISTORY}")
-    if abs(ttl - BUCKET_TTL_SECONDS) > 1:
-        wrong.append(f"TTL is {_duration(ttl)}, the guide's is 24h")
+    if abs(ttl - expected_ttl) > 1:
+        expected = (
+            "the guide's is 24h"
+            if expected_ttl == BUCKET_TTL_SECONDS
+            else (f"the longest window of its limiters needs {_duration(expected_ttl)}")
+        )
+        wrong.append(f"TTL is {_duration(ttl)}, {expected}")
     if replicas != config.replicas:
         wrong.append(f"replicas is {replicas}, configured {config.replicas}")
     if not wrong:
         return "bucket settings", True, shown
     bucket = config.bucket_name
-    fix = f"fix: `nats kv rm {bucket}` then `{PRECREATE_COMMAND.format(bucket=bucket)}`"
+    fix = f"fix: `nats kv rm {bucket}` then `{precreate_command(bucket, expected_ttl)}`"
     return "bucket settings", False, f"{'; '.join(wrong)} ({fix})"
 
 
@@ -451,7 +462,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     config = _load(args.config)
     if args.command == "check":
         stores = _nats_stores(config, args.store) or list(config.stores.values())
-        steps = [step for store in stores for step in await check_store(store)]
+        steps = [
+            step
+            for store in stores
+            for step in await check_store(store, limiter_windows_ns(config, store.name))
+        ]
         if args.json:
             out.write(json.dumps([step.__dict__ for step in steps], indent=2) + "\n")
         else:

@@ -8,7 +8,8 @@
         ├── AuthenticationError        "Authentication violation": bad token, user or password
         ├── JetStreamNotEnabledError   "JetStream not enabled": server started without -js
         ├── InsufficientPermissionsError  "Insufficient permissions": may not create the bucket
-        └── BucketNotFoundError        "Bucket not found": auto_create = false and no bucket
+        ├── BucketNotFoundError        "Bucket not found": auto_create = false and no bucket
+        └── BucketTtlTooShortError     the bucket would forget keys before their window ends
 
 Messages start with the names used in docs/setup/nats-setup.md and end with the remedy.
 No message ever contains a token, password or credential.
@@ -122,6 +123,13 @@ class JetStreamNotEnabledError(StoreError):
 
 class InsufficientPermissionsError(StoreError):
     """The account may not create (or use) the bucket."""
+
+
+class BucketTtlTooShortError(StoreError):
+    """An existing bucket's max age is shorter than a limiter's window: keys would expire early.
+
+    Unlike an outage, this refuses the start-up: limiting on it would over-admit for ever.
+    """
 
 
 class BucketNotFoundError(StoreError):

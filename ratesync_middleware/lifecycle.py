@@ -25,7 +25,7 @@ from typing import Any
 from .bucket import Decision
 from .client_ip import ClientAddress
 from .config import Config, ConfigSource
-from .errors import StoreError
+from .errors import BucketTtlTooShortError, StoreError
 from .facts import RequestFacts
 from .headers import Denial, Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
@@ -204,6 +204,8 @@ class RequestLimiter:
             return
         try:
             await ready()
+        except BucketTtlTooShortError:
+            raise  # a bucket that forgets keys early would over-admit: refuse to start
         except StoreError as error:  # requests answer fail-open/closed until it is back
             logger.warning("store %r is not reachable at start-up: %s", name, error)
 

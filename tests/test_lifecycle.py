@@ -32,6 +32,7 @@ from werkzeug.test import Client
 
 from ratesync_middleware import AsyncRateLimiter, RateLimiter, RateLimitMiddleware
 from ratesync_middleware.client_ip import ClientAddress
+from ratesync_middleware.errors import BucketTtlTooShortError
 from ratesync_middleware.facts import RequestFacts
 from ratesync_middleware.flask import RateLimit
 from ratesync_middleware.lifecycle import Admission
@@ -391,3 +392,22 @@ def test_without_lifespan_a_broken_config_answers_500_without_a_traceback(
     assert all("Traceback" not in r.text and "rate_per_second" not in r.text for r in responses)
     assert output.count("rate_per_second: expected a number > 0") == 1
     assert "Traceback" not in output
+
+
+@pytest.mark.nats
+def test_a_bucket_that_would_forget_keys_early_fails_the_start_up(
+    nats_store: dict[str, Any],
+) -> None:
+    """5 per week on a bucket that keeps keys a day would give a full bucket back each day."""
+    daily = {"stores": {"prod": nats_store}, "limiters": {"api": {"limit": "5/day"}}}
+    with TestClient(Starlette(middleware=[Middleware(RateLimitMiddleware, config=daily)])):
+        pass  # creates the bucket with the guide's 24 h
+    weekly = {
+        "stores": {"prod": {**nats_store, "auto_create": False}},
+        "limiters": {
+            "login": {"algorithm": "sliding_window", "limit": 5, "window_seconds": 604800}
+        },
+    }
+    app = Starlette(middleware=[Middleware(RateLimitMiddleware, config=weekly)])
+    with pytest.raises(BucketTtlTooShortError, match="168h"), TestClient(app):
+        pass  # pragma: no cover

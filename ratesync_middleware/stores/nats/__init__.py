@@ -8,10 +8,10 @@ errors.py  nats-py's errors translated into ours, in one place
 
 from __future__ import annotations
 
+from ...errors import BucketTtlTooShortError
 from .bucket import BUCKET_HISTORY, BUCKET_TTL_SECONDS, bucket_ttl_seconds
 from .errors import (
     BucketGoneError,
-    BucketTtlTooShortError,
     DeadlineError,
     StalledError,
     WriteRejectedError,

@@ -16,8 +16,8 @@ from nats.js.api import KeyValueConfig, StreamInfo
 
 from ...bucket import NS_PER_SECOND
 from ...config import StoreConfig
-from ...errors import PRECREATE_COMMAND, BucketNotFoundError
-from .errors import BUCKET_EXISTS_WITH_OTHER_SETTINGS, BucketTtlTooShortError, Translator
+from ...errors import PRECREATE_COMMAND, BucketNotFoundError, BucketTtlTooShortError
+from .errors import BUCKET_EXISTS_WITH_OTHER_SETTINGS, Translator
 
 logger = logging.getLogger("ratesync_middleware.nats")
 

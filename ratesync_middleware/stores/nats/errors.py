@@ -58,10 +58,6 @@ class WriteRejectedError(StoreUnavailableError):
     """The server refused a write (`max_value_size`, `max_bytes`, ...); the message says why."""
 
 
-class BucketTtlTooShortError(StoreError):
-    """An existing bucket's max age is shorter than a limiter's window: keys would expire early."""
-
-
 def is_wrong_last_sequence(error: BaseException) -> bool:
     """A compare-and-set that lost the race: not a failure, the caller reads and retries."""
     return isinstance(error, nats.js.errors.APIError) and error.err_code in WRONG_LAST_SEQUENCE
