@@ -71,15 +71,29 @@ POLICIES = {
 }
 
 
+# The algorithms table: rate-sync's login window and a two-rate limit, against the token bucket
+# of the same traffic. Keys are spread (ALGORITHM_KEYS) so that no group is ever exhausted and a
+# window's log stays as short as a login limit's.
+ALGORITHM_LIMITERS: dict[str, dict[str, Any]] = {
+    "token bucket": {"limit": "5/second"},
+    "sliding window": {"algorithm": "sliding_window", "limit": 5, "window_seconds": 1},
+    "two rates": {"limit": ["5/second", "100/minute"]},
+}
+ALGORITHM_KEYS = 1000
+
+
 def limiter_config(nats_url: str) -> dict[str, Any]:
+    limiters: dict[str, Any] = {
+        p.name: {"store": "nats", "rate_per_second": p.rate, "burst": p.burst, "key": "user"}
+        for p in POLICIES.values()
+    }
+    for name, table in ALGORITHM_LIMITERS.items():
+        limiters[name.replace(" ", "-")] = {"store": "nats", "key": "user", **table}
     return {
         "stores": {
             "nats": {"engine": "nats", "url": nats_url, "bucket_name": BUCKET, "timeout": TIMEOUT}
         },
-        "limiters": {
-            p.name: {"store": "nats", "rate_per_second": p.rate, "burst": p.burst, "key": "user"}
-            for p in POLICIES.values()
-        },
+        "limiters": limiters,
     }
 
 
@@ -417,14 +431,16 @@ async def _requests(client: Any) -> int:
 
 async def job_latency(client: Any, job: dict[str, Any]) -> dict[str, Any]:
     key, policy = job["key"], job["policy"]
-    for _ in range(job["warmup"]):
-        await client.decide(policy, key)
+    spread = job.get("keys", 1)  # > 1: decisions go round-robin over that many keys
+    for n in range(job["warmup"]):
+        await client.decide(policy, f"{key}-{n % spread}" if spread > 1 else key)
     requests0 = await _requests(client)
     samples = []
     refused = degraded = 0
-    for _ in range(job["n"]):
+    for n in range(job["n"]):
+        group = f"{key}-{n % spread}" if spread > 1 else key
         t = time.perf_counter_ns()
-        allowed, was_degraded = await client.decide(policy, key)
+        allowed, was_degraded = await client.decide(policy, group)
         samples.append(time.perf_counter_ns() - t)
         refused += not allowed
         degraded += was_degraded
@@ -631,6 +647,21 @@ class Bench:
 
         return Variant(name, run)
 
+    def algorithm_variant(self, name: str) -> Variant:
+        def run(rep: int) -> dict[str, Any]:
+            job = {
+                "op": "latency",
+                "variant": "ours",
+                "policy": name.replace(" ", "-"),
+                "key": self.key("alg", name.replace(" ", "_"), rep),
+                "n": self.args.latency_n,
+                "warmup": ALGORITHM_KEYS,  # every key written once: the cached path is measured
+                "keys": ALGORITHM_KEYS,
+            }
+            return self.pool.run([job])[0]
+
+        return Variant(name, run)
+
     # hot key / many keys
     def load_variant(
         self, name: str, policy: str, processes: int, concurrency: int, keys: int = 1
@@ -763,6 +794,28 @@ class Bench:
                 plot=["p50_us", "p99_us"],
             )
 
+        if wanted("algorithms"):
+            report.run(
+                "algorithms",
+                title=(
+                    "Sequential decision latency by algorithm (one task, "
+                    f"{ALGORITHM_KEYS} keys round-robin, never exhausted)"
+                ),
+                variants=[self.algorithm_variant(name) for name in ALGORITHM_LIMITERS],
+                metrics=[
+                    *lat_metrics,
+                    Metric("refused", "refused", ratio=False, agg="max"),
+                ],
+                baseline="token bucket",
+                reps=a.reps_latency,
+                params={
+                    "decisions_per_rep": a.latency_n,
+                    "limiters": ALGORITHM_LIMITERS,
+                    "keys": ALGORITHM_KEYS,
+                },
+                plot=["p50_us"],
+            )
+
         load_metrics = [
             Metric("decisions_per_s", "decisions/s", lower_is_better=False),
             Metric("p99_us", "p99 latency", "us", ratio=False),
@@ -880,7 +933,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-duration", type=float, default=1.0)
     parser.add_argument("--latency-n", type=int, default=2000, help="decisions per latency run")
     parser.add_argument(
-        "--only", default="", help="comma list: latency, hotkey, hotkey-4x16-unlimited, keys, flood"
+        "--only",
+        default="",
+        help="comma list: latency, algorithms, hotkey, hotkey-4x16-unlimited, keys, flood",
     )
     parser.add_argument(
         "--name", default="nats_store", help="results/<name>.json, docs/img/<name>-*.png"
