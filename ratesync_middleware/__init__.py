@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from .bucket import Decision, Policy
 from .config import Config, load_config
-from .errors import ConfigError, RateSyncError, StoreError
+from .errors import ConfigError, RateLimitExceeded, RateSyncError, StoreError
 from .limiter import AsyncRateLimiter, RateLimiter
 from .marks import exempt, limit
+from .permits import Permit, SyncPermit
 
 if TYPE_CHECKING:
     from .asgi import RateLimitMiddleware
@@ -25,11 +26,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "Decision",
+    "Permit",
     "Policy",
+    "RateLimitExceeded",
     "RateLimitMiddleware",
     "RateLimiter",
     "RateSyncError",
     "StoreError",
+    "SyncPermit",
     "__version__",
     "exempt",
     "limit",

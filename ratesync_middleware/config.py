@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from .algorithms import Algorithm
 from .bucket import NS_PER_SECOND, PERIOD_SECONDS, Policy, Rates
 from .errors import ConfigError, ConfigErrorKind
+from .slots import DEFAULT_LEASE_SECONDS, Slots
 from .window import SlidingWindow
 
 if sys.version_info >= (3, 11):
@@ -51,6 +52,8 @@ MAX_WINDOW_SECONDS = 366 * 86_400  # window_seconds: a year
 MAX_REFILL_SECONDS = 10 * 365 * 86_400  # burst x interval: the time an empty bucket takes to fill
 MAX_TIMEOUT_SECONDS = 3600.0  # connect_timeout, timeout, backoff
 MAX_KEYS = 100_000_000  # max_keys
+MAX_CONCURRENT = 1_000_000  # max_concurrent
+MAX_LEASE_SECONDS = 3600.0  # lease_seconds
 MAX_NESTING = 16  # lists and tables inside each other, counted from the top of the file
 
 
@@ -87,9 +90,20 @@ class LimiterConfig:
 
     name: str
     store: str
-    policy: Algorithm  # a token bucket (Policy), several rates (Rates) or a SlidingWindow
+    # A token bucket (Policy), several rates (Rates) or a SlidingWindow; None for a limiter
+    # that is only a concurrency limit (`max_concurrent` alone).
+    policy: Algorithm | None
     key: tuple[str, ...] = ("ip",)
     fail_closed: bool = False
+    slots: Slots | None = None  # `max_concurrent` and `lease_seconds`
+
+    @property
+    def limit(self) -> int:
+        """The number a refusal reports as its limit: the rate's burst, else `max_concurrent`."""
+        if self.policy is not None:
+            return self.policy.burst
+        assert self.slots is not None  # a limiter has a rate, slots, or both
+        return self.slots.limit
 
     @property
     def is_global(self) -> bool:
@@ -519,8 +533,12 @@ _LIMITER_KEYS: dict[str, Check] = {
     "key": _keys,
     "fail_closed": _boolean,
     "algorithm": _choice("token_bucket", "sliding_window"),
+    "max_concurrent": _integer(1, MAX_CONCURRENT),
+    "lease_seconds": _positive(MAX_LEASE_SECONDS),
 }
-_LIMITER_IGNORED = frozenset({"timeout", "max_retries", "max_concurrent", "retry_interval"})
+# rate-sync keys that mean nothing here yet (docs/configuration.md says why, for each).
+_LIMITER_IGNORED = frozenset({"timeout", "max_retries", "retry_interval"})
+_RATE_KEYS = ("rate_per_second", "limit", "window_seconds", "burst", "algorithm")
 _MIDDLEWARE_KEYS: dict[str, Check] = {
     "default": _one_or_more(_string),
     "trusted_proxies": _one_or_more(_network),
@@ -751,7 +769,9 @@ def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Algorithm:
         policy = Policy.per_period(name, count, period, values.get("burst", count))
         return _bounded(where, "limit", "burst" in values, policy)
     if rate is None:
-        raise where.error("limit", f"missing: {one_of}", kind="missing")
+        raise where.error(
+            "limit", f"missing: {one_of} (or max_concurrent = N alone)", kind="missing"
+        )
     if window is not None:
         raise where.error(
             "window_seconds", "goes with an integer limit, not rate_per_second", kind="conflict"
@@ -848,13 +868,29 @@ def _limiter(
         store = next(iter(stores))
     elif store not in stores:
         raise _undefined(where, "store", store, "store", stores)
+    slots = _slots(where, name, values)
+    rated = slots is None or any(key in values for key in _RATE_KEYS)
     return LimiterConfig(
         name=name,
         store=store,
-        policy=_policy(where, name, values),
+        policy=_policy(where, name, values) if rated else None,
         key=values.get("key", ("ip",)),
         fail_closed=values.get("fail_closed", False),
+        slots=slots,
     )
+
+
+def _slots(where: _Where, name: str, values: Mapping[str, Any]) -> Slots | None:
+    """`max_concurrent` (alone or with a rate) and its `lease_seconds`."""
+    limit: int | None = values.get("max_concurrent")
+    lease: float | None = values.get("lease_seconds")
+    if limit is None:
+        if lease is not None:
+            raise where.error(
+                "lease_seconds", "goes with max_concurrent (the lease of its slots)", kind="missing"
+            )
+        return None
+    return Slots.of(name, limit, DEFAULT_LEASE_SECONDS if lease is None else lease)
 
 
 def _undefined(

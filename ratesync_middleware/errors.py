@@ -2,6 +2,7 @@
 
     RateSyncError
     ├── ConfigError                    a rate-sync.toml (or dict) that cannot be used
+    ├── RateLimitExceeded              `acquire` was refused (`.decision` says by what)
     └── StoreError                     the shared store failed to answer
         ├── StoreUnavailableError      deadline passed, connection lost, back-off in force
         ├── ConnectionRefusedError     "Connection refused": nothing listens at the URL
@@ -99,6 +100,18 @@ class ConfigError(RateSyncError):
 
 def _rebuild_config_error(message: str, fields: dict[str, Any]) -> ConfigError:
     return ConfigError(message, **fields)
+
+
+class RateLimitExceeded(RateSyncError):  # noqa: N818 (the public name, as rate-sync has it)
+    """`AsyncRateLimiter.acquire` / `RateLimiter.acquire` refused: `.decision` is the refusal
+    (its `policy` names the rate, or `<limiter>:concurrent` for `max_concurrent`)."""
+
+    def __init__(self, decision: Any) -> None:
+        super().__init__(decision.reason or f"limit {decision.policy!r} exceeded")
+        self.decision = decision
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.decision,)
 
 
 class StoreError(RateSyncError):

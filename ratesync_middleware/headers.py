@@ -10,6 +10,10 @@ Header modes (`[middleware] headers`):
   same moment, as GitHub, flask-limiter and slowapi send it).
 - `none`: no rate-limit headers; 429 and 503 still carry `Retry-After`.
 
+A concurrency limit (`max_concurrent`) is not a quota over a time window, which is all the draft
+can express: it gets no `RateLimit-Policy` item and no `RateLimit` field. Its refusal is a 429
+with `Retry-After: 1` (when a request in flight ends is unknown) and a problem body naming it.
+
 Headers are `(name, value)` pairs of latin-1 bytes, lower-case names, as ASGI sends them.
 """
 
@@ -25,6 +29,7 @@ from typing import Final, Protocol
 from .algorithms import Algorithm
 from .bucket import NS_PER_SECOND, Decision, Policy, Rates
 from .config import Config, HeadersMode
+from .slots import Slots
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -133,6 +138,7 @@ class _Precomputed:
     exceeded: _Problem  # 429
     impossible: _Problem  # 429 when the cost exceeds the burst
     unavailable: _Problem  # 503
+    concurrency: bool = False  # a concurrency limit: no rate-limit headers
 
 
 def _policy_item(policy: Algorithm) -> str:
@@ -147,7 +153,7 @@ def _policy_item(policy: Algorithm) -> str:
 class RateLimitHeaders:
     """Headers and refusals for the limiters of one configuration, precomputed per limiter."""
 
-    def __init__(self, mode: HeadersMode, policies: Iterable[Algorithm]) -> None:
+    def __init__(self, mode: HeadersMode, policies: Iterable[Algorithm | Slots]) -> None:
         if mode not in ("draft", "legacy", "none"):
             raise ValueError(f"headers mode must be 'draft', 'legacy' or 'none', not {mode!r}")
         self.mode = mode
@@ -160,14 +166,44 @@ class RateLimitHeaders:
                 covered: tuple[Algorithm, ...] = (*policy.rates, policy)
                 for item in covered:
                     self._by_name[item.name] = self._precompute(item, listed)
+            elif isinstance(policy, Slots):
+                self._by_name[policy.name] = self._concurrency(policy)
             else:
                 self._by_name[policy.name] = self._precompute(policy)
 
     @classmethod
     def for_config(cls, config: Config) -> RateLimitHeaders:
         """The headers of `config`: its `[middleware] headers` mode and its limiters."""
-        policies = (limiter.policy for limiter in config.limiters.values())
+        policies: list[Algorithm | Slots] = []
+        for limiter in config.limiters.values():
+            if limiter.policy is not None:
+                policies.append(limiter.policy)
+            if limiter.slots is not None:
+                policies.append(limiter.slots)
         return cls(config.middleware.headers, policies)
+
+    @staticmethod
+    def _concurrency(slots: Slots) -> _Precomputed:
+        name = slots.limiter
+        return _Precomputed(
+            policy_header=(b"ratelimit-policy", b""),
+            limit=str(slots.limit).encode(),
+            exceeded=_problem(
+                429,
+                "Too Many Requests",
+                f"Concurrency limit {name!r} reached: {slots.limit} requests in flight.",
+                QUOTA_EXCEEDED,
+                **{"violated-policies": [slots.name]},
+            ),
+            impossible=_problem(429, "Too Many Requests", "", QUOTA_EXCEEDED),  # never used
+            unavailable=_problem(
+                503,
+                "Service Unavailable",
+                f"Concurrency limit {name!r} cannot be checked right now; try again later.",
+                "about:blank",
+            ),
+            concurrency=True,
+        )
 
     @staticmethod
     def _precompute(policy: Algorithm, policy_header: bytes | None = None) -> _Precomputed:
@@ -214,6 +250,8 @@ class RateLimitHeaders:
         else:
             seconds = max(1, math.ceil(decision.retry_after))
         entry = self._entry(decision)
+        if entry.concurrency:
+            return []
         if self.mode == "draft":
             return [
                 entry.policy_header,

@@ -61,3 +61,13 @@ def group_key(limiter: str, identity: str | None) -> str:
     if identity is None:
         return limiter
     return f"{limiter}.{encode_identity(identity)}"
+
+
+SLOTS_TOKEN = "=slots"
+"""The last token of a group's concurrency-slots key: `=` starts only a hashed identity (`=` and
+64 hex digits), so no group key of any limiter ever ends with this token."""
+
+
+def slots_key(group: str) -> str:
+    """The store key of a group's concurrency slots, beside (never equal to) its rate's key."""
+    return f"{group}.{SLOTS_TOKEN}"

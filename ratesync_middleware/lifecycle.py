@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Iterable
-from typing import Any
+from typing import Any, Final
 
 from .bucket import Decision
 from .client_ip import ClientAddress
@@ -30,8 +30,12 @@ from .facts import RequestFacts
 from .headers import Denial, Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
 from .plans import NOT_LIMITED, Plan, PlanResolver
+from .slots import Slot
 
 __all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
+
+_NOW: Final = 1  # every store of the plan decides at once, every identity is sync
+_SLOTTED: Final = 2  # a limiter of the plan has concurrency slots
 
 
 class Admission:
@@ -39,15 +43,22 @@ class Admission:
 
     `decision` is the one to report (the refusal, or the most restrictive of the allowing
     decisions; None when no limiter applied). `finish` must be called once the response of an
-    admitted request is complete (or failed); later calls do nothing.
+    admitted request is complete (or failed); later calls do nothing. It gives back the
+    concurrency slots the request holds (`max_concurrent`).
     """
 
-    __slots__ = ("_responses", "decision", "finished")
+    __slots__ = ("_responses", "decision", "finished", "slots")
 
-    def __init__(self, decision: Decision | None, responses: RateLimitHeaders) -> None:
+    def __init__(
+        self,
+        decision: Decision | None,
+        responses: RateLimitHeaders,
+        slots: list[Slot] | None = None,
+    ) -> None:
         self.decision = decision
         self._responses = responses
         self.finished = False
+        self.slots = slots  # the concurrency slots held until `finish`
 
     @property
     def allowed(self) -> bool:
@@ -82,6 +93,15 @@ class Admission:
         Idempotent. This is where refunds, settled costs and slot releases are made.
         """
         self.finished = True
+        slots = self.slots
+        if slots is not None:
+            self.slots = None
+            _release(slots)
+
+
+def _release(slots: list[Slot]) -> None:
+    for slot in slots:
+        slot.release()
 
 
 class RequestLimiter:
@@ -100,7 +120,9 @@ class RequestLimiter:
         )
         self.plans = PlanResolver(self.config)
         self.responses = RateLimitHeaders.for_config(self.config)
-        self._now: dict[Plan, bool] = {}  # plans come from the configuration and marks: few
+        # How each plan is decided (_NOW | _SLOTTED bits); plans come from the configuration
+        # and marks: few.
+        self._routes: dict[Plan, int] = {}
 
     # -- plans ------------------------------------------------------------------------------
 
@@ -112,13 +134,20 @@ class RequestLimiter:
 
     def decides_now(self, plan: Plan) -> bool:
         """Whether `begin_now` can decide `plan`: every store answers at once, no async keys."""
-        known = self._now.get(plan)
-        if known is None:
-            decides_now = self.limiter.decides_now
-            known = self._now[plan] = all(
-                item.identity.sync and decides_now(item.name) for item in plan
-            )
-        return known
+        route = self._routes.get(plan)
+        return bool((self._route(plan) if route is None else route) & _NOW)
+
+    def slotted(self, plan: Plan) -> bool:
+        """Whether a limiter of `plan` has concurrency slots (`max_concurrent`)."""
+        route = self._routes.get(plan)
+        return bool((self._route(plan) if route is None else route) & _SLOTTED)
+
+    def _route(self, plan: Plan) -> int:
+        decides_now, limiter = self.limiter.decides_now, self.limiter.limiter
+        now = all(item.identity.sync and decides_now(item.name) for item in plan)
+        slotted = any(limiter(item.name).slots is not None for item in plan)
+        route = self._routes[plan] = (_NOW if now else 0) | (_SLOTTED if slotted else 0)
+        return route
 
     def begin(self, facts: RequestFacts, plan: Plan) -> Admission | Coroutine[Any, Any, Admission]:
         """The `Admission` of a request, at once when every store of `plan` decides without
@@ -127,9 +156,13 @@ class RequestLimiter:
         Sync callers hand the coroutine to the background loop; async callers await it. Either
         way there is no coroutine at all on the path that does not need one.
         """
-        now = self._now.get(plan)
-        if now if now is not None else self.decides_now(plan):
-            return self.begin_now(facts, plan)
+        route = self._routes.get(plan)
+        if route is None:
+            route = self._route(plan)
+        if route == _NOW:
+            return self._begin_now(facts, plan)
+        if route & _NOW:
+            return self._begin_slotted_now(facts, plan)
         return self.abegin(facts, plan)
 
     async def abegin(self, facts: RequestFacts, plan: Plan) -> Admission:
@@ -140,6 +173,8 @@ class RequestLimiter:
         """
         if self.decides_now(plan):
             return self.begin_now(facts, plan)
+        if self.slotted(plan):
+            return await self._abegin_slotted(facts, plan)
         best: Decision | None = None
         hit = self.limiter.hit
         for item in plan:
@@ -154,6 +189,11 @@ class RequestLimiter:
 
     def begin_now(self, facts: RequestFacts, plan: Plan) -> Admission:
         """`begin` for a plan that `decides_now`, without a coroutine."""
+        if self.slotted(plan):
+            return self._begin_slotted_now(facts, plan)
+        return self._begin_now(facts, plan)
+
+    def _begin_now(self, facts: RequestFacts, plan: Plan) -> Admission:
         best: Decision | None = None
         hit_now = self.limiter.hit_now
         for item in plan:
@@ -163,6 +203,65 @@ class RequestLimiter:
             if best is None or _more_restrictive(decision, best):
                 best = decision
         return Admission(best, self.responses)
+
+    # A request takes each limiter's slot before spending from its rate, so that a refusal by
+    # either spends nothing of the other: a slot taken is given back when a later check refuses
+    # (a rate spent could not be refunded).
+
+    async def _abegin_slotted(self, facts: RequestFacts, plan: Plan) -> Admission:
+        best: Decision | None = None
+        held: list[Slot] = []
+        limiter = self.limiter
+        for item in plan:
+            identity = item.identity
+            key = identity.now(facts) if identity.sync else await identity(facts)
+            config = limiter.limiter(item.name)
+            if config.slots is not None:
+                try:
+                    decision, slot = await limiter.take_slot(item.name, key)
+                except BaseException:
+                    _release(held)
+                    raise
+                if slot is not None:
+                    held.append(slot)
+                if not decision.allowed:
+                    return self._refused(decision, held)
+            if config.policy is not None:
+                try:
+                    decision = await limiter.hit(item.name, key, item.cost)
+                except BaseException:
+                    _release(held)
+                    raise
+                if not decision.allowed:
+                    return self._refused(decision, held)
+                if best is None or _more_restrictive(decision, best):
+                    best = decision
+        return Admission(best, self.responses, held or None)
+
+    def _begin_slotted_now(self, facts: RequestFacts, plan: Plan) -> Admission:
+        best: Decision | None = None
+        held: list[Slot] = []
+        limiter = self.limiter
+        for item in plan:
+            key = item.identity.now(facts)
+            config = limiter.limiter(item.name)
+            if config.slots is not None:
+                decision, slot = limiter.take_slot_now(item.name, key)
+                if slot is not None:
+                    held.append(slot)
+                if not decision.allowed:
+                    return self._refused(decision, held)
+            if config.policy is not None:
+                decision = limiter.hit_now(item.name, key, item.cost)
+                if not decision.allowed:
+                    return self._refused(decision, held)
+                if best is None or _more_restrictive(decision, best):
+                    best = decision
+        return Admission(best, self.responses, held or None)
+
+    def _refused(self, decision: Decision, held: list[Slot]) -> Admission:
+        _release(held)
+        return Admission(decision, self.responses)
 
     def degraded(self, plan: Plan, error: StoreError) -> Admission:
         """The answer when the decision itself could not be made: the plan's strictest rule.

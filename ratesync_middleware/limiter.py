@@ -6,6 +6,7 @@ synchronous code, through the one sync driver of `sync.py` (one background loop 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING, NamedTuple
 from .algorithms import Algorithm
 from .bucket import Decision
 from .config import ConfigSource, LimiterConfig, load_config
-from .errors import ConfigError, StoreError
-from .keys import group_key
+from .errors import ConfigError, RateLimitExceeded, StoreError
+from .keys import group_key, slots_key
+from .permits import Permit, SyncPermit
+from .slots import Slot, Slots
 from .stores import create_store
 from .stores.base import Clock, DecidesNow, Store, wall_clock
 
@@ -153,6 +156,15 @@ class AsyncRateLimiter:
         """Whether `hit_now` can decide for `limiter`: its store answers without awaiting."""
         return self._bind(limiter).now is not None
 
+    def _no_rate(self, config: LimiterConfig) -> ConfigError:
+        return ConfigError(
+            f"{self.config.source}: limiter {config.name!r} has no rate, only max_concurrent:"
+            " use acquire() for it, not hit()",
+            source=self.config.source,
+            table=f"[limiters.{config.name}]",
+            kind="missing",
+        )
+
     def resolve(self, limiter: str, key: str | None) -> tuple[LimiterConfig, Store, str]:
         """The limiter's configuration, its store, and the store key of `key`'s group."""
         config, store, _, is_global = self._bind(limiter)
@@ -170,11 +182,14 @@ class AsyncRateLimiter:
             return self.hit_now(limiter, key, cost)
         check_cost(cost)
         config = bound.config
+        policy = config.policy
+        if policy is None:
+            raise self._no_rate(config)
         store_key = group_key(limiter, None if bound.is_global else key)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
         try:
-            decision = await bound.store.hit(store_key, config.policy, cost)
+            decision = await bound.store.hit(store_key, policy, cost)
         except StoreError as error:
             decision = self.degraded(config, error)
             self.notify(config, key, decision, started, error)
@@ -195,13 +210,105 @@ class AsyncRateLimiter:
         if decide is None:
             raise TypeError(f"limiter {limiter!r} uses store {bound.config.store!r}: await hit()")
         config = bound.config
+        policy = config.policy
+        if policy is None:
+            raise self._no_rate(config)
         store_key = group_key(limiter, None if bound.is_global else key)
         if self.on_decision is None:
-            return decide(store_key, config.policy, cost)
+            return decide(store_key, policy, cost)
         started = time.perf_counter()
-        decision = decide(store_key, config.policy, cost)
+        decision = decide(store_key, policy, cost)
         self.notify(config, key, decision, started, None)
         return decision
+
+    # -- concurrency slots (`max_concurrent`) -------------------------------------------------
+
+    def _slotted(self, limiter: str, key: str | None) -> tuple[_Bound, Slots, str]:
+        bound = self._bound.get(limiter) or self._bind(limiter)
+        slots = bound.config.slots
+        if slots is None:
+            raise ConfigError(
+                f"{self.config.source}: limiter {limiter!r} has no max_concurrent",
+                source=self.config.source,
+                table=f"[limiters.{limiter}]",
+                key="max_concurrent",
+                kind="missing",
+            )
+        return bound, slots, slots_key(group_key(limiter, None if bound.is_global else key))
+
+    async def take_slot(self, limiter: str, key: str | None = None) -> tuple[Decision, Slot | None]:
+        """Take a concurrency slot of `key`'s group under `limiter` (`max_concurrent`).
+
+        The decision, and the slot when one was taken (release it when done). A failing store
+        gives the limiter's fail-open/closed answer without a slot: nothing to give back.
+        """
+        bound, slots, store_key = self._slotted(limiter, key)
+        if bound.now is not None:
+            return self.take_slot_now(limiter, key)
+        store = bound.store
+        started = time.perf_counter()
+        try:
+            decision = await store.acquire_slot(store_key, slots)
+        except StoreError as error:
+            decision = self.degraded(bound.config, error)
+            self.notify(bound.config, key, decision, started, error)
+            return decision, None
+        self.notify(bound.config, key, decision, started, None)
+        if not decision.allowed:
+            return decision, None
+        return decision, Slot(functools.partial(store.release_slot, store_key, slots))
+
+    def take_slot_now(self, limiter: str, key: str | None = None) -> tuple[Decision, Slot | None]:
+        """`take_slot` for a limiter whose store decides without awaiting (see `decides_now`)."""
+        bound, slots, store_key = self._slotted(limiter, key)
+        store = bound.store
+        if not isinstance(store, DecidesNow):
+            raise TypeError(f"limiter {limiter!r} uses store {bound.config.store!r}: await it")
+        started = time.perf_counter()
+        decision = store.acquire_slot_now(store_key, slots)
+        self.notify(bound.config, key, decision, started, None)
+        if not decision.allowed:
+            return decision, None
+        return decision, Slot(functools.partial(store.release_slot, store_key, slots))
+
+    async def acquire(
+        self,
+        limiter: str,
+        key: str | None = None,
+        cost: int = 1,
+        timeout: float | None = None,
+    ) -> Permit:
+        """A permit under `limiter` for `key`: its concurrency slot (`max_concurrent`) taken and
+        `cost` spent from its rate, both or neither. Raises `RateLimitExceeded` when refused.
+
+        A permit holds one slot whatever its cost; release it (`await permit.release()`, or
+        `async with await limiter.acquire(...)`). Waiting for a slot or a token (`timeout`,
+        rate-sync's meaning) is not built yet: `timeout` None or 0 refuses at once, anything
+        else is a `ValueError`. A failing store gives the limiter's fail-open answer (a permit
+        holding nothing) or, fail-closed, `RateLimitExceeded` with a degraded decision.
+        """
+        check_cost(cost)
+        _check_timeout(timeout)
+        config = self.limiter(limiter)
+        decision: Decision | None = None
+        slot: Slot | None = None
+        if config.slots is not None:
+            decision, slot = await self.take_slot(limiter, key)
+            if not decision.allowed:
+                raise RateLimitExceeded(decision)
+        if config.policy is not None:
+            try:
+                decision = await self.hit(limiter, key, cost)
+            except BaseException:
+                if slot is not None:
+                    slot.release()
+                raise
+            if not decision.allowed:
+                if slot is not None:
+                    slot.release()
+                raise RateLimitExceeded(decision)
+        assert decision is not None  # a limiter has a rate, slots, or both
+        return Permit(decision, slot)
 
     def notify(
         self,
@@ -226,6 +333,8 @@ class AsyncRateLimiter:
     async def peek(self, limiter: str, key: str | None = None) -> Decision:
         """The bucket's state now, changing nothing; raises `StoreError` when the store fails."""
         config, store, store_key = self.resolve(limiter, key)
+        if config.policy is None:
+            raise self._no_rate(config)
         return await store.peek(store_key, config.policy)
 
     async def reset(self, limiter: str, key: str | None = None) -> None:
@@ -236,12 +345,14 @@ class AsyncRateLimiter:
     def degraded(self, config: LimiterConfig, error: StoreError) -> Decision:
         """The fail-open or fail-closed answer of `config` while its store fails (logged, throttled)."""
         self._failures.report(config.store, error)
-        policy = config.policy
+        policy = config.policy if config.policy is not None else config.slots
+        assert policy is not None  # a limiter has a rate, slots, or both
+        limit = config.limit
         retry_after = self.config.stores[config.store].backoff if config.fail_closed else 0.0
         return Decision(
             allowed=not config.fail_closed,
-            limit=policy.burst,
-            remaining=policy.burst if not config.fail_closed else 0,
+            limit=limit,
+            remaining=limit if not config.fail_closed else 0,
             retry_after=retry_after,
             reset_after=0.0,
             policy=policy.name,
@@ -260,6 +371,14 @@ class AsyncRateLimiter:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and timeout != 0:
+        raise ValueError(
+            f"acquire(timeout={timeout!r}): waiting for a slot or a token is not supported yet;"
+            " pass timeout=None or 0 (refuse at once)"
+        )
 
 
 def check_cost(cost: object) -> None:
@@ -301,6 +420,18 @@ class RateLimiter:
     def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
         """See `AsyncRateLimiter.hit`."""
         return self._driver.hit(limiter, key, cost)
+
+    def acquire(
+        self,
+        limiter: str,
+        key: str | None = None,
+        cost: int = 1,
+        timeout: float | None = None,
+    ) -> SyncPermit:
+        """See `AsyncRateLimiter.acquire`; `with limiter.acquire(...)` releases on exit."""
+        return self._driver.run(
+            self.async_limiter.acquire(limiter, key, cost, timeout)
+        ).synchronous()
 
     def peek(self, limiter: str, key: str | None = None) -> Decision:
         """See `AsyncRateLimiter.peek`."""

@@ -471,7 +471,7 @@ def test_unknown_key_suggests_the_close_one() -> None:
     message = load_error("[limiters.api]\nrate_per_second = 1\nbrust = 5\n")
     assert message.startswith("rate-sync.toml: [limiters.api] brust: unknown key")
     assert "did you mean 'burst'?" in message
-    assert "known keys are: algorithm, burst, fail_closed, key, limit" in message
+    assert "known keys are: algorithm, burst, fail_closed, key, lease_seconds, limit" in message
 
 
 def test_unknown_key_without_a_close_match() -> None:
@@ -501,7 +501,7 @@ def test_rate_sync_store_keys_load_with_a_warning(key: str) -> None:
     assert config.stores["s"] == StoreConfig("s")
 
 
-@pytest.mark.parametrize("key", ["timeout", "max_retries", "max_concurrent", "retry_interval"])
+@pytest.mark.parametrize("key", ["timeout", "max_retries", "retry_interval"])
 def test_rate_sync_limiter_keys_load_with_a_warning(key: str) -> None:
     warning = rf"^rate-sync\.toml: \[limiters\.api\] {key}: rate-sync key ignored"
     with pytest.warns(RateSyncConfigWarning, match=warning):
@@ -751,7 +751,7 @@ def test_routes_must_be_an_array_of_tables() -> None:
 STORE_KEYS = ["engine", "url", "token", "bucket_name", "auto_create", "replicas", "tls_cert"]
 STORE_KEYS += ["tls_key", "timeout", "max_keys", "retry_interval"]
 LIMITER_KEYS = ["store", "rate_per_second", "limit", "window_seconds", "burst", "key"]
-LIMITER_KEYS += ["fail_closed", "algorithm", "max_concurrent"]
+LIMITER_KEYS += ["fail_closed", "algorithm", "max_concurrent", "lease_seconds"]
 MIDDLEWARE_KEYS = ["default", "headers", "trusted_proxies", "ipv6_prefix"]
 ROUTE_KEYS = ["path", "methods", "limiters", "exempt"]
 INTERESTING_STRINGS = [

@@ -1120,3 +1120,20 @@ def test_a_streamed_response_is_finished_after_its_last_chunk(
 def test_a_refused_request_needs_no_finish(site: Site, finished: list[int | None]) -> None:
     assert site.statuses(6) == [200] * 5 + [429]
     assert finished == [200] * 5
+
+
+# --- max_concurrent ------------------------------------------------------------------------------
+
+ONE_AT_A_TIME: dict[str, Any] = {
+    "limiters": {"api": {"max_concurrent": 1, "key": "global"}},
+    "middleware": {"default": "api"},
+}
+
+
+def test_a_slot_is_released_after_a_streamed_response_and_an_exception(served_site: Site) -> None:
+    """max_concurrent = 1: a slot that leaked would refuse every later request."""
+    with override_settings(RATESYNC=ONE_AT_A_TIME):
+        served_site.close()
+        assert served_site.get("/streamed").status_code == 200
+        assert served_site.get("/broken").status_code == 500
+        assert served_site.statuses(3) == [200] * 3

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from ..algorithms import Algorithm
 from ..bucket import Decision
+from ..slots import Slots
 
 Clock = Callable[[], int]
 """Wall-clock time in integer nanoseconds since the epoch; shared buckets need one clock for all hosts."""
@@ -30,6 +31,16 @@ class Store(Protocol):
         """Forget the bucket at `key` (it becomes full)."""
         ...
 
+    async def acquire_slot(self, key: str, slots: Slots) -> Decision:
+        """Take one of the `slots.limit` slots of the group at `key`, or refuse (none taken);
+        raise `StoreError` when no answer."""
+        ...
+
+    def release_slot(self, key: str, slots: Slots) -> None:
+        """Give back one slot taken by `acquire_slot`. Never blocks, never raises, callable from
+        any thread: a store that must write does it in the background (and retries)."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections; the store may be used again afterwards (it reconnects)."""
         ...
@@ -45,4 +56,8 @@ class DecidesNow(Protocol):
 
     def hit_now(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
         """`Store.hit`, answered at once."""
+        ...
+
+    def acquire_slot_now(self, key: str, slots: Slots) -> Decision:
+        """`Store.acquire_slot`, answered at once."""
         ...

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..algorithms import Algorithm, AlgorithmLike
 from ..bucket import Decision, Policy, consume, peek
+from ..slots import Slots
 from .base import Clock, wall_clock
 
 _SWEEP_EVERY = 8  # writes between two looks for idle buckets (a power of two)
@@ -29,6 +30,7 @@ class MemoryStore:
         self._max_keys = max_keys
         self._clock = clock
         self._writes = 0
+        self._held: dict[str, int] = {}  # group key -> slots taken (> 0)
 
     def __len__(self) -> int:
         return len(self._states)
@@ -73,6 +75,30 @@ class MemoryStore:
 
     async def hit(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
         return self.hit_now(key, policy, cost)
+
+    def acquire_slot_now(self, key: str, slots: Slots) -> Decision:
+        """Take a slot of the group at `key` if one of `slots.limit` is free."""
+        with self._lock:
+            held = self._held.get(key, 0)
+            if held >= slots.limit:
+                return slots.refused(held)
+            self._held[key] = held + 1
+            return slots.allowed(held + 1)
+
+    async def acquire_slot(self, key: str, slots: Slots) -> Decision:
+        return self.acquire_slot_now(key, slots)
+
+    def release_slot(self, key: str, slots: Slots) -> None:
+        with self._lock:
+            held = self._held.get(key, 0)
+            if held > 1:
+                self._held[key] = held - 1
+            else:
+                self._held.pop(key, None)
+
+    def slots_held(self, key: str) -> int:
+        """The slots taken now in the group at `key` (tests, `ratesync`)."""
+        return self._held.get(key, 0)
 
     async def peek(self, key: str, policy: Algorithm) -> Decision:
         now = self._clock()

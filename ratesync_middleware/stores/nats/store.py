@@ -39,6 +39,7 @@ from ...algorithms import Algorithm
 from ...bucket import Decision
 from ...config import StoreConfig
 from ...errors import StoreError, StoreUnavailableError
+from ...slots import Slots
 from ..base import Clock, wall_clock
 from .bucket import BucketOpener, precreate_command
 from .errors import (
@@ -51,6 +52,7 @@ from .errors import (
     is_permission_violation,
     is_wrong_last_sequence,
 )
+from .slots import SlotKeeper
 from .wire import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
     KV_OPERATION,
@@ -152,6 +154,7 @@ class NatsStore:
         self._last_foreign_warning = 0.0
         self._round_trip = 0.0005  # seconds, a moving average of successful writes
         self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
+        self._slots = SlotKeeper(self)
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -220,6 +223,7 @@ class NatsStore:
     def _forget_connection(self) -> None:
         self._nc = self._js = self._replies = None
         self._cache.clear()
+        self._slots.forget_revisions()
         current = asyncio.current_task()
         on_own_loop = self._loop is asyncio.get_running_loop()
         for task in (self._probe, self._watcher):
@@ -297,6 +301,7 @@ class NatsStore:
         async def on_reconnected() -> None:
             logger.info("store %r: reconnected to NATS", config.name)
             self._cache.clear()
+            self._slots.forget_revisions()
             self._check_stream_soon()  # the server may have lost, or re-created, the bucket
 
         options: dict[str, Any] = {
@@ -440,6 +445,7 @@ class NatsStore:
         self._highest_ack = 0
         for state in self._cache.values():
             state.revision, state.lost = None, True
+        self._slots.forget_revisions()
 
     @staticmethod
     async def _close_client(nc: NatsClient) -> None:
@@ -455,6 +461,7 @@ class NatsStore:
     async def aclose(self) -> None:
         nc = self._nc
         self._forget_connection()
+        self._slots.close()
         opening, self._opening = self._opening, None
         if opening is not None and not opening.done():
             opening.cancel()
@@ -463,6 +470,46 @@ class NatsStore:
                 state.flusher.cancel()
         if nc is not None and not nc.is_closed and self._loop is asyncio.get_running_loop():
             await self._close_client(nc)
+
+    # -- what the slots (slots.py) use of the store ---------------------------------------------
+
+    async def ensure_ready(self, deadline: float) -> None:
+        """Connect (within `deadline`) unless connected on this loop already."""
+        nc = self._nc
+        if (
+            self._js is None
+            or nc is None
+            or not nc.is_connected
+            or self._loop is not asyncio.get_running_loop()
+        ):
+            await self.ready(deadline)
+
+    def check_backoff(self) -> None:
+        """Raise the last failure while its back-off is in force."""
+        if time.monotonic() < self._retry_at and self._last_error is not None:
+            raise self._last_error
+
+    def subject(self, key: str) -> str:
+        return self._prefix + key
+
+    def now_ns(self) -> int:
+        return self._clock()
+
+    def foreign_value(self, subject: str, problem: str) -> None:
+        self._foreign_value(subject, problem)
+
+    def alone(self, error: BaseException) -> bool:
+        return self._alone(error)
+
+    def call_failure(self, error: BaseException, *, alone: bool) -> StoreError:
+        """A round trip failed: the store's error for it (and the back-off unless `alone`)."""
+        return self._call_failure(_KeyState(), error, alone=alone)
+
+    async def acquire_slot(self, key: str, slots: Slots) -> Decision:
+        return await self._slots.acquire(key, slots)
+
+    def release_slot(self, key: str, slots: Slots) -> None:
+        self._slots.release(key)
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -700,6 +747,16 @@ class NatsStore:
 
     async def _read(self, subject: str, timeout: float, policy: Algorithm) -> tuple[Any, int]:
         """The stored `(state, revision)` of a subject; `(policy.empty, 0)` when it never existed."""
+        data, revision = await self.read_raw(subject, timeout)
+        if data is None:
+            return policy.empty, revision
+        value, problem = decode_state(policy, data)
+        if problem is not None:
+            self._foreign_value(subject, problem)
+        return value, revision
+
+    async def read_raw(self, subject: str, timeout: float) -> tuple[bytes | None, int]:
+        """The stored value of a subject and its revision; None for none (0: it never existed)."""
         if self._direct:
             message = await self._connected_replies().request(
                 self._direct_get + subject, b"", None, timeout
@@ -707,7 +764,7 @@ class NatsStore:
             headers = message.headers or {}
             status = headers.get(STATUS)
             if status == "404":
-                return policy.empty, 0
+                return None, 0
             if status is not None:
                 raise nats.js.errors.APIError(
                     code=int(status) if status.isdigit() else None,
@@ -718,14 +775,19 @@ class NatsStore:
         else:  # a bucket made without direct get: the JetStream API
             stored = await asyncio.wait_for(self._get_message(subject), max(0.0, timeout))
             if stored is None:
-                return policy.empty, 0
+                return None, 0
             headers, revision, data = stored.headers or {}, int(stored.seq or 0), stored.data
         if headers.get(KV_OPERATION) in ("DEL", "PURGE"):
-            return policy.empty, revision
-        value, problem = decode_state(policy, data)
-        if problem is not None:
-            self._foreign_value(subject, problem)
-        return value, revision
+            return None, revision
+        return data or None, revision
+
+    async def write_raw(
+        self, subject: str, payload: bytes, last_revision: int, timeout: float
+    ) -> int:
+        """Store `payload` if the subject's last revision is `last_revision`; the new revision."""
+        headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
+        message = await self._connected_replies().request(subject, payload, headers, timeout)
+        return ack_revision(message)
 
     def _foreign_value(self, subject: str, problem: str) -> None:
         now = time.monotonic()

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 
 from ...algorithms import Algorithm
 from ...bucket import Policy, Rates
+from ...slots import Holders
 from ...window import Log
 
 VALUE_VERSION = 1
@@ -264,3 +265,41 @@ def ack_revision(message: Msg) -> int:
     except (ValueError, TypeError, KeyError, AttributeError):
         raise nats.js.errors.APIError(description="unreadable acknowledgement") from None
     raise nats.js.errors.APIError(code=code, description=description, err_code=err_code)
+
+
+def encode_slots(limit: int, lease_ns: int, holders: Holders) -> bytes:
+    """The stored value of a group's concurrency slots (docs/engines/nats.md, "Slots")."""
+    claims = ",".join(
+        f"{json.dumps(holder)}:[{count},{until}]" for holder, (count, until) in holders.items()
+    )
+    return (
+        f'{{"v":{VALUE_VERSION},"kind":"slots","limit":{limit},"lease_ns":{lease_ns},'
+        f'"holders":{{{claims}}}}}'
+    ).encode()
+
+
+def decode_slots(data: bytes | None) -> tuple[dict[str, tuple[int, int]], str | None]:
+    """The holders of a stored slots value, and what is wrong with it (None: nothing).
+
+    An unreadable value holds no slots (it is reported; the next write replaces it).
+    """
+    if not data:
+        return {}, None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {}, "not JSON"
+    holders = value.get("holders") if isinstance(value, dict) else None
+    if not (isinstance(value, dict) and value.get("kind") == "slots" and isinstance(holders, dict)):
+        return {}, "not a slots value (read as no slots held)"
+    claims: dict[str, tuple[int, int]] = {}
+    for holder, claim in holders.items():
+        if not (
+            isinstance(claim, list)
+            and len(claim) == 2
+            and _is_integer(claim[0])
+            and _is_integer(claim[1])
+        ):
+            return {}, f"holder {_shown(holder)} has no [count, expires_at_ns]"
+        claims[holder] = (claim[0], claim[1])
+    return claims, None
