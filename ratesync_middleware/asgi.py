@@ -284,11 +284,9 @@ class RateLimitMiddleware:
             await self._refuse(scope, receive, send, admission)
             return
         extra = admission.headers()
-        if not extra and not admission.needs_status:  # nothing to add, nothing to learn
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                admission.finish()
+        settles = admission.settles
+        if not extra and not settles:  # nothing to add, nothing to do at the end
+            await self.app(scope, receive, send)
             return
         status: int | None = None
 
@@ -300,6 +298,9 @@ class RateLimitMiddleware:
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
+        if not settles:
+            await self.app(scope, receive, send_with_headers)
+            return
         try:
             await self.app(scope, receive, send_with_headers)
         except BaseException:  # an error or a client gone: the request still ends here

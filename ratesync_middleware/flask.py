@@ -263,8 +263,8 @@ class _AppState:
             extra = admission.headers()
             if extra:
                 response.headers.extend(text_headers(extra))
-            # The request ends when the server closes the body (a streamed one too).
-            response.call_on_close(functools.partial(admission.finish, response.status_code))
+            if admission.settles:  # it ends when the server closes the body (a streamed one too)
+                response.call_on_close(functools.partial(admission.finish, response.status_code))
             return response
         # Refused: the default response has these already; an error handler's may not.
         add_missing(response.headers, admission.refusal_headers())
@@ -272,6 +272,8 @@ class _AppState:
 
     def teardown_request(self, error: BaseException | None) -> None:
         """The view raised and no response was made (`PROPAGATE_EXCEPTIONS`): end it here."""
+        if not self.limiter.core.settles:  # nothing could be left to do: skip the lookup
+            return
         admission: Admission | None = request.environ.pop(ADMISSION_KEY, None)
         if admission is not None:
             admission.finish(500 if error is not None else None)

@@ -82,10 +82,11 @@ class Admission:
         return [*self._responses.retry_after(decision), *self._responses.headers(decision)]
 
     @property
-    def needs_status(self) -> bool:
-        """Whether `finish` uses the response status (no policy of today's plans does), so an
-        adapter that pays to learn it (ASGI wraps `send`) may pass None instead."""
-        return False
+    def settles(self) -> bool:
+        """Whether `finish` has work to do for this request (slots to give back today; refunds
+        and settled costs next). When it has none, an adapter may skip what it pays to call
+        `finish` at the very end (Flask's close callback, Django's closer, a WSGI body wrapper)."""
+        return self.slots is not None
 
     def finish(self, status: int | None = None) -> None:
         """The response is complete (`status`, None when it never started): settle the request.
@@ -120,6 +121,8 @@ class RequestLimiter:
         )
         self.plans = PlanResolver(self.config)
         self.responses = RateLimitHeaders.for_config(self.config)
+        self.settles = any(limiter.slots is not None for limiter in self.config.limiters.values())
+        """Whether any admission of this configuration can have work at `finish` (`settles`)."""
         # How each plan is decided (_NOW | _SLOTTED bits); plans come from the configuration
         # and marks: few.
         self._routes: dict[Plan, int] = {}

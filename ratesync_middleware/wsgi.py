@@ -160,6 +160,14 @@ class RateLimitMiddleware:
         if not admission.allowed:
             return self._refuse(method, admission, start_response)
         added = text_headers(admission.headers())
+        if not admission.settles:  # nothing to do at the end: no body wrapper
+
+            def start_adding_headers(
+                status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
+            ) -> Callable[[bytes], object]:
+                return start_response(status, [*headers, *added], exc_info)
+
+            return self.app(environ, start_adding_headers)
         response = _Finishing(admission)
 
         def start_with_headers(

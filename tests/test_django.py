@@ -1100,6 +1100,11 @@ def served_site(request: pytest.FixtureRequest) -> Iterator[Site]:
     served.close()
 
 
+# A slot to give back: every admitted request has work at its end.
+SLOTTED = with_config(limiters={"api": {"rate_per_second": 0.01, "burst": 5, "max_concurrent": 99}})
+
+
+@override_settings(RATESYNC=SLOTTED)
 def test_each_admitted_request_is_finished_once_with_its_status(
     served_site: Site, finished: list[int | None]
 ) -> None:
@@ -1109,6 +1114,7 @@ def test_each_admitted_request_is_finished_once_with_its_status(
     assert finished == [200, 404, 500]
 
 
+@override_settings(RATESYNC=SLOTTED)
 def test_a_streamed_response_is_finished_after_its_last_chunk(
     served_site: Site, finished: list[int | None]
 ) -> None:
@@ -1117,6 +1123,7 @@ def test_a_streamed_response_is_finished_after_its_last_chunk(
     assert finished == [200]
 
 
+@override_settings(RATESYNC=SLOTTED)
 def test_a_refused_request_needs_no_finish(site: Site, finished: list[int | None]) -> None:
     assert site.statuses(6) == [200] * 5 + [429]
     assert finished == [200] * 5

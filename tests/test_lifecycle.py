@@ -44,7 +44,12 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# max_concurrent gives finish its work (a slot to give back), so every adapter must call it.
 CONFIG: dict[str, Any] = {
+    "limiters": {"api": {"rate_per_second": 0.01, "burst": 5, "max_concurrent": 100}},
+    "middleware": {"default": "api"},
+}
+PLAIN: dict[str, Any] = {
     "limiters": {"api": {"rate_per_second": 0.01, "burst": 5}},
     "middleware": {"default": "api"},
 }
@@ -98,6 +103,23 @@ def test_asgi_finishes_each_admitted_request_once(finished: list[int | None]) ->
         assert client.get("/streamed").text == "one two three"
         assert client.get("/broken").status_code == 500
     assert finished == [200, 404, 200, 500]
+
+
+def test_without_work_at_the_end_nothing_is_arranged(finished: list[int | None]) -> None:
+    """A plain rate has nothing to settle: no adapter pays for calling finish."""
+    starlette = Starlette(
+        routes=[Route("/", hello)], middleware=[Middleware(RateLimitMiddleware, config=PLAIN)]
+    )
+    with TestClient(starlette) as client:
+        assert client.get("/").status_code == 200
+    with Client(WSGIRateLimitMiddleware(plain_wsgi_app, config=PLAIN)).get("/") as response:
+        assert response.status_code == 200
+    app = Flask(__name__)
+    RateLimit(app, config=PLAIN)
+    app.add_url_rule("/", "index", lambda: "hello")
+    with app.test_client().get("/") as response:
+        assert response.status_code == 200
+    assert finished == []
 
 
 async def test_asgi_finishes_a_request_whose_client_went_away(
@@ -273,7 +295,7 @@ def test_when_the_loop_does_not_answer_any_fail_closed_limiter_refuses(silent_se
 
 
 def test_rate_limiter_rejects_costs_that_would_corrupt_a_bucket() -> None:
-    with RateLimiter(CONFIG) as limiter:
+    with RateLimiter(PLAIN) as limiter:
         for cost in (1.5, True, "2", None):
             with pytest.raises(TypeError, match="cost must be an int"):
                 limiter.hit("api", key="k", cost=cost)  # type: ignore[arg-type]

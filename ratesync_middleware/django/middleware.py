@@ -236,8 +236,8 @@ class _Limits:
         if admission is None or not admission.allowed:  # a refusal has its headers already
             return response
         add_missing(response, admission.headers())
-        # Django closes a response once it is sent (a streamed one after its last chunk).
-        on_django_response_close(response, admission.finish, response.status_code)
+        if admission.settles:  # Django closes a response once sent (a streamed one at its end)
+            on_django_response_close(response, admission.finish, response.status_code)
         return response
 
     def close(self) -> None:
