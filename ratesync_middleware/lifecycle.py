@@ -12,8 +12,11 @@
         admission.finish(status)                       # exactly once, also on errors
 
 An adapter only translates: it builds the `RequestFacts` and the ordered candidate endpoints,
-answers the refusal it is given or calls the app, and calls `finish` with the final status.
-Everything a policy does before or after the response is written here, once.
+answers the refusal it is given or calls the app, and calls `finish` with the final status
+(after the last byte of a streamed body; on errors and disconnects too). When
+`admission.settles` is false, `finish` has nothing to do and an adapter may skip what it
+costs to arrange the call. Everything a policy does before or after the response is written
+here, once.
 """
 
 from __future__ import annotations
