@@ -52,8 +52,8 @@ class ScopeFacts(RequestFacts):
 
     def __init__(self, scope: Scope, path: str, client_address: ClientAddress) -> None:
         client = scope.get("client")
-        super().__init__(
-            scope.get("method", "GET"), path, client[0] if client else None, client_address
+        RequestFacts.__init__(  # not super(): this runs on every request
+            self, scope.get("method", "GET"), path, client[0] if client else None, client_address
         )
         self.scope = scope
 

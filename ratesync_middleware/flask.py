@@ -55,6 +55,7 @@ _F = TypeVar("_F")
 EXTENSION: Final = "ratesync"
 """The key of the per-app state in `app.extensions`."""
 
+_TEARDOWN: Final = "ratesync.teardown"  # app.extensions: the teardown hook is registered
 ADMISSION_KEY: Final = "ratesync.admission"
 """Where an admitted request's `Admission` waits in the environ until `after_request` takes it."""
 
@@ -272,8 +273,6 @@ class _AppState:
 
     def teardown_request(self, error: BaseException | None) -> None:
         """The view raised and no response was made (`PROPAGATE_EXCEPTIONS`): end it here."""
-        if not self.limiter.core.settles:  # nothing could be left to do: skip the lookup
-            return
         admission: Admission | None = request.environ.pop(ADMISSION_KEY, None)
         if admission is not None:
             admission.finish(500 if error is not None else None)
@@ -340,6 +339,14 @@ class RateLimit:
         state = _AppState(app, config, exempt_static)
         previous = app.extensions.get(EXTENSION)
         app.extensions[EXTENSION] = state
+        if state.limiter.core.settles and not app.extensions.get(_TEARDOWN):
+            # Only a configuration with work at the end (slots) pays for a teardown hook.
+            app.extensions[_TEARDOWN] = True
+
+            def end_request(error: BaseException | None) -> None:
+                app.extensions[EXTENSION].teardown_request(error)
+
+            app.teardown_request(end_request)
         if isinstance(previous, _AppState):
             previous.close()
             return  # the hooks below read app.extensions, so they now use the new state
@@ -352,12 +359,8 @@ class RateLimit:
             result: Response = app.extensions[EXTENSION].after_request(response)
             return result
 
-        def end_request(error: BaseException | None) -> None:
-            app.extensions[EXTENSION].teardown_request(error)
-
         app.before_request(check_rate_limit)
         app.after_request(add_rate_limit_headers)
-        app.teardown_request(end_request)
 
     # -- decorators -----------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ class Admission:
     concurrency slots the request holds (`max_concurrent`).
     """
 
-    __slots__ = ("_responses", "decision", "finished", "slots")
+    __slots__ = ("_responses", "decision", "finished", "settles", "slots")
 
     def __init__(
         self,
@@ -62,6 +62,10 @@ class Admission:
         self._responses = responses
         self.finished = False
         self.slots = slots  # the concurrency slots held until `finish`
+        # Whether `finish` has work to do (slots to give back today; refunds and settled costs
+        # next). When it has none, an adapter may skip what it pays to arrange the call
+        # (Flask's close callback, Django's closer, a WSGI body wrapper, ASGI's status capture).
+        self.settles = slots is not None
 
     @property
     def allowed(self) -> bool:
@@ -83,13 +87,6 @@ class Admission:
         decision = self.decision
         assert decision is not None
         return [*self._responses.retry_after(decision), *self._responses.headers(decision)]
-
-    @property
-    def settles(self) -> bool:
-        """Whether `finish` has work to do for this request (slots to give back today; refunds
-        and settled costs next). When it has none, an adapter may skip what it pays to call
-        `finish` at the very end (Flask's close callback, Django's closer, a WSGI body wrapper)."""
-        return self.slots is not None
 
     def finish(self, status: int | None = None) -> None:
         """The response is complete (`status`, None when it never started): settle the request.
