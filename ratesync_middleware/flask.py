@@ -155,6 +155,10 @@ class _AppState:
         self.app = app
         self.limiter = SyncRequestLimiter(config)
         self.config = self.limiter.config
+        # Configuration only, so safe across fork(); bound once: they run on every request.
+        self._cached_plan = self.limiter.plans.cached_plan
+        self._find = self._candidates
+        self._client_address = self.limiter.client_address
         self.exempt_static = exempt_static
         self._started = False
         self._start_lock = threading.Lock()
@@ -183,13 +187,8 @@ class _AppState:
     def plan(self, flask_request: Request, method: str) -> Plan:
         """The limiters of this request (plans.py): view > blueprint > route rules > default."""
         path = flask_request.path
-        return self.limiter.plans.cached_plan(
-            (flask_request.endpoint, method, path),
-            method,
-            path,
-            self._candidates,
-            flask_request,
-            method,
+        return self._cached_plan(
+            (flask_request.endpoint, method, path), method, path, self._find, flask_request, method
         )
 
     def _candidates(self, flask_request: Request, method: str) -> Iterator[object]:
@@ -221,13 +220,12 @@ class _AppState:
         plan = self.plan(flask_request, method)
         if not plan:
             return None
-        limiter = self.limiter
-        facts = FlaskFacts(flask_request, flask_request.path, limiter.client_address)
-        admission = limiter.begin(facts, plan)
+        facts = FlaskFacts(flask_request, flask_request.path, self._client_address)
+        admission = self.limiter.begin(facts, plan)
         environ = flask_request.environ
-        environ[DECISION_KEY] = admission.decision
+        decision = environ[DECISION_KEY] = admission.decision
         environ[ADMISSION_KEY] = admission
-        if admission.allowed:
+        if decision is None or decision.allowed:
             return None
         denial = admission.denial()
         refusal = (RateLimitUnavailable if denial.status == 503 else RateLimitExceeded)(
