@@ -140,3 +140,20 @@ def users_server() -> Iterator[NatsServer]:
     )
     yield server
     server.cleanup()
+
+
+@pytest.fixture
+def finished(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The statuses every `Admission.finish` call was given, in order (the adapters' contract:
+    once per admitted request that settles, at its very end)."""
+    from ratesync_middleware.lifecycle import Admission
+
+    calls: list[int | None] = []
+    original = Admission.finish
+
+    def record(self: Admission, status: int | None = None) -> None:
+        calls.append(status)
+        original(self, status)
+
+    monkeypatch.setattr(Admission, "finish", record)
+    return calls

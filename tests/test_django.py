@@ -1076,22 +1076,6 @@ def test_a_wrong_method_spends_nothing_of_a_class_views_limiters(site: Site) -> 
     assert site.statuses(3, "/cbv/post-only", "POST") == [200, 200, 429]  # login: 2/minute
 
 
-@pytest.fixture
-def finished(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
-    """The statuses every `Admission.finish` call was given, in order."""
-    from ratesync_middleware.lifecycle import Admission
-
-    calls: list[int | None] = []
-    original = Admission.finish
-
-    def record(self: Admission, status: int | None = None) -> None:
-        calls.append(status)
-        original(self, status)
-
-    monkeypatch.setattr(Admission, "finish", record)
-    return calls
-
-
 @pytest.fixture(params=["wsgi", "asgi"])
 def served_site(request: pytest.FixtureRequest) -> Iterator[Site]:
     """Django's real handlers, which turn a failing view into a 500 response."""

@@ -35,7 +35,6 @@ from ratesync_middleware.client_ip import ClientAddress
 from ratesync_middleware.errors import BucketTtlTooShortError
 from ratesync_middleware.facts import RequestFacts
 from ratesync_middleware.flask import RateLimit
-from ratesync_middleware.lifecycle import Admission
 from ratesync_middleware.sync import SyncRequestLimiter
 from ratesync_middleware.wsgi import RateLimitMiddleware as WSGIRateLimitMiddleware
 
@@ -53,20 +52,6 @@ PLAIN: dict[str, Any] = {
     "limiters": {"api": {"rate_per_second": 0.01, "burst": 5}},
     "middleware": {"default": "api"},
 }
-
-
-@pytest.fixture
-def finished(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
-    """The statuses every `Admission.finish` call was given, in order."""
-    calls: list[int | None] = []
-    original = Admission.finish
-
-    def record(self: Admission, status: int | None = None) -> None:
-        calls.append(status)
-        original(self, status)
-
-    monkeypatch.setattr(Admission, "finish", record)
-    return calls
 
 
 # --- ASGI ----------------------------------------------------------------------------------------
