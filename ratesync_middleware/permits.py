@@ -16,9 +16,8 @@ from .slots import Slot
 __all__ = ["Permit", "SyncPermit"]
 
 
-class Permit:
-    """A granted `AsyncRateLimiter.acquire`: `decision` says what was spent; `release()` frees
-    the slot (idempotent); `async with` releases on exit."""
+class _Held:
+    """What both permits hold: the decision granted, and the slot until it is given back."""
 
     __slots__ = ("_slot", "decision")
 
@@ -31,14 +30,24 @@ class Permit:
         """Whether nothing is held any more (a permit of a rate alone holds nothing)."""
         return self._slot is None or self._slot.released
 
+    def _give_back(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
+
+
+class Permit(_Held):
+    """A granted `AsyncRateLimiter.acquire`: `decision` says what was spent; `release()` frees
+    the slot (idempotent); `async with` releases on exit."""
+
+    __slots__ = ()
+
     def synchronous(self) -> SyncPermit:
         """The same permit for synchronous code (`RateLimiter.acquire`)."""
         return SyncPermit(self.decision, self._slot)
 
     async def release(self) -> None:
         """Give the slot back (the store writes it in the background); later calls do nothing."""
-        if self._slot is not None:
-            self._slot.release()
+        self._give_back()
 
     async def __aenter__(self) -> Permit:
         return self
@@ -47,23 +56,14 @@ class Permit:
         await self.release()
 
 
-class SyncPermit:
+class SyncPermit(_Held):
     """A granted `RateLimiter.acquire`: the same as `Permit`, synchronous, usable as `with`."""
 
-    __slots__ = ("_slot", "decision")
-
-    def __init__(self, decision: Decision, slot: Slot | None = None) -> None:
-        self.decision = decision
-        self._slot = slot
-
-    @property
-    def released(self) -> bool:
-        return self._slot is None or self._slot.released
+    __slots__ = ()
 
     def release(self) -> None:
         """Give the slot back; never blocks, later calls do nothing."""
-        if self._slot is not None:
-            self._slot.release()
+        self._give_back()
 
     def __enter__(self) -> SyncPermit:
         return self

@@ -160,21 +160,18 @@ class RateLimitMiddleware:
         if not admission.allowed:
             return self._refuse(method, admission, start_response)
         added = text_headers(admission.headers())
-        if not admission.settles:  # nothing to do at the end: no body wrapper
-
-            def start_adding_headers(
-                status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
-            ) -> Callable[[bytes], object]:
-                return start_response(status, [*headers, *added], exc_info)
-
-            return self.app(environ, start_adding_headers)
-        response = _Finishing(admission)
+        # Only an admission with work at the end pays for a body wrapper (PEP 3333's close()).
+        response = _Finishing(admission) if admission.settles else None
 
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
         ) -> Callable[[bytes], object]:
-            response.status = status_code(status)
+            if response is not None:
+                response.status = status_code(status)
             return start_response(status, [*headers, *added], exc_info)
+
+        if response is None:
+            return self.app(environ, start_with_headers)
 
         try:
             response._body = self.app(environ, start_with_headers)
