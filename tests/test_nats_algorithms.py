@@ -17,8 +17,10 @@ pytestmark = pytest.mark.nats
 
 
 def limiters(nats_store: dict[str, Any]) -> dict[str, Any]:
+    # These tests are about exactness, not latency: a generous deadline keeps a loaded CI
+    # machine from degrading a decision that queued behind the other process's writes.
     return {
-        "stores": {"prod": nats_store},
+        "stores": {"prod": {**nats_store, "timeout": 5.0}},
         "limiters": {
             "login": {
                 "store": "prod",
@@ -50,7 +52,11 @@ async def _spend(config: dict[str, Any], limiter_name: str, seconds: float) -> i
 
 
 def _process(config: dict[str, Any], limiter_name: str, seconds: float, results: Any) -> None:
-    results.put(asyncio.run(_spend(config, limiter_name, seconds)))
+    try:
+        results.put(asyncio.run(_spend(config, limiter_name, seconds)))
+    except BaseException as error:  # tell the test at once, rather than let it wait
+        results.put(f"{type(error).__name__}: {error}")
+        raise
 
 
 def _in_two_processes(config: dict[str, Any], limiter_name: str, seconds: float) -> list[int]:
@@ -65,6 +71,8 @@ def _in_two_processes(config: dict[str, Any], limiter_name: str, seconds: float)
     counts = [results.get(timeout=60) for _ in processes]
     for process in processes:
         process.join(30)
+    for count in counts:
+        assert isinstance(count, int), count  # a process failed: say why
     return counts
 
 
