@@ -27,7 +27,7 @@ from .compat import expand_fastapi_routes
 from .config import ConfigSource
 from .errors import ConfigError
 from .facts import RequestFacts
-from .headers import add_missing
+from .headers import Header, add_missing
 from .lifecycle import Admission, RequestLimiter
 from .limiter import AsyncRateLimiter, logger
 from .marks import exempt, get_marks, limit
@@ -51,11 +51,14 @@ class ScopeFacts(RequestFacts):
     __slots__ = ("scope",)
 
     def __init__(self, scope: Scope, path: str, client_address: ClientAddress) -> None:
+        # The fields of RequestFacts set here, without a call: this runs on every request.
         client = scope.get("client")
-        RequestFacts.__init__(  # not super(): this runs on every request
-            self, scope.get("method", "GET"), path, client[0] if client else None, client_address
-        )
         self.scope = scope
+        self.method = scope.get("method", "GET")
+        self.path = path
+        self.peer = client[0] if client else None
+        self._client_address = client_address
+        self._client_ip = None
 
     def header(self, name: str) -> str | None:
         wanted = name.encode("latin-1")
@@ -251,7 +254,9 @@ class RateLimitMiddleware:
         self._config_error = None
         self.config = self.core.config
         self._plans = self.core.plans
-        self._cached_plan = self._plans.cached_plan  # bound once: this runs on every request
+        # Bound once: these run on every request.
+        self._known_plan = self._plans.known_plan
+        self._cached_plan = self._plans.cached_plan
         self._find = self._candidates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -284,10 +289,24 @@ class RateLimitMiddleware:
             await self._refuse(scope, receive, send, admission)
             return
         extra = admission.headers()
-        settles = admission.settles
-        if not extra and not settles:  # nothing to add, nothing to do at the end
+        if admission.settles:
+            await self._settled(scope, receive, send, admission, extra)
+            return
+        if not extra:  # nothing to add, nothing to do at the end
             await self.app(scope, receive, send)
             return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _settled(
+        self, scope: Scope, receive: Receive, send: Send, admission: Admission, extra: list[Header]
+    ) -> None:
+        """Call the app for an admission with work at `finish`, given the final status."""
         status: int | None = None
 
         async def send_with_headers(message: Message) -> None:
@@ -298,9 +317,6 @@ class RateLimitMiddleware:
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
-        if not settles:
-            await self.app(scope, receive, send_with_headers)
-            return
         try:
             await self.app(scope, receive, send_with_headers)
         except BaseException:  # an error or a client gone: the request still ends here
@@ -348,10 +364,13 @@ class RateLimitMiddleware:
     # -- route plans ----------------------------------------------------------------------------
 
     def _plan(self, scope: Scope, method: str, path: str) -> Plan:
+        key = (scope["type"], method, path)
+        plan = self._known_plan(key)  # nothing is kept when the Host header decides
+        if plan is not None:
+            return plan
         routes = self._routes
         if routes.host_dependent:
             return self._plans.plan(method, path, *self._candidates(scope))
-        key = (scope["type"], method, path)
         plan = self._cached_plan(key, method, path, self._find, scope)
         if routes.host_dependent:  # found out just now: the Host header decides
             self._plans.forget(key)

@@ -34,7 +34,7 @@ from .limiter import AsyncRateLimiter, logger
 from .marks import exempt, limit
 from .plans import EXEMPT, Plan, method_handler
 from .sync import SyncRequestLimiter
-from .wsgi import DECISION_KEY, EnvironFacts
+from .wsgi import EnvironFacts
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
@@ -57,7 +57,8 @@ EXTENSION: Final = "ratesync"
 
 _TEARDOWN: Final = "ratesync.teardown"  # app.extensions: the teardown hook is registered
 ADMISSION_KEY: Final = "ratesync.admission"
-"""Where an admitted request's `Admission` waits in the environ until `after_request` takes it."""
+"""Where a limited request's `Admission` is kept in the environ (`current_decision` reads it)."""
+_ENDS_AT_CLOSE: Final = "ratesync.ends_at_close"  # after_request left `finish` to the body's close
 
 
 # --- the exceptions --------------------------------------------------------------------------
@@ -115,7 +116,13 @@ class FlaskFacts(EnvironFacts):
     __slots__ = ("_flask_request",)
 
     def __init__(self, flask_request: Request, path: str, client_address: ClientAddress) -> None:
-        super().__init__(flask_request.environ, flask_request.method, path, client_address)
+        # The fields of EnvironFacts set here, without a call: this runs on every request.
+        environ = self.environ = flask_request.environ
+        self.method = flask_request.method
+        self.path = path
+        self.peer = environ.get("REMOTE_ADDR") or None
+        self._client_address = client_address
+        self._client_ip = None
         self._flask_request = flask_request
 
     def user_id(self) -> str | None:
@@ -221,11 +228,8 @@ class _AppState:
         if not plan:
             return None
         facts = FlaskFacts(flask_request, flask_request.path, self._client_address)
-        admission = self.limiter.begin(facts, plan)
-        environ = flask_request.environ
-        decision = environ[DECISION_KEY] = admission.decision
-        environ[ADMISSION_KEY] = admission
-        if decision is None or decision.allowed:
+        admission = flask_request.environ[ADMISSION_KEY] = self.limiter.begin(facts, plan)
+        if admission.allowed:
             return None
         denial = admission.denial()
         refusal = (RateLimitUnavailable if denial.status == 503 else RateLimitExceeded)(
@@ -255,7 +259,7 @@ class _AppState:
         return handled
 
     def after_request(self, response: Response) -> Response:
-        admission: Admission | None = request.environ.pop(ADMISSION_KEY, None)
+        admission: Admission | None = request.environ.get(ADMISSION_KEY)
         if admission is None:
             return response
         if admission.allowed:
@@ -264,6 +268,7 @@ class _AppState:
                 response.headers.extend(text_headers(extra))
             if admission.settles:  # it ends when the server closes the body (a streamed one too)
                 response.call_on_close(functools.partial(admission.finish, response.status_code))
+                request.environ[_ENDS_AT_CLOSE] = True  # not at teardown, which comes first
             return response
         # Refused: the default response has these already; an error handler's may not.
         add_missing(response.headers, admission.refusal_headers())
@@ -271,8 +276,9 @@ class _AppState:
 
     def teardown_request(self, error: BaseException | None) -> None:
         """The view raised and no response was made (`PROPAGATE_EXCEPTIONS`): end it here."""
-        admission: Admission | None = request.environ.pop(ADMISSION_KEY, None)
-        if admission is not None:
+        environ = request.environ
+        admission: Admission | None = environ.get(ADMISSION_KEY)
+        if admission is not None and not environ.get(_ENDS_AT_CLOSE):
             admission.finish(500 if error is not None else None)
 
     def close(self) -> None:
@@ -385,8 +391,8 @@ class RateLimit:
     @property
     def current_decision(self) -> Decision | None:
         """The `Decision` for the current request, None when it is not limited."""
-        decision: Decision | None = request.environ.get(DECISION_KEY)
-        return decision
+        admission: Admission | None = request.environ.get(ADMISSION_KEY)
+        return None if admission is None else admission.decision
 
     def startup(self, app: Flask | None = None) -> None:
         """Check the marks of every view and blueprint and open the stores now.

@@ -45,33 +45,24 @@ class Admission:
     """The outcome of `begin` for one request, and what is left to do when it ends.
 
     `decision` is the one to report (the refusal, or the most restrictive of the allowing
-    decisions; None when no limiter applied). `finish` must be called once the response of an
-    admitted request is complete (or failed); later calls do nothing. It gives back the
-    concurrency slots the request holds (`max_concurrent`).
+    decisions; None when no limiter applied); `allowed` is false when the request must be
+    refused (`denial()` says how). `finish` must be called once the response of an admitted
+    request is complete (or failed); later calls do nothing. `settles` says whether it has
+    anything to do: when false (most requests), an adapter may skip what it pays to arrange
+    the call (Flask's close callback, Django's closer, a WSGI body wrapper, ASGI's status
+    capture). Built on every request: two fields, everything else on the class.
     """
 
-    __slots__ = ("_responses", "decision", "finished", "settles", "slots")
+    __slots__ = ("_responses", "allowed", "decision")
 
-    def __init__(
-        self,
-        decision: Decision | None,
-        responses: RateLimitHeaders,
-        slots: list[Slot] | None = None,
-    ) -> None:
+    settles: bool = False
+    slots: list[Slot] | None = None
+    """The concurrency slots the request holds until `finish` (`max_concurrent`)."""
+
+    def __init__(self, decision: Decision | None, responses: RateLimitHeaders) -> None:
         self.decision = decision
         self._responses = responses
-        self.finished = False
-        self.slots = slots  # the concurrency slots held until `finish`
-        # Whether `finish` has work to do (slots to give back today; refunds and settled costs
-        # next). When it has none, an adapter may skip what it pays to arrange the call
-        # (Flask's close callback, Django's closer, a WSGI body wrapper, ASGI's status capture).
-        self.settles = slots is not None
-
-    @property
-    def allowed(self) -> bool:
-        """False when the request must be refused (`denial()` says how)."""
-        decision = self.decision
-        return decision is None or decision.allowed
+        self.allowed = decision is None or decision.allowed
 
     def headers(self) -> list[Header]:
         """The rate-limit headers for the response (of the configured `headers` mode)."""
@@ -91,13 +82,35 @@ class Admission:
     def finish(self, status: int | None = None) -> None:
         """The response is complete (`status`, None when it never started): settle the request.
 
-        Idempotent. This is where refunds, settled costs and slot releases are made.
+        Idempotent. This is where refunds, settled costs and slot releases are made: a plain
+        admission has none of them (`settles` is false).
         """
-        self.finished = True
+
+
+class _HoldingAdmission(Admission):
+    """An admission that holds concurrency slots, given back at `finish`."""
+
+    __slots__ = ("slots",)
+
+    settles = True
+
+    def __init__(
+        self, decision: Decision | None, responses: RateLimitHeaders, slots: list[Slot]
+    ) -> None:
+        Admission.__init__(self, decision, responses)
+        self.slots = slots
+
+    def finish(self, status: int | None = None) -> None:
         slots = self.slots
         if slots is not None:
             self.slots = None
             _release(slots)
+
+
+def _admitted(
+    decision: Decision | None, responses: RateLimitHeaders, held: list[Slot]
+) -> Admission:
+    return _HoldingAdmission(decision, responses, held) if held else Admission(decision, responses)
 
 
 def _release(slots: list[Slot]) -> None:
@@ -163,6 +176,10 @@ class RequestLimiter:
         if route is None:
             route = self._route(plan)
         if route == _NOW:
+            if len(plan) == 1:  # the common case, one memory limiter: no more calls than needed
+                item = plan[0]
+                decision = self.limiter.hit_now(item.name, item.identity.now(facts), item.cost)
+                return Admission(decision, self.responses)
             return self._begin_now(facts, plan)
         if route & _NOW:
             return self._begin_slotted_now(facts, plan)
@@ -239,7 +256,7 @@ class RequestLimiter:
                     return self._refused(decision, held)
                 if best is None or _more_restrictive(decision, best):
                     best = decision
-        return Admission(best, self.responses, held or None)
+        return _admitted(best, self.responses, held)
 
     def _begin_slotted_now(self, facts: RequestFacts, plan: Plan) -> Admission:
         best: Decision | None = None
@@ -260,7 +277,7 @@ class RequestLimiter:
                     return self._refused(decision, held)
                 if best is None or _more_restrictive(decision, best):
                     best = decision
-        return Admission(best, self.responses, held or None)
+        return _admitted(best, self.responses, held)
 
     def _refused(self, decision: Decision, held: list[Slot]) -> Admission:
         _release(held)

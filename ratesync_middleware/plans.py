@@ -141,6 +141,8 @@ class PlanResolver:
         self._marked: dict[Marks, Plan] = {}  # marks are written in code: few
         # Request-keyed, so bounded: an adapter's key -> its plan, (method, path) -> the rules'.
         self._by_request: BoundedCache[Hashable, Plan] = BoundedCache(PLAN_CACHE_SIZE)
+        self.known_plan: Callable[[Hashable], Plan | None] = self._by_request.get
+        """The plan `cached_plan` keeps for a key, else None: a dict lookup, for hot paths."""
         self._by_path: BoundedCache[tuple[str, str], Plan] = BoundedCache(PLAN_CACHE_SIZE)
 
     @property

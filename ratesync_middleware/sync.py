@@ -29,6 +29,19 @@ T = TypeVar("T")
 
 _OUTER_DEADLINE_MARGIN: Final = 1.0  # seconds beyond the stores' own deadlines before giving up
 
+_forks = 0
+"""How many times this process is a `fork()` child: a counter read per request is cheaper than
+`os.getpid()`, a system call."""
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork()
+    os.register_at_fork(after_in_child=_forked)
+
 
 def run_inline(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine that never suspends, without an event loop."""
@@ -58,7 +71,7 @@ class SyncRequestLimiter:
     """
 
     def __init__(self, config: ConfigSource | AsyncRateLimiter = None) -> None:
-        self._pid = os.getpid()
+        self._forks = _forks
         self._core = RequestLimiter(config)
         self.config = self._core.config
         self.deadline = outer_deadline(self.config)
@@ -67,8 +80,8 @@ class SyncRequestLimiter:
     @property
     def core(self) -> RequestLimiter:
         """This process's `RequestLimiter`, rebuilt in a forked child (connections are per process)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
+        if self._forks != _forks:
+            self._forks = _forks
             self._core = RequestLimiter(self._core.limiter.fresh())
         return self._core
 

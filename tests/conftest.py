@@ -149,11 +149,15 @@ def finished(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
     from ratesync_middleware.lifecycle import Admission
 
     calls: list[int | None] = []
-    original = Admission.finish
 
-    def record(self: Admission, status: int | None = None) -> None:
-        calls.append(status)
-        original(self, status)
+    def recording(original: Any) -> Any:
+        def record(self: Admission, status: int | None = None) -> None:
+            calls.append(status)
+            original(self, status)
 
-    monkeypatch.setattr(Admission, "finish", record)
+        return record
+
+    for kind in (Admission, *Admission.__subclasses__()):  # those that hold slots, too
+        if "finish" in vars(kind):
+            monkeypatch.setattr(kind, "finish", recording(kind.finish))
     return calls
