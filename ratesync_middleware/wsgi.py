@@ -77,7 +77,12 @@ class EnvironFacts(RequestFacts):
     def __init__(
         self, environ: WSGIEnvironment, method: str, path: str, client_address: ClientAddress
     ) -> None:
-        super().__init__(method, path, environ.get("REMOTE_ADDR") or None, client_address)
+        # The fields of RequestFacts set here, without a call: this runs on every request.
+        self.method = method
+        self.path = path
+        self.peer = environ.get("REMOTE_ADDR") or None
+        self._client_address = client_address
+        self._client_ip = None
         self.environ = environ
 
     def header(self, name: str) -> str | None:
