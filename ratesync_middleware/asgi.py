@@ -51,14 +51,11 @@ class ScopeFacts(RequestFacts):
     __slots__ = ("scope",)
 
     def __init__(self, scope: Scope, path: str, client_address: ClientAddress) -> None:
-        # The fields of RequestFacts set here, without a call: this runs on every request.
         client = scope.get("client")
+        RequestFacts.__init__(  # not super(): this runs on every request
+            self, scope.get("method", "GET"), path, client[0] if client else None, client_address
+        )
         self.scope = scope
-        self.method = scope.get("method", "GET")
-        self.path = path
-        self.peer = client[0] if client else None
-        self._client_address = client_address
-        self._client_ip = None
 
     def header(self, name: str) -> str | None:
         wanted = name.encode("latin-1")

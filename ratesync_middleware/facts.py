@@ -15,7 +15,6 @@ class RequestFacts:
     A subclass overrides `header` (one header's value by lower-case name, repeated fields joined
     with ", "), `user_id` (the authenticated user's id, else None) and `request` (the framework's
     own request object, for `"pkg.mod:func"` keys). Everything is computed on demand.
-    The adapters' subclasses set the five fields themselves (one call less per request).
     """
 
     __slots__ = ("_client_address", "_client_ip", "method", "path", "peer")

@@ -116,13 +116,9 @@ class FlaskFacts(EnvironFacts):
     __slots__ = ("_flask_request",)
 
     def __init__(self, flask_request: Request, path: str, client_address: ClientAddress) -> None:
-        # The fields of EnvironFacts set here, without a call: this runs on every request.
-        environ = self.environ = flask_request.environ
-        self.method = flask_request.method
-        self.path = path
-        self.peer = environ.get("REMOTE_ADDR") or None
-        self._client_address = client_address
-        self._client_ip = None
+        EnvironFacts.__init__(  # not super(): this runs on every request
+            self, flask_request.environ, flask_request.method, path, client_address
+        )
         self._flask_request = flask_request
 
     def user_id(self) -> str | None:

@@ -77,12 +77,9 @@ class EnvironFacts(RequestFacts):
     def __init__(
         self, environ: WSGIEnvironment, method: str, path: str, client_address: ClientAddress
     ) -> None:
-        # The fields of RequestFacts set here, without a call: this runs on every request.
-        self.method = method
-        self.path = path
-        self.peer = environ.get("REMOTE_ADDR") or None
-        self._client_address = client_address
-        self._client_ip = None
+        RequestFacts.__init__(  # not super(): this runs on every request
+            self, method, path, environ.get("REMOTE_ADDR") or None, client_address
+        )
         self.environ = environ
 
     def header(self, name: str) -> str | None:

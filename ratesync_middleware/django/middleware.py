@@ -86,12 +86,13 @@ class DjangoFacts(RequestFacts):
     __slots__ = ("_django_request", "user")
 
     def __init__(self, request: HttpRequest, client_address: ClientAddress) -> None:
-        # The fields of RequestFacts set here, without a call: this runs on every request.
-        self.method = request.method or "GET"
-        self.path = request.path_info
-        self.peer = request.META.get("REMOTE_ADDR") or None
-        self._client_address = client_address
-        self._client_ip = None
+        RequestFacts.__init__(  # not super(): this runs on every request
+            self,
+            request.method or "GET",
+            request.path_info,
+            request.META.get("REMOTE_ADDR") or None,
+            client_address,
+        )
         self._django_request = request
         self.user: Any = _UNRESOLVED
 
