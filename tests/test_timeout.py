@@ -198,3 +198,19 @@ async def test_a_slot_given_back_by_another_process_wakes_the_waiting_request(
     finally:
         holder.kill()
         holder.join(10)
+
+
+async def test_a_waiter_cancelled_after_its_wake_up_passes_it_on() -> None:
+    """Memory: one wake-up per slot given back; a waiter that goes away does not swallow it."""
+    async with AsyncRateLimiter(slots_config({"engine": "memory"}, timeout=30.0)) as limiter:
+        holder = await limiter.acquire("api")
+        first = asyncio.create_task(limiter.acquire("api"))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(limiter.acquire("api"))
+        await asyncio.sleep(0.1)
+        await holder.release()  # wakes `first` (the oldest) ...
+        first.cancel()  # ... which goes away before it runs
+        permit = await asyncio.wait_for(second, 10)
+        assert permit.decision.allowed
+        with pytest.raises(asyncio.CancelledError):
+            await first

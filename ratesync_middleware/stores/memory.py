@@ -116,6 +116,11 @@ class MemoryStore:
                 await asyncio.wait_for(asyncio.shield(released), left)
             except TimeoutError:
                 pass
+            except BaseException:  # cancelled: a wake-up it got goes to the next waiter
+                with self._lock:
+                    if waiter not in self._released.get(key, ()):
+                        self._wake_next(key)
+                raise
             finally:
                 with self._lock:
                     listeners = self._released.get(key)
@@ -133,14 +138,18 @@ class MemoryStore:
                 self._held[key] = held - 1
             else:
                 self._held.pop(key, None)
-            # Wake one waiter per slot given back (from any thread: on its own loop).
-            listeners = self._released.get(key)
-            if listeners:
-                loop, released = listeners.pop(0)
-                if not listeners:
-                    del self._released[key]
-                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
-                    loop.call_soon_threadsafe(_wake, released)
+            self._wake_next(key)
+
+    def _wake_next(self, key: str) -> None:
+        """Wake the oldest acquire waiting for a slot of `key` (from any thread: on its own
+        loop); one per slot given back. Called under the lock."""
+        listeners = self._released.get(key)
+        if listeners:
+            loop, released = listeners.pop(0)
+            if not listeners:
+                del self._released[key]
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                loop.call_soon_threadsafe(_wake, released)
 
     def slots_held(self, key: str) -> int:
         """The slots taken now in the group at `key` (tests, `ratesync`)."""
