@@ -214,3 +214,25 @@ async def test_a_waiter_cancelled_after_its_wake_up_passes_it_on() -> None:
         assert permit.decision.allowed
         with pytest.raises(asyncio.CancelledError):
             await first
+
+
+def test_a_reserved_admission_is_covered_by_the_buckets_max_age() -> None:
+    """A rate that may wait holds admissions up to `timeout` ahead: its value must outlive the
+    window after the furthest one (the NATS bucket's max age is checked against this)."""
+    from ratesync_middleware import load_config
+    from ratesync_middleware.stores import limiter_windows_ns
+
+    tables = {"limit": "10/minute", "key": "global"}
+    loaded = load_config(
+        {
+            "limiters": {
+                "waits": {**tables, "timeout": 30.0},
+                "refuses": tables,
+                "slots": {"max_concurrent": 2, "lease_seconds": 5, "timeout": 30.0},
+            }
+        }
+    )
+    windows = limiter_windows_ns(loaded, "default")
+    assert windows["refuses"] == 60 * 10**9
+    assert windows["waits"] == 90 * 10**9
+    assert windows["slots"] == 5 * 10**9  # a slot wait reserves nothing in the store
