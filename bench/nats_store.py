@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/nats_store.py            # the documented run, ~4 minutes
     .venv/bin/python bench/nats_store.py --quick    # a smoke run, ~1 minute
+    .venv/bin/python bench/nats_store.py --only slots --name nats_store_slots   # max_concurrent
 
 Starts its own nats-server (JetStream, file storage, loopback, port chosen by the server) and its
 own redis-server (Debian's /usr/bin/redis-server, no persistence, on a free port), runs every
@@ -81,6 +82,13 @@ ALGORITHM_LIMITERS: dict[str, dict[str, Any]] = {
 }
 ALGORITHM_KEYS = 1000
 
+# The slots table: `max_concurrent` on one global group, high enough never to refuse, so that
+# what is counted is the store writes an acquire and a release cost, and how they coalesce.
+SLOTS_LIMIT = 1_000_000
+SLOTS_HOLD_SECONDS = 0.001  # how long each request holds its slot (a very short request)
+SLOTS_IDLE_SECONDS = 0.002  # a task's pause before its next request: its release is written
+SLOTS_SHAPES = [(1, 1), (1, 16), (1, 64), (4, 16)]  # (processes, concurrent tasks in each)
+
 
 def limiter_config(nats_url: str) -> dict[str, Any]:
     limiters: dict[str, Any] = {
@@ -89,6 +97,7 @@ def limiter_config(nats_url: str) -> dict[str, Any]:
     }
     for name, table in ALGORITHM_LIMITERS.items():
         limiters[name.replace(" ", "-")] = {"store": "nats", "key": "user", **table}
+    limiters["slots"] = {"store": "nats", "key": "user", "max_concurrent": SLOTS_LIMIT}
     return {
         "stores": {
             "nats": {"engine": "nats", "url": nats_url, "bucket_name": BUCKET, "timeout": TIMEOUT}
@@ -529,13 +538,51 @@ async def job_flood(client: Any, job: dict[str, Any]) -> dict[str, Any]:
     return {**counts, "seconds": elapsed, "decisions": total, "requests": requests}
 
 
+async def job_slots(client: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """`concurrency` tasks, each taking a slot of one group, holding it SLOTS_HOLD_SECONDS,
+    giving it back and pausing SLOTS_IDLE_SECONDS, until a shared end: the store writes
+    (compare-and-sets sent, lost ones included) and round trips per request, the heartbeat's
+    and the last releases' included. Without the pause a release and the next acquire of the
+    same process cancel out before the flusher runs, and nothing is written at all."""
+    store, limiter = client.store, client.limiter
+    writes = 0
+    write_raw = store.write_raw
+
+    async def counting_write(*args: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        return await write_raw(*args)
+
+    store.write_raw = counting_write
+    await limiter.take_slot("slots", job["key"])  # connected, the group read once: not counted
+    await asyncio.sleep(0.3)
+    counts = {"acquired": 0, "refused": 0, "degraded": 0}
+    await asyncio.sleep(max(0.0, job["start_at"] - time.time()))
+    writes, requests0 = 0, await _requests(client)
+    end = job["start_at"] + job["duration"]
+
+    async def worker() -> None:
+        while time.time() < end:
+            decision, slot = await limiter.take_slot("slots", job["key"])
+            if slot is None:
+                counts["degraded" if decision.degraded else "refused"] += 1
+                continue
+            counts["acquired"] += 1
+            await asyncio.sleep(SLOTS_HOLD_SECONDS)
+            slot.release()
+            await asyncio.sleep(SLOTS_IDLE_SECONDS)
+
+    await asyncio.gather(*(worker() for _ in range(job["concurrency"])))
+    await asyncio.sleep(0.5)  # the last releases are written
+    return {**counts, "writes": writes, "round_trips": await _requests(client) - requests0}
+
+
 async def run_job(urls: dict[str, str], job: dict[str, Any]) -> dict[str, Any]:
     client = CLIENTS[job["variant"]](urls, job)
     await client.open(job)
     try:
-        return await {"latency": job_latency, "load": job_load, "flood": job_flood}[job["op"]](
-            client, job
-        )
+        jobs = {"latency": job_latency, "load": job_load, "flood": job_flood, "slots": job_slots}
+        return await jobs[job["op"]](client, job)
     finally:
         await client.close()
 
@@ -766,6 +813,31 @@ class Bench:
 
         return Variant(name, run)
 
+    def slots_variant(self, processes: int, concurrency: int) -> Variant:
+        def run(rep: int) -> dict[str, Any]:
+            start_at = time.time() + 0.8 + 0.15 * processes  # after every worker has connected
+            job = {
+                "op": "slots",
+                "variant": "ours",
+                "key": self.key("slots", processes, concurrency, rep),
+                "concurrency": concurrency,
+                "start_at": start_at,
+                "duration": self.args.duration,
+            }
+            results = self.pool.run([job] * processes)
+            total = {k: sum(r[k] for r in results) for k in results[0]}
+            acquired = max(1, total["acquired"])
+            return {
+                "requests_per_s": total["acquired"] / self.args.duration,
+                "writes_per_request": total["writes"] / acquired,
+                "round_trips_per_request": total["round_trips"] / acquired,
+                "refused": total["refused"],
+                "degraded": total["degraded"],
+            }
+
+        name = "sequential (1 x 1)" if concurrency == 1 else f"{processes} x {concurrency}"
+        return Variant(name, run)
+
     def run_all(self) -> None:
         a, report = self.args, self.report
         nats_variants = ["ours", "naive CAS"]
@@ -896,6 +968,30 @@ class Bench:
                 params={"duration_s": a.duration, "keys": 10_000},
                 plot=["decisions_per_s"],
             )
+        if wanted("slots"):
+            report.run(
+                "slots",
+                title=(
+                    "max_concurrent: store writes per request (one global group, processes x "
+                    f"concurrent tasks, each holding its slot {SLOTS_HOLD_SECONDS * 1000:g} ms, "
+                    f"then idle {SLOTS_IDLE_SECONDS * 1000:g} ms)"
+                ),
+                variants=[self.slots_variant(p, c) for p, c in SLOTS_SHAPES],
+                metrics=[
+                    Metric("requests_per_s", "requests/s", lower_is_better=False, ratio=False),
+                    Metric("writes_per_request", "writes/request", ratio=False, digits=3),
+                    Metric("round_trips_per_request", "round trips/request", ratio=False, digits=3),
+                    Metric("refused", "refused", ratio=False, agg="max"),
+                    Metric("degraded", "degraded", ratio=False, agg="max"),
+                ],
+                reps=a.reps,
+                params={
+                    "duration_s": a.duration,
+                    "max_concurrent": SLOTS_LIMIT,
+                    "hold_s": SLOTS_HOLD_SECONDS,
+                    "idle_s": SLOTS_IDLE_SECONDS,
+                },
+            )
         if wanted("flood"):
             report.run(
                 "flood",
@@ -935,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma list: latency, algorithms, hotkey, hotkey-4x16-unlimited, keys, flood",
+        help="comma list: latency, algorithms, hotkey, hotkey-4x16-unlimited, keys, flood, slots",
     )
     parser.add_argument(
         "--name", default="nats_store", help="results/<name>.json, docs/img/<name>-*.png"

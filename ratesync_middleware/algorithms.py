@@ -10,6 +10,11 @@
 States are immutable values (an int or tuples), so a store can cache and compare them. For all
 three, requests only add to a state and time only takes away, so a stale state under-estimates
 the real one and a denial it proves is a real denial (the stores' free denials rely on it).
+
+`consume(state, now, cost, max_wait)`: a request that the algorithm would allow within
+`max_wait` ns (rate-sync's `timeout`) is admitted for that future instant in the same new state
+(the store writes it in the same compare-and-set) and its `Decision.wait` says how long the
+caller sleeps first; one that would wait longer is denied at once, spending nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class AlgorithmLike(Protocol):
     @property
     def empty(self) -> Any: ...
 
-    def consume(self, state: Any, now: int, cost: int = 1) -> tuple[Any, Decision]: ...
+    def consume(
+        self, state: Any, now: int, cost: int = 1, max_wait: int = 0
+    ) -> tuple[Any, Decision]: ...
     def peek(self, state: Any, now: int) -> Decision: ...
     def idle_at(self, state: Any) -> int: ...

@@ -4,6 +4,9 @@ Times are integer nanoseconds so that sums of intervals are exact. With emission
 capacity `burst`, a request of `cost` at `now` against a stored `tat` gives
 `new_tat = max(tat, now) + cost*T`, allowed iff `new_tat - burst*T <= now`. A denial changes nothing.
 The interval is rounded up to whole nanoseconds, so the admitted rate never exceeds the configured one.
+A request that may wait (`max_wait`, rate-sync's `timeout`) and would be allowed at
+`new_tat - burst*T` within it is admitted now for then: the same `new_tat` is stored (the future
+admission is reserved in the same write) and the decision says how long to `wait`.
 """
 
 from __future__ import annotations
@@ -58,9 +61,11 @@ class Policy:
     # The algorithm interface (algorithms.py): the state is the bucket's `tat`.
     empty = 0
 
-    def consume(self, tat: int, now: int, cost: int = 1) -> tuple[int | None, Decision]:
+    def consume(
+        self, tat: int, now: int, cost: int = 1, max_wait: int = 0
+    ) -> tuple[int | None, Decision]:
         """See the module function `consume`."""
-        return consume(self, tat, now, cost)
+        return consume(self, tat, now, cost, max_wait)
 
     def peek(self, tat: int, now: int) -> Decision:
         """See the module function `peek`."""
@@ -79,6 +84,8 @@ class Decision(NamedTuple):
     until this same request would be allowed (0 when allowed, `inf` when it can never be),
     `reset_after` seconds until the bucket is full again, `policy` the limiter's name.
     `degraded` is true when the store failed and the answer is the limiter's fail-open/closed rule.
+    `wait` is the seconds an allowed request must wait before it proceeds: its admission was
+    reserved for then (`timeout`); 0 for a request allowed at once.
     An immutable named tuple: built on every request, it costs a third of a frozen dataclass.
     """
 
@@ -90,10 +97,16 @@ class Decision(NamedTuple):
     policy: str
     reason: str = ""
     degraded: bool = False
+    wait: float = 0.0
 
 
-def consume(policy: Policy, tat: int, now: int, cost: int = 1) -> tuple[int | None, Decision]:
-    """Apply one request to a bucket whose state is `tat`; return the new state (None if denied)."""
+def consume(
+    policy: Policy, tat: int, now: int, cost: int = 1, max_wait: int = 0
+) -> tuple[int | None, Decision]:
+    """Apply one request to a bucket whose state is `tat`; return the new state (None if denied).
+
+    A request that would be allowed within `max_wait` ns is admitted for then (`Decision.wait`).
+    """
     interval = policy.interval_ns
     window = policy.burst * interval
     start = tat if tat > now else now
@@ -115,6 +128,16 @@ def consume(policy: Policy, tat: int, now: int, cost: int = 1) -> tuple[int | No
         remaining = (now - allow_at) // interval
         reset_after = (new_tat - now) / NS_PER_SECOND
         return new_tat, Decision(True, policy.burst, remaining, 0.0, reset_after, policy.name)
+    if allow_at - now <= max_wait:
+        return new_tat, Decision(
+            True,
+            policy.burst,
+            0,
+            0.0,
+            (new_tat - now) / NS_PER_SECOND,
+            policy.name,
+            wait=(allow_at - now) / NS_PER_SECOND,
+        )
     return None, Decision(
         False,
         policy.burst,
@@ -124,6 +147,14 @@ def consume(policy: Policy, tat: int, now: int, cost: int = 1) -> tuple[int | No
         policy.name,
         f"rate limit {policy.name!r} exceeded",
     )
+
+
+def allowed_at(policy: Policy, tat: int, now: int, cost: int) -> int | float:
+    """When a request of `cost` would be allowed (ns, `now` at the earliest; inf: never)."""
+    if cost > policy.burst:
+        return math.inf
+    start = tat if tat > now else now
+    return max(now, start + (cost - policy.burst) * policy.interval_ns)
 
 
 def peek(policy: Policy, tat: int, now: int) -> Decision:
@@ -174,13 +205,18 @@ class Rates:
         return max(tats, default=0)
 
     def consume(
-        self, tats: tuple[int, ...], now: int, cost: int = 1
+        self, tats: tuple[int, ...], now: int, cost: int = 1, max_wait: int = 0
     ) -> tuple[tuple[int, ...] | None, Decision]:
-        """Apply one request to every rate; the new `tat`s, or None when any rate denies."""
+        """Apply one request to every rate; the new `tat`s, or None when any rate denies.
+
+        With `max_wait`, a request that every rate allows within it is charged to all of them
+        at the instant the last one allows it (`Decision.wait`).
+        """
+        tats = tats or (0,) * len(self.rates)
         new_tats = []
         binding: Decision | None = None
         denial: Decision | None = None
-        for rate, tat in zip(self.rates, tats or (0,) * len(self.rates), strict=True):
+        for rate, tat in zip(self.rates, tats, strict=True):
             new_tat, decision = consume(rate, tat, now, cost)
             if new_tat is None:
                 if denial is None or decision.retry_after > denial.retry_after:
@@ -190,7 +226,18 @@ class Rates:
                 if binding is None or decision.remaining < binding.remaining:
                     binding = decision
         if denial is not None:
-            return None, denial
+            at = max(
+                allowed_at(rate, tat, now, cost) for rate, tat in zip(self.rates, tats, strict=True)
+            )
+            if at - now > max_wait:
+                return None, denial
+            admitted, decision = self.consume(tats, int(at), cost)
+            assert admitted is not None  # every rate allows it at `at`
+            wait = int(at) - now
+            return admitted, decision._replace(
+                reset_after=decision.reset_after + wait / NS_PER_SECOND,
+                wait=wait / NS_PER_SECOND,
+            )
         assert binding is not None
         return tuple(new_tats), binding
 

@@ -96,6 +96,7 @@ class LimiterConfig:
     key: tuple[str, ...] = ("ip",)
     fail_closed: bool = False
     slots: Slots | None = None  # `max_concurrent` and `lease_seconds`
+    timeout: float = 0.0  # seconds a request may wait for a token or a slot (0: refuse at once)
 
     @property
     def limit(self) -> int:
@@ -334,6 +335,21 @@ def _integer(low: int, high: int, *, range_in_every_message: bool = True) -> _Sc
     return _Scalar(check, _integer_text, "an integer (decimal digits only)")
 
 
+def _non_negative(high: float) -> _Scalar:
+    """A number >= 0 and at most `high` (0: none, as rate-sync's `timeout = 0`)."""
+    positive = _positive(high).check
+
+    def check(value: Any) -> float:
+        if value == 0 and not isinstance(value, bool):
+            return 0.0
+        try:
+            return float(positive(value))
+        except _BadValueError:
+            raise _BadValueError(f"a number >= 0 and <= {high:.15g}") from None
+
+    return _Scalar(check, _float_text, "a number")
+
+
 def _positive(high: float) -> _Scalar:
     """A number > 0 and at most `high` (a safety bound, named only to a value above it)."""
 
@@ -535,9 +551,10 @@ _LIMITER_KEYS: dict[str, Check] = {
     "algorithm": _choice("token_bucket", "sliding_window"),
     "max_concurrent": _integer(1, MAX_CONCURRENT),
     "lease_seconds": _positive(MAX_LEASE_SECONDS),
+    "timeout": _non_negative(MAX_TIMEOUT_SECONDS),
 }
-# rate-sync keys that mean nothing here yet (docs/configuration.md says why, for each).
-_LIMITER_IGNORED = frozenset({"timeout", "max_retries", "retry_interval"})
+# rate-sync keys that mean nothing to a middleware (docs/configuration.md says why, for each).
+_LIMITER_IGNORED = frozenset({"max_retries", "retry_interval"})
 _RATE_KEYS = ("rate_per_second", "limit", "window_seconds", "burst", "algorithm")
 _MIDDLEWARE_KEYS: dict[str, Check] = {
     "default": _one_or_more(_string),
@@ -877,6 +894,7 @@ def _limiter(
         key=values.get("key", ("ip",)),
         fail_closed=values.get("fail_closed", False),
         slots=slots,
+        timeout=values.get("timeout", 0.0),
     )
 
 

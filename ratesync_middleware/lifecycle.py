@@ -22,6 +22,7 @@ here, once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, Final
 
@@ -139,6 +140,7 @@ class RequestLimiter:
         # How each plan is decided (_NOW | _SLOTTED bits); plans come from the configuration
         # and marks: few.
         self._routes: dict[Plan, int] = {}
+        self._waits: dict[Plan, float] = {}  # the longest a plan's request may wait, in seconds
 
     # -- plans ------------------------------------------------------------------------------
 
@@ -158,9 +160,20 @@ class RequestLimiter:
         route = self._routes.get(plan)
         return bool((self._route(plan) if route is None else route) & _SLOTTED)
 
+    def wait(self, plan: Plan) -> float:
+        """The longest a request of `plan` may wait for tokens and slots: its limiters'
+        `timeout`s, one after the other (a sync caller's outer deadline grows by it)."""
+        wait = self._waits.get(plan)
+        if wait is None:
+            wait = self._waits[plan] = sum(self.limiter.limiter(i.name).timeout for i in plan)
+        return wait
+
     def _route(self, plan: Plan) -> int:
         decides_now, limiter = self.limiter.decides_now, self.limiter.limiter
-        now = all(item.identity.sync and decides_now(item.name) for item in plan)
+        # A plan that may wait is decided by a coroutine: an async adapter awaits the wait, a
+        # sync one blocks its thread on the background loop for it (sync.py).
+        waits = self.wait(plan) > 0
+        now = not waits and all(item.identity.sync and decides_now(item.name) for item in plan)
         slotted = any(limiter(item.name).slots is not None for item in plan)
         route = self._routes[plan] = (_NOW if now else 0) | (_SLOTTED if slotted else 0)
         return route
@@ -196,11 +209,13 @@ class RequestLimiter:
         if self.slotted(plan):
             return await self._abegin_slotted(facts, plan)
         best: Decision | None = None
-        hit = self.limiter.hit
+        hit, limiter = self.limiter.hit, self.limiter.limiter
+        waits = self.wait(plan) > 0
         for item in plan:
             identity = item.identity
             key = identity.now(facts) if identity.sync else await identity(facts)
-            decision = await hit(item.name, key, item.cost)
+            timeout = limiter(item.name).timeout if waits else 0.0
+            decision = await hit(item.name, key, item.cost, timeout=timeout)
             if not decision.allowed:
                 return Admission(decision, self.responses)
             if best is None or _more_restrictive(decision, best):
@@ -236,9 +251,11 @@ class RequestLimiter:
             identity = item.identity
             key = identity.now(facts) if identity.sync else await identity(facts)
             config = limiter.limiter(item.name)
+            timeout = config.timeout
             if config.slots is not None:
+                waited_until = time.monotonic() + timeout
                 try:
-                    decision, slot = await limiter.take_slot(item.name, key)
+                    decision, slot = await limiter.take_slot(item.name, key, timeout=timeout)
                 except BaseException:
                     _release(held)
                     raise
@@ -246,9 +263,11 @@ class RequestLimiter:
                     held.append(slot)
                 if not decision.allowed:
                     return self._refused(decision, held)
+                if timeout:  # the rate may wait for what is left of the limiter's timeout
+                    timeout = max(0.0, waited_until - time.monotonic())
             if config.policy is not None:
                 try:
-                    decision = await limiter.hit(item.name, key, item.cost)
+                    decision = await limiter.hit(item.name, key, item.cost, timeout=timeout)
                 except BaseException:
                     _release(held)
                     raise

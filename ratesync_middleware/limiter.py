@@ -6,6 +6,7 @@ synchronous code, through the one sync driver of `sync.py` (one background loop 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from .algorithms import Algorithm
-from .bucket import Decision
+from .bucket import NS_PER_SECOND, Decision
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, RateLimitExceeded, StoreError
 from .keys import group_key, slots_key
@@ -77,7 +78,7 @@ class _Bound(NamedTuple):
 
     config: LimiterConfig
     store: Store
-    now: Callable[[str, Algorithm, int], Decision] | None  # the store's `hit_now`, if any
+    now: Callable[[str, Algorithm, int, int], Decision] | None  # the store's `hit_now`, if any
     is_global: bool  # one bucket for everybody: the key is ignored
 
 
@@ -170,16 +171,24 @@ class AsyncRateLimiter:
         config, store, _, is_global = self._bind(limiter)
         return config, store, group_key(limiter, None if is_global else key)
 
-    async def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
+    async def hit(
+        self, limiter: str, key: str | None = None, cost: int = 1, *, timeout: float = 0.0
+    ) -> Decision:
         """Spend `cost` from the bucket of `key` under `limiter` and say whether it was allowed.
 
         `key` is the client identity (any string); it is ignored for `key = "global"` limiters.
         `cost` is a whole number >= 1 (`TypeError` / `ValueError` otherwise). A failing store
-        gives the limiter's fail-open/closed answer, marked `degraded`.
+        gives the limiter's fail-open/closed answer, marked `degraded`. With `timeout` (seconds),
+        a request the rate allows within it is admitted for then, in the same store write, and
+        `hit` returns after sleeping until then (`Decision.wait`); one that would wait longer
+        is refused at once.
         """
         bound = self._bound.get(limiter) or self._bind(limiter)
         if bound.now is not None:  # nothing to wait for: no coroutine chain
-            return self.hit_now(limiter, key, cost)
+            decision = self.hit_now(limiter, key, cost, timeout=timeout)
+            if decision.wait:
+                await asyncio.sleep(decision.wait)
+            return decision
         check_cost(cost)
         config = bound.config
         policy = config.policy
@@ -189,19 +198,24 @@ class AsyncRateLimiter:
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
         try:
-            decision = await bound.store.hit(store_key, policy, cost)
+            decision = await bound.store.hit(store_key, policy, cost, _ns(timeout))
         except StoreError as error:
             decision = self.degraded(config, error)
             self.notify(config, key, decision, started, error)
             return decision
         if hook is not None:
             self.notify(config, key, decision, started, None)
+        if decision.wait:  # admitted for later: the store's deadline covered the round trip only
+            await asyncio.sleep(decision.wait)
         return decision
 
-    def hit_now(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
+    def hit_now(
+        self, limiter: str, key: str | None = None, cost: int = 1, *, timeout: float = 0.0
+    ) -> Decision:
         """`hit` for a limiter whose store decides without awaiting (see `decides_now`).
 
-        Raises `TypeError` for a limiter whose store must be awaited.
+        Raises `TypeError` for a limiter whose store must be awaited. Never sleeps: a decision
+        admitted within `timeout` for later has a `wait` that the caller must sleep first.
         """
         bound = self._bound.get(limiter) or self._bind(limiter)
         if type(cost) is not int or cost < 1:  # bool is not int here: True is no cost
@@ -214,10 +228,11 @@ class AsyncRateLimiter:
         if policy is None:
             raise self._no_rate(config)
         store_key = group_key(limiter, None if bound.is_global else key)
+        max_wait = _ns(timeout) if timeout else 0
         if self.on_decision is None:
-            return decide(store_key, policy, cost)
+            return decide(store_key, policy, cost, max_wait)
         started = time.perf_counter()
-        decision = decide(store_key, policy, cost)
+        decision = decide(store_key, policy, cost, max_wait)
         self.notify(config, key, decision, started, None)
         return decision
 
@@ -236,19 +251,22 @@ class AsyncRateLimiter:
             )
         return bound, slots, slots_key(group_key(limiter, None if bound.is_global else key))
 
-    async def take_slot(self, limiter: str, key: str | None = None) -> tuple[Decision, Slot | None]:
-        """Take a concurrency slot of `key`'s group under `limiter` (`max_concurrent`).
+    async def take_slot(
+        self, limiter: str, key: str | None = None, *, timeout: float = 0.0
+    ) -> tuple[Decision, Slot | None]:
+        """Take a concurrency slot of `key`'s group under `limiter` (`max_concurrent`), waiting
+        up to `timeout` seconds for one to be given back when none is free.
 
         The decision, and the slot when one was taken (release it when done). A failing store
         gives the limiter's fail-open/closed answer without a slot: nothing to give back.
         """
         bound, slots, store_key = self._slotted(limiter, key)
-        if bound.now is not None:
+        if bound.now is not None and timeout <= 0:
             return self.take_slot_now(limiter, key)
         store = bound.store
         started = time.perf_counter()
         try:
-            decision = await store.acquire_slot(store_key, slots)
+            decision = await store.acquire_slot(store_key, slots, timeout)
         except StoreError as error:
             decision = self.degraded(bound.config, error)
             self.notify(bound.config, key, decision, started, error)
@@ -282,23 +300,26 @@ class AsyncRateLimiter:
         `cost` spent from its rate, both or neither. Raises `RateLimitExceeded` when refused.
 
         A permit holds one slot whatever its cost; release it (`await permit.release()`, or
-        `async with await limiter.acquire(...)`). Waiting for a slot or a token (`timeout`,
-        rate-sync's meaning) is not built yet: `timeout` None or 0 refuses at once, anything
-        else is a `ValueError`. A failing store gives the limiter's fail-open answer (a permit
-        holding nothing) or, fail-closed, `RateLimitExceeded` with a degraded decision.
+        `async with await limiter.acquire(...)`). `timeout` (seconds; None: the limiter's own,
+        rate-sync's meaning) is how long to wait for a slot, then for the rate, instead of
+        refusing; a rate that knows its wait exceeds what is left refuses at once. A failing
+        store gives the limiter's fail-open answer (a permit holding nothing) or, fail-closed,
+        `RateLimitExceeded` with a degraded decision.
         """
         check_cost(cost)
-        _check_timeout(timeout)
         config = self.limiter(limiter)
+        budget = config.timeout if timeout is None else check_timeout(timeout)
+        waited_until = time.monotonic() + budget
         decision: Decision | None = None
         slot: Slot | None = None
         if config.slots is not None:
-            decision, slot = await self.take_slot(limiter, key)
+            decision, slot = await self.take_slot(limiter, key, timeout=budget)
             if not decision.allowed:
                 raise RateLimitExceeded(decision)
         if config.policy is not None:
+            left = max(0.0, waited_until - time.monotonic()) if budget else 0.0
             try:
-                decision = await self.hit(limiter, key, cost)
+                decision = await self.hit(limiter, key, cost, timeout=left)
             except BaseException:
                 if slot is not None:
                     slot.release()
@@ -373,12 +394,17 @@ class AsyncRateLimiter:
         await self.aclose()
 
 
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and timeout != 0:
-        raise ValueError(
-            f"acquire(timeout={timeout!r}): waiting for a slot or a token is not supported yet;"
-            " pass timeout=None or 0 (refuse at once)"
-        )
+def check_timeout(timeout: object) -> float:
+    """A wait is a finite number of seconds >= 0 (0: refuse at once)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not 0 <= timeout < math.inf:
+        raise ValueError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * NS_PER_SECOND)
 
 
 def check_cost(cost: object) -> None:
@@ -428,10 +454,13 @@ class RateLimiter:
         cost: int = 1,
         timeout: float | None = None,
     ) -> SyncPermit:
-        """See `AsyncRateLimiter.acquire`; `with limiter.acquire(...)` releases on exit."""
-        return self._driver.run(
-            self.async_limiter.acquire(limiter, key, cost, timeout)
-        ).synchronous()
+        """See `AsyncRateLimiter.acquire`; `with limiter.acquire(...)` releases on exit.
+
+        A wait (`timeout`) blocks the calling thread, for as long as the wait at most.
+        """
+        core = self.async_limiter
+        wait = core.limiter(limiter).timeout if timeout is None else check_timeout(timeout)
+        return self._driver.run(core.acquire(limiter, key, cost, timeout), wait).synchronous()
 
     def peek(self, limiter: str, key: str | None = None) -> Decision:
         """See `AsyncRateLimiter.peek`."""

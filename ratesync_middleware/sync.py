@@ -90,12 +90,13 @@ class SyncRequestLimiter:
         """See `RequestLimiter.client_address`."""
         return self._core.client_address
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a call of the core: inline when only memory stores are configured, else on the
-        background loop within the outer deadline (`StoreUnavailableError` after it)."""
-        if not self._remote:
+    def run(self, coro: Coroutine[Any, Any, T], wait: float = 0.0) -> T:
+        """Run a call of the core: inline when only memory stores are configured and nothing
+        may wait, else on the background loop within the outer deadline grown by `wait`, the
+        seconds the call may wait for a token or a slot (`StoreUnavailableError` after it)."""
+        if not self._remote and not wait:
             return run_inline(coro)
-        return _portal.run(coro, self.deadline)
+        return _portal.run(coro, self.deadline + wait)
 
     # -- plans and decisions ----------------------------------------------------------------
 
@@ -110,8 +111,8 @@ class SyncRequestLimiter:
         admission = core.begin(facts, plan)
         if isinstance(admission, Admission):
             return admission
-        try:
-            return _portal.run(admission, self.deadline)
+        try:  # a wait for a token or a slot blocks this thread, as long as the plan allows
+            return _portal.run(admission, self.deadline + core.wait(plan))
         except StoreError as error:  # the loop thread itself did not answer in time
             return core.degraded(plan, error)
 

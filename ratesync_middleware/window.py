@@ -11,6 +11,7 @@ removes from it, so a stale copy of the log never proves a denial that the real 
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -59,18 +60,21 @@ class SlidingWindow:
             start += 1
         return log[start:] if start else log
 
-    def consume(self, log: Log, now: int, cost: int = 1) -> tuple[Log | None, Decision]:
-        """Apply one request of `cost` at `now`; the new log, or None when it is denied."""
+    def consume(
+        self, log: Log, now: int, cost: int = 1, max_wait: int = 0
+    ) -> tuple[Log | None, Decision]:
+        """Apply one request of `cost` at `now`; the new log, or None when it is denied.
+
+        With `max_wait`, a request that enough units leaving would allow within it is logged
+        at that instant (a future entry, counted from now on) and told to `wait` until then.
+        """
         live = self.live(log, now)
         used = sum(units for _, units in live)
         limit = self.limit
         if used + cost <= limit:
-            if live and live[-1][0] == now:
-                admitted = (*live[:-1], (now, live[-1][1] + cost))
-            else:
-                admitted = (*live, (now, cost))
-            # Empty again once this newest admission has left.
-            reset_after = self.window_ns / NS_PER_SECOND
+            admitted = _logged(live, now, cost)
+            # Empty again once the newest admission has left.
+            reset_after = (admitted[-1][0] + self.window_ns - now) / NS_PER_SECOND
             return admitted, Decision(True, limit, limit - used - cost, 0.0, reset_after, self.name)
         reset_after = (live[-1][0] + self.window_ns - now) / NS_PER_SECOND if live else 0.0
         if cost > limit:
@@ -83,11 +87,17 @@ class SlidingWindow:
                 self.name,
                 f"cost {cost} exceeds the limit {limit} of limiter {self.name!r}",
             )
+        free_at = self.free_at(live, used + cost - limit)
+        if free_at - now <= max_wait:
+            admitted = _logged(live, free_at, cost)
+            reset_after = (admitted[-1][0] + self.window_ns - now) / NS_PER_SECOND
+            wait = (free_at - now) / NS_PER_SECOND
+            return admitted, Decision(True, limit, 0, 0.0, reset_after, self.name, wait=wait)
         return None, Decision(
             False,
             limit,
             limit - used,
-            (self.free_at(live, used + cost - limit) - now) / NS_PER_SECOND,
+            (free_at - now) / NS_PER_SECOND,
             reset_after,
             self.name,
             f"rate limit {self.name!r} exceeded",
@@ -108,3 +118,16 @@ class SlidingWindow:
         used = sum(units for _, units in live)
         reset_after = (live[-1][0] + self.window_ns - now) / NS_PER_SECOND if live else 0.0
         return Decision(True, self.limit, self.limit - used, 0.0, reset_after, self.name)
+
+
+def _logged(live: Log, at: int, cost: int) -> Log:
+    """`live` with `cost` units admitted at `at`, kept oldest first (a batch at one instant is
+    one entry). `at` is the newest unless an admission was reserved for later than it."""
+    if not live or live[-1][0] < at:
+        return (*live, (at, cost))
+    if live[-1][0] == at:
+        return (*live[:-1], (at, live[-1][1] + cost))
+    index = bisect.bisect_left(live, (at, 0))
+    if index < len(live) and live[index][0] == at:
+        return (*live[:index], (at, live[index][1] + cost), *live[index + 1 :])
+    return (*live[:index], (at, cost), *live[index:])

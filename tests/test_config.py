@@ -501,12 +501,29 @@ def test_rate_sync_store_keys_load_with_a_warning(key: str) -> None:
     assert config.stores["s"] == StoreConfig("s")
 
 
-@pytest.mark.parametrize("key", ["timeout", "max_retries", "retry_interval"])
+@pytest.mark.parametrize("key", ["max_retries", "retry_interval"])
 def test_rate_sync_limiter_keys_load_with_a_warning(key: str) -> None:
     warning = rf"^rate-sync\.toml: \[limiters\.api\] {key}: rate-sync key ignored"
     with pytest.warns(RateSyncConfigWarning, match=warning):
         config = load(f"[limiters.api]\nrate_per_second = 1\n{key} = 5\n")
     assert config.limiters["api"].policy == Policy.per_second("api", 1, 1)
+
+
+def test_timeout_is_how_long_a_request_may_wait() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = load(
+            "[limiters.a]\nrate_per_second = 1\ntimeout = 2.5\n"
+            "[limiters.b]\nmax_concurrent = 3\ntimeout = 0\n"
+            "[limiters.c]\nrate_per_second = 1\n"
+        )
+    assert config.limiters["a"].timeout == 2.5
+    assert config.limiters["b"].timeout == 0.0
+    assert config.limiters["c"].timeout == 0.0
+    for bad in ("-1", "'5'", "true", "inf", "3601"):
+        message = load_error(f"[limiters.a]\nrate_per_second = 1\ntimeout = {bad}\n")
+        assert "[limiters.a] timeout" in message
+        assert "a number >= 0" in message
 
 
 def test_algorithm() -> None:

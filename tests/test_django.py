@@ -1128,3 +1128,114 @@ def test_a_slot_is_released_after_a_streamed_response_and_an_exception(served_si
         assert served_site.get("/streamed").status_code == 200
         assert served_site.get("/broken").status_code == 500
         assert served_site.statuses(3) == [200] * 3
+
+
+# --- timeout: a request waits for its token instead of a 429 -----------------------------------
+
+
+def waiting_config(timeout: float, **limiter: Any) -> dict[str, Any]:
+    rate = limiter or {"rate_per_second": 5.0, "burst": 1}  # a token every 200 ms
+    return {"limiters": {"api": {**rate, "timeout": timeout}}, "middleware": {"default": "api"}}
+
+
+@pytest.mark.parametrize(
+    ("config", "statuses"),
+    [
+        pytest.param(waiting_config(5.0), [200, 200, 200], id="waits-for-each-token"),
+        pytest.param(waiting_config(0.0), [200, 429, 429], id="no-timeout-refuses"),
+        pytest.param(waiting_config(5.0, limit="1/minute"), [200, 429], id="too-short-refuses"),
+    ],
+)
+def test_timeout_makes_a_request_wait_for_its_token(
+    site: Site, config: dict[str, Any], statuses: list[int]
+) -> None:
+    with override_settings(RATESYNC=config):
+        assert site.statuses(len(statuses)) == statuses
+
+
+# --- max_concurrent on NATS: the request beyond N in flight, and slots given back ---------------
+
+IN_FLIGHT = 2
+
+
+def slots_on_nats(store: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stores": {"main": {**store, "timeout": 2.0}},
+        "limiters": {"api": {"max_concurrent": IN_FLIGHT, "key": "global"}},
+        "middleware": {"default": "api"},
+    }
+
+
+@pytest.mark.nats
+def test_django_sync_on_nats_refuses_beyond_max_concurrent_and_gives_slots_back(
+    nats_store: dict[str, Any],
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from werkzeug.test import Client as WerkzeugClient
+
+    from tests.django_project.views import gate
+
+    with override_settings(RATESYNC=slots_on_nats(nats_store)):
+        handler = WSGIHandler()
+
+        def status(path: str) -> int:
+            with WerkzeugClient(handler).get(path) as response:
+                return response.status_code
+
+        def hold_all_then_one_more() -> None:
+            gate.reset()
+            with ThreadPoolExecutor(IN_FLIGHT) as pool:  # a threaded WSGI server's workers
+                held = [pool.submit(status, "/held") for _ in range(IN_FLIGHT)]
+                for _ in range(IN_FLIGHT):
+                    assert gate.entered.acquire(timeout=30)
+                assert status("/") == 429  # the N+1-th in flight
+                gate.opened.set()
+                assert [future.result(30) for future in held] == [200] * IN_FLIGHT
+
+        try:
+            hold_all_then_one_more()
+            assert status("/streamed") == 200
+            assert status("/broken") == 500
+            hold_all_then_one_more()  # a slot kept by either would leave room for one only
+        finally:
+            gate.opened.set()
+            middleware = middleware_of(handler)
+            if middleware is not None:
+                middleware.close()
+
+
+@pytest.mark.nats
+async def test_django_async_on_nats_refuses_beyond_max_concurrent_and_gives_slots_back(
+    nats_store: dict[str, Any],
+) -> None:
+    from tests.django_project.views import gate
+
+    with override_settings(RATESYNC=slots_on_nats(nats_store)):
+        handler = ASGIHandler()
+        transport = httpx.ASGITransport(app=handler, client=("203.0.113.7", 50000))
+        client = httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+        async def status(path: str) -> int:
+            return (await client.get(path)).status_code
+
+        async def hold_all_then_one_more() -> None:
+            gate.reset()
+            held = [asyncio.create_task(status("/held-async")) for _ in range(IN_FLIGHT)]
+            for _ in range(IN_FLIGHT):
+                assert await asyncio.to_thread(gate.entered.acquire, True, 30)
+            assert await status("/") == 429  # the N+1-th in flight
+            gate.opened.set()
+            assert await asyncio.gather(*held) == [200] * IN_FLIGHT
+
+        try:
+            await hold_all_then_one_more()
+            assert await status("/streamed") == 200
+            assert await status("/broken") == 500
+            await hold_all_then_one_more()  # a slot kept by either would leave room for one only
+        finally:
+            gate.opened.set()
+            await client.aclose()
+            middleware = middleware_of(handler)
+            if middleware is not None:
+                await middleware.aclose()

@@ -162,3 +162,78 @@ def test_a_daily_denial_spends_nothing_per_second() -> None:
     assert rates.peek(tats, NOW).remaining == 0
     _, per_second_view = consume(per_second, tats[0], NOW, 7)
     assert per_second_view.allowed  # 3 spent of 10: the denied fourth spent nothing
+
+
+# --- waiting (`timeout`): a reservation is an admission at its future instant --------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(1, 12),
+    window_ms=st.integers(1, 3000),
+    max_wait_ms=st.integers(0, 3000),
+    gaps=requests,
+)
+def test_a_window_that_waits_still_admits_at_most_limit_in_any_window(
+    limit: int, window_ms: int, max_wait_ms: int, gaps: list[tuple[int, int]]
+) -> None:
+    """Admissions reserved for later count from their instant: any window holds at most
+    `limit`; a request is refused only when its earliest instant is beyond its wait."""
+    window = SlidingWindow("w", limit, window_ms * 1_000_000)
+    max_wait = max_wait_ms * 1_000_000
+    log: Log = EMPTY_LOG
+    history: list[tuple[int, int]] = []  # every admission at the instant it proceeds
+    now = NOW
+    for gap, cost in gaps:
+        now += gap
+        new_log, decision = window.consume(log, now, cost, max_wait)
+        if new_log is None:
+            assert cost > limit or decision.retry_after * NS_PER_SECOND > max_wait
+            continue
+        at = now + round(decision.wait * NS_PER_SECOND)
+        assert decision.allowed
+        assert at - now <= max_wait
+        log = new_log
+        history.append((at, cost))
+    for start, _ in history:
+        assert sum(u for t, u in history if start <= t < start + window.window_ns) <= limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate_specs=st.lists(periods, min_size=1, max_size=3),
+    max_wait_ms=st.integers(0, 5000),
+    gaps=requests,
+)
+def test_rates_that_wait_admit_at_the_instant_every_rate_allows(
+    rate_specs: list[tuple[int, int]], max_wait_ms: int, gaps: list[tuple[int, int]]
+) -> None:
+    """A waited admission is the same as a request arriving at its instant: every rate, fed
+    the admissions at their instants, agrees; the instant is the earliest all of them allow."""
+    rates = tuple(
+        Policy.per_period(f"r{i}", count, seconds, count)
+        for i, (count, seconds) in enumerate(rate_specs)
+    )
+    algorithm: Policy | Rates = rates[0] if len(rates) == 1 else Rates("api", rates)
+    max_wait = max_wait_ms * 1_000_000
+    state: int | tuple[int, ...] = algorithm.empty
+    alone = [0] * len(rates)
+    now = NOW
+    for gap, cost in gaps:
+        now += gap
+        new_state, decision = algorithm.consume(state, now, cost, max_wait)  # type: ignore[arg-type]
+        if new_state is None:
+            assert decision.retry_after * NS_PER_SECOND > max_wait
+            continue
+        at = now + round(decision.wait * NS_PER_SECOND)
+        assert at - now <= max_wait
+        would = [consume(rate, tat, at, cost) for rate, tat in zip(rates, alone, strict=True)]
+        assert all(new is not None for new, _ in would)  # every rate allows it then
+        if at > now:  # and not a nanosecond earlier
+            early = [
+                consume(rate, tat, at - 1, cost) for rate, tat in zip(rates, alone, strict=True)
+            ]
+            assert any(new is None for new, _ in early)
+        alone = [new for new, _ in would]  # type: ignore[misc]
+        state = new_state
+        assert list(state if isinstance(state, tuple) else (state,)) == alone

@@ -19,8 +19,13 @@ wall_clock: Clock = time.time_ns
 class Store(Protocol):
     """Holds one `tat` per group key and applies requests to it atomically."""
 
-    async def hit(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
-        """Apply a request of `cost` to the bucket at `key`; raise `StoreError` when no answer."""
+    async def hit(
+        self, key: str, policy: Algorithm, cost: int = 1, max_wait_ns: int = 0
+    ) -> Decision:
+        """Apply a request of `cost` to the bucket at `key`; raise `StoreError` when no answer.
+
+        A request the algorithm allows within `max_wait_ns` is admitted for then, in the same
+        write; the store does not sleep: the decision's `wait` is the caller's."""
         ...
 
     async def peek(self, key: str, policy: Algorithm) -> Decision:
@@ -31,9 +36,10 @@ class Store(Protocol):
         """Forget the bucket at `key` (it becomes full)."""
         ...
 
-    async def acquire_slot(self, key: str, slots: Slots) -> Decision:
+    async def acquire_slot(self, key: str, slots: Slots, timeout: float = 0.0) -> Decision:
         """Take one of the `slots.limit` slots of the group at `key`, or refuse (none taken);
-        raise `StoreError` when no answer."""
+        raise `StoreError` when no answer. With `timeout`, wait up to so many seconds for a
+        slot to be given back (woken by the release, never by polling)."""
         ...
 
     def release_slot(self, key: str, slots: Slots) -> None:
@@ -54,7 +60,7 @@ class DecidesNow(Protocol):
     `hit_now` without a coroutine; no adapter ever names a store class.
     """
 
-    def hit_now(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
+    def hit_now(self, key: str, policy: Algorithm, cost: int = 1, max_wait_ns: int = 0) -> Decision:
         """`Store.hit`, answered at once."""
         ...
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -31,22 +33,27 @@ class MemoryStore:
         self._clock = clock
         self._writes = 0
         self._held: dict[str, int] = {}  # group key -> slots taken (> 0)
+        # group key -> the acquires waiting for a slot (`timeout`), oldest first
+        self._released: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def hit_now(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
-        """The synchronous core of `hit`: nothing here ever waits."""
+    def hit_now(self, key: str, policy: Algorithm, cost: int = 1, max_wait_ns: int = 0) -> Decision:
+        """The synchronous core of `hit`: nothing here ever waits (a reserved admission's
+        `Decision.wait` is the caller's to sleep)."""
         now = self._clock()
         with self._lock:
             states = self._states
             if type(policy) is Policy:  # the common case, kept lean: the entry is the tat
                 tat = states.get(key, 0)
-                new, decision = consume(policy, tat if type(tat) is int else 0, now, cost)
+                new, decision = consume(
+                    policy, tat if type(tat) is int else 0, now, cost, max_wait_ns
+                )
                 stored: Any = new
             else:
                 algorithm: AlgorithmLike = policy
-                new, decision = algorithm.consume(self._state(key, policy), now, cost)
+                new, decision = algorithm.consume(self._state(key, policy), now, cost, max_wait_ns)
                 stored = None if new is None else (algorithm.idle_at(new), new)
             if stored is not None:
                 states[key] = stored
@@ -73,20 +80,56 @@ class MemoryStore:
         while len(states) > self._max_keys:
             states.popitem(last=False)
 
-    async def hit(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
-        return self.hit_now(key, policy, cost)
+    async def hit(
+        self, key: str, policy: Algorithm, cost: int = 1, max_wait_ns: int = 0
+    ) -> Decision:
+        return self.hit_now(key, policy, cost, max_wait_ns)
 
     def acquire_slot_now(self, key: str, slots: Slots) -> Decision:
         """Take a slot of the group at `key` if one of `slots.limit` is free."""
         with self._lock:
-            held = self._held.get(key, 0)
-            if held >= slots.limit:
-                return slots.refused(held)
-            self._held[key] = held + 1
-            return slots.allowed(held + 1)
+            return self._take_slot(key, slots)
 
-    async def acquire_slot(self, key: str, slots: Slots) -> Decision:
-        return self.acquire_slot_now(key, slots)
+    def _take_slot(self, key: str, slots: Slots) -> Decision:
+        held = self._held.get(key, 0)
+        if held >= slots.limit:
+            return slots.refused(held)
+        self._held[key] = held + 1
+        return slots.allowed(held + 1)
+
+    async def acquire_slot(self, key: str, slots: Slots, timeout: float = 0.0) -> Decision:
+        """Take a slot, waiting up to `timeout` seconds for a release when none is free."""
+        decision = self.acquire_slot_now(key, slots)
+        if decision.allowed or timeout <= 0:
+            return decision
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not decision.allowed and (left := deadline - loop.time()) > 0:
+            released: asyncio.Future[None] = loop.create_future()
+            waiter = (loop, released)
+            with self._lock:
+                decision = self._take_slot(key, slots)  # a release just before we listen
+                if decision.allowed:
+                    break
+                self._released.setdefault(key, []).append(waiter)
+            try:
+                await asyncio.wait_for(asyncio.shield(released), left)
+            except TimeoutError:
+                pass
+            except BaseException:  # cancelled: a wake-up it got goes to the next waiter
+                with self._lock:
+                    if waiter not in self._released.get(key, ()):
+                        self._wake_next(key)
+                raise
+            finally:
+                with self._lock:
+                    listeners = self._released.get(key)
+                    if listeners is not None and waiter in listeners:
+                        listeners.remove(waiter)
+                        if not listeners:
+                            del self._released[key]
+            decision = self.acquire_slot_now(key, slots)
+        return decision
 
     def release_slot(self, key: str, slots: Slots) -> None:
         with self._lock:
@@ -95,6 +138,18 @@ class MemoryStore:
                 self._held[key] = held - 1
             else:
                 self._held.pop(key, None)
+            self._wake_next(key)
+
+    def _wake_next(self, key: str) -> None:
+        """Wake the oldest acquire waiting for a slot of `key` (from any thread: on its own
+        loop); one per slot given back. Called under the lock."""
+        listeners = self._released.get(key)
+        if listeners:
+            loop, released = listeners.pop(0)
+            if not listeners:
+                del self._released[key]
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                loop.call_soon_threadsafe(_wake, released)
 
     def slots_held(self, key: str) -> int:
         """The slots taken now in the group at `key` (tests, `ratesync`)."""
@@ -115,3 +170,8 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         """Nothing to release; state survives so a closed-then-reused limiter keeps its buckets."""
+
+
+def _wake(released: asyncio.Future[None]) -> None:
+    if not released.done():
+        released.set_result(None)

@@ -25,5 +25,7 @@ urlpatterns = [
     path("cbv/post-only", limit("login")(views.PostOnly.as_view())),
     path("streamed", views.streamed),
     path("broken", views.broken),
+    path("held", views.held),
+    path("held-async", views.held_async),
     path("api/", include([path("v1/login", views.login)])),
 ]

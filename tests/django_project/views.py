@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -91,6 +93,32 @@ def streamed(request: HttpRequest) -> StreamingHttpResponse:
 
 def broken(request: HttpRequest) -> HttpResponse:
     raise RuntimeError("the view failed")
+
+
+class Gate:
+    """Holds requests in flight until the test opens it (threads of a WSGI server, or tasks)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.opened = threading.Event()
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+gate = Gate()
+
+
+def held(request: HttpRequest) -> HttpResponse:
+    gate.entered.release()
+    gate.opened.wait(30)
+    return HttpResponse("done")
+
+
+async def held_async(request: HttpRequest) -> HttpResponse:
+    gate.entered.release()
+    await asyncio.to_thread(gate.opened.wait, 30)
+    return HttpResponse("done")
 
 
 # --- RATESYNC["view"] ------------------------------------------------------------------------

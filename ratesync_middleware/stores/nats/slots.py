@@ -9,7 +9,9 @@ by compare-and-set:
   any other release or acquire of the group (one write for all of them);
 - every writer drops the claims whose lease ended (a process that died): no one else is needed;
 - a heartbeat renews this process's claims, one write per group held per `lease/3`, whatever
-  the traffic (a group written meanwhile for an acquire or a release needs none).
+  the traffic (a group written meanwhile for an acquire or a release needs none);
+- an acquire that may wait (`timeout`) watches the group's KV subject and tries again when it
+  is written (a release, anywhere) or when another claim's lease ends: no polling.
 
 What this process counts as held never exceeds what its stored claim says (a slot is counted
 once its write landed, and uncounted before the release is written), so the sum of live claims
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import secrets
 import socket
@@ -46,6 +49,7 @@ T = TypeVar("T")
 _MIN_TICK = 0.05  # seconds: the heartbeat's shortest period
 _MAX_TICK = 5.0
 _MAX_IDLE_GROUPS = 10_000  # groups whose state is kept without a slot held (their revision)
+_LAPSE_MARGIN = 0.01  # seconds after a claim's lease end before a waiter looks again
 
 
 def holder_id() -> str:
@@ -99,7 +103,44 @@ class SlotKeeper:
 
     # -- acquire and release -------------------------------------------------------------------
 
-    async def acquire(self, key: str, slots: Slots) -> Decision:
+    async def acquire(self, key: str, slots: Slots, timeout: float = 0.0) -> Decision:
+        """Take a slot; with `timeout`, wait up to so many seconds for one when none is free."""
+        decision = await self._acquire(key, slots)
+        if decision.allowed or timeout <= 0:
+            return decision
+        return await self._wait(key, slots, time.monotonic() + timeout)
+
+    async def _wait(self, key: str, slots: Slots, until: float) -> Decision:
+        """Try again whenever the group's value changes (a release anywhere is a write to its
+        KV subject, which this watches) or the earliest other claim lapses (a dead holder
+        writes nothing), until `until`: no polling."""
+        changed = asyncio.Event()
+        watch = await self._store.watch(key, changed.set)
+        try:
+            while True:  # first, a release between the refusal and the watch
+                changed.clear()  # a change during this attempt wakes the wait below at once
+                decision = await self._acquire(key, slots)
+                left = until - time.monotonic()
+                if decision.allowed or left <= 0:
+                    return decision
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left, self._next_lapse(key)))
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.unsubscribe()
+
+    def _next_lapse(self, key: str) -> float:
+        """Seconds until the earliest claim of another process lapses (inf: none known)."""
+        group = self._groups.get(key)
+        now = self._store.now_ns()
+        ends = [
+            until
+            for holder, (count, until) in (group.holders.items() if group else ())
+            if holder != self.holder and count > 0 and until > now
+        ]
+        return (min(ends) - now) / 1e9 + _LAPSE_MARGIN if ends else math.inf
+
+    async def _acquire(self, key: str, slots: Slots) -> Decision:
         store = self._store
         deadline = time.monotonic() + store.config.timeout
         await store.ensure_ready(deadline)

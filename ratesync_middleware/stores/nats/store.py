@@ -23,7 +23,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +32,8 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamInfo
 
@@ -75,9 +77,9 @@ _PROBE_SECONDS = 1  # after a missed deadline, a connection must answer a PING w
 _RECREATION_CHECK_SECONDS = 2.0  # how often the bucket's stream is checked for a re-creation
 _CLOSE_SECONDS = 2.0
 
-Waiter = tuple[Algorithm, int, "asyncio.Future[Decision] | None", float]
-"""One decision to write: its policy, its cost, who waits for it (None: the writer itself), and
-its deadline (monotonic seconds)."""
+Waiter = tuple[Algorithm, int, "asyncio.Future[Decision] | None", float, int]
+"""One decision to write: its policy, its cost, who waits for it (None: the writer itself), its
+deadline (monotonic seconds), and how long it may be admitted for later (ns, `timeout`)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -99,7 +101,7 @@ class _NoTimeLeftError(DeadlineError):
 
 def _settle(waiters: list[Waiter], error: BaseException) -> None:
     """Fail the futures of `waiters` that are still pending."""
-    for _, _, future, _ in waiters:
+    for _, _, future, _, _ in waiters:
         if future is not None and not future.done():
             future.set_exception(error)
 
@@ -505,15 +507,30 @@ class NatsStore:
         """A round trip failed: the store's error for it (and the back-off unless `alone`)."""
         return self._call_failure(_KeyState(), error, alone=alone)
 
-    async def acquire_slot(self, key: str, slots: Slots) -> Decision:
-        return await self._slots.acquire(key, slots)
+    async def watch(self, key: str, changed: Callable[[], None]) -> Subscription:
+        """Call `changed` on every write to `key` (a core subscription to its KV subject), until
+        the subscription is unsubscribed: how a waiting acquire learns of a release."""
+        nc = self._nc
+        if nc is None:
+            raise StoreUnavailableError(f"store {self.config.name!r}: not connected to NATS")
+
+        async def on_write(_: Msg) -> None:
+            changed()
+
+        with self._errors.calls("watch"):
+            return await nc.subscribe(self._prefix + key, cb=on_write)
+
+    async def acquire_slot(self, key: str, slots: Slots, timeout: float = 0.0) -> Decision:
+        return await self._slots.acquire(key, slots, timeout)
 
     def release_slot(self, key: str, slots: Slots) -> None:
         self._slots.release(key)
 
     # -- decisions --------------------------------------------------------------------------
 
-    async def hit(self, key: str, policy: Algorithm, cost: int = 1) -> Decision:
+    async def hit(
+        self, key: str, policy: Algorithm, cost: int = 1, max_wait_ns: int = 0
+    ) -> Decision:
         deadline = 0.0  # the decision's, from its start: taken only when it is needed
         nc = self._nc
         if (
@@ -533,9 +550,11 @@ class NatsStore:
         else:
             cache.move_to_end(key)
             if state.revision is not None:
-                admitted, decision = policy.consume(state.state, self._clock(), cost)
+                admitted, decision = policy.consume(state.state, self._clock(), cost, max_wait_ns)
                 if admitted is None:
-                    return decision  # the cache proves the bucket empty: no round trip
+                    # The cache proves the bucket empty (for longer than the request may wait:
+                    # the real state can only make it wait longer): no round trip.
+                    return decision
         now = time.monotonic()
         if now < self._retry_at and self._last_error is not None:
             raise self._last_error  # a call just failed: answer at once, whatever the socket says
@@ -545,7 +564,7 @@ class NatsStore:
             # Another decision is writing this key, or other processes race for it: join the
             # next batch (the flusher paces a contended key's writes, see `_flush`).
             future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-            state.waiters.append((policy, cost, future, deadline))
+            state.waiters.append((policy, cost, future, deadline, max_wait_ns))
             if not state.busy:
                 state.busy = True
                 state.flusher = asyncio.get_running_loop().create_task(self._flush(key, state))
@@ -553,7 +572,8 @@ class NatsStore:
         # The key is idle: write this decision here, without a task or a future.
         state.busy = True
         try:
-            return (await self._commit(key, state, [(policy, cost, None, deadline)]))[0]
+            batch: list[Waiter] = [(policy, cost, None, deadline, max_wait_ns)]
+            return (await self._commit(key, state, batch))[0]
         except _NoTimeLeftError:
             raise  # nothing was sent: the key's state is still known
         except BaseException:
@@ -600,7 +620,7 @@ class NatsStore:
                     _settle([*batch, *state.waiters], failure)
                     state.waiters = []
                     raise
-                for (_, _, future, _), decision in zip(batch, decisions, strict=True):
+                for (_, _, future, _, _), decision in zip(batch, decisions, strict=True):
                     if future is not None and not future.done():
                         future.set_result(decision)
         finally:
@@ -642,8 +662,9 @@ class NatsStore:
             last_policy: Algorithm | None = None
             new_state: Any = state.state if state.revision is not None else batch[0][0].empty
             decisions = []
-            for policy, cost, _, _ in batch:
-                admitted, decision = policy.consume(new_state, now, cost)
+            for policy, cost, _, _, max_wait in batch:
+                # A request admitted for later is reserved in this same write (`timeout`).
+                admitted, decision = policy.consume(new_state, now, cost, max_wait)
                 if admitted is not None:
                     new_state, last_policy = admitted, policy
                 decisions.append(decision)
