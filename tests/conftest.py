@@ -13,10 +13,16 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import hypothesis
 import nats
 import pytest
 
 from tests.natsserver import NatsServer, server_binary
+
+# Property tests check what holds, not how fast: no per-example deadline (a loaded CI machine
+# made one example of a config fuzz test pass 200 ms).
+hypothesis.settings.register_profile("ratesync", deadline=None)
+hypothesis.settings.load_profile("ratesync")
 
 
 def _require_server() -> None:
