@@ -97,6 +97,8 @@ class LimiterConfig:
     fail_closed: bool = False
     slots: Slots | None = None  # `max_concurrent` and `lease_seconds`
     timeout: float = 0.0  # seconds a request may wait for a token or a slot (0: refuse at once)
+    cost: int | str = 1  # what a request spends: a whole number, or "pkg.mod:func" (request -> int)
+    exempt_when: str | None = None  # "pkg.mod:func" (request -> bool): true, this limiter skips it
 
     @property
     def limit(self) -> int:
@@ -131,6 +133,7 @@ class RouteRule:
     methods: tuple[str, ...] | None = None
     limiters: tuple[str, ...] = ()
     exempt: bool = False
+    cost: int | str | None = None  # the cost of its limiters (wins over theirs); None: theirs
 
 
 @dataclass(frozen=True)
@@ -486,6 +489,24 @@ def _key_part(value: Any) -> str:
     )
 
 
+def _function(value: Any) -> str:
+    if isinstance(value, str) and _CALLABLE.fullmatch(value):
+        return value  # imported by the limiter, not here: loading a config runs no user code
+    raise _BadValueError('"package.module:function"')
+
+
+_cost_count = _integer(1, MAX_COUNT, range_in_every_message=False)
+
+
+def _cost(value: Any) -> int | str:
+    if isinstance(value, str):
+        if _CALLABLE.fullmatch(value):
+            return value
+        raise _BadValueError('an integer >= 1 or "package.module:function" (request -> int)')
+    cost: int = _cost_count(value)
+    return cost
+
+
 def _keys(value: Any) -> tuple[str, ...]:
     parts: tuple[str, ...] = _one_or_more(_key_part)(value)
     if not parts:
@@ -552,6 +573,8 @@ _LIMITER_KEYS: dict[str, Check] = {
     "max_concurrent": _integer(1, MAX_CONCURRENT),
     "lease_seconds": _positive(MAX_LEASE_SECONDS),
     "timeout": _non_negative(MAX_TIMEOUT_SECONDS),
+    "cost": _cost,
+    "exempt_when": _function,
 }
 # rate-sync keys that mean nothing to a middleware (docs/configuration.md says why, for each).
 _LIMITER_IGNORED = frozenset({"max_retries", "retry_interval"})
@@ -568,6 +591,7 @@ _ROUTE_KEYS: dict[str, Check] = {
     "methods": _one_or_more(_method),
     "limiters": _one_or_more(_string),
     "exempt": _boolean,
+    "cost": _cost,
 }
 _SECTIONS = ("stores", "limiters", "middleware", "routes")
 _SECRET_KEYS = frozenset({"token"})
@@ -895,6 +919,8 @@ def _limiter(
         fail_closed=values.get("fail_closed", False),
         slots=slots,
         timeout=values.get("timeout", 0.0),
+        cost=values.get("cost", 1),
+        exempt_when=values.get("exempt_when"),
     )
 
 
@@ -967,6 +993,10 @@ def _routes(
                 "limiters",
                 "a rule needs either limiters or exempt = true, not both",
                 kind="conflict",
+            )
+        if "cost" in values and not values.get("limiters"):
+            raise where.error(
+                "cost", "goes with limiters (what each of them spends)", kind="missing"
             )
         rules.append(RouteRule(**values))
     return tuple(rules)

@@ -3,6 +3,7 @@
     RateSyncError
     ├── ConfigError                    a rate-sync.toml (or dict) that cannot be used
     ├── RateLimitExceeded              `acquire` was refused (`.decision` says by what)
+    ├── RequestFunctionError           a cost or exempt_when function raised or returned junk
     └── StoreError                     the shared store failed to answer
         ├── StoreUnavailableError      deadline passed, connection lost, back-off in force
         ├── ConnectionRefusedError     "Connection refused": nothing listens at the URL
@@ -112,6 +113,14 @@ class RateLimitExceeded(RateSyncError):  # noqa: N818 (the public name, as rate-
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.decision,)
+
+
+class RequestFunctionError(RateSyncError):
+    """A user function of a limiter (`cost`, `exempt_when`) raised, or returned what it may not.
+
+    Never reaches the client: the request is answered by the limiter's fail rule (fail-open
+    admits it, `fail_closed` refuses it with 503), and the failure is logged (throttled).
+    """
 
 
 class StoreError(RateSyncError):

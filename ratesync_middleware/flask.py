@@ -31,7 +31,7 @@ from .config import ConfigSource
 from .headers import Denial, add_missing, retry_after_seconds, text_headers
 from .lifecycle import Admission
 from .limiter import AsyncRateLimiter, logger
-from .marks import exempt, limit
+from .marks import Cost, exempt, limit
 from .plans import EXEMPT, Plan, method_handler
 from .sync import SyncRequestLimiter
 from .wsgi import EnvironFacts
@@ -364,7 +364,7 @@ class RateLimit:
 
     # -- decorators -----------------------------------------------------------------------------
 
-    def limit(self, *names: str, cost: int = 1) -> Callable[[_F], _F]:
+    def limit(self, *names: str, cost: Cost | None = None) -> Callable[[_F], _F]:
         """Limit a view (function, `View` class or one of its methods) or every view of a blueprint.
 
             @app.post("/login")
@@ -373,7 +373,8 @@ class RateLimit:
 
             ratelimit.limit("api")(api_blueprint)
 
-        All named limiters must allow; each request spends `cost`. Marks on a view win over its
+        All named limiters must allow; each request spends `cost` (a whole number, or a
+        function of the Flask `request`; default: the limiter's own `cost`, else 1). Marks on a view win over its
         blueprint's, which win over `[[routes]]` rules and the `[middleware] default`.
         """
         return limit(*names, cost=cost)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
+from .callables import import_callable
 from .config import LimiterConfig
-from .errors import ConfigError
 from .facts import RequestFacts
 from .keys import join_identity
 
@@ -36,32 +35,6 @@ def _part_header(name: str) -> Callable[[RequestFacts], str]:
         return facts.header(name) or facts.client_ip
 
     return part
-
-
-def _import_key(limiter: str, spec: str, source: str) -> KeyFunction:
-    module_name, _, qualname = spec.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for attribute in qualname.split("."):
-            target = getattr(target, attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(
-            f"{source}: [limiters.{limiter}] key: cannot import {spec!r}: {exc}",
-            source=source,
-            table=f"[limiters.{limiter}]",
-            key="key",
-            kind="bad_value",
-        ) from None
-    if not callable(target):
-        raise ConfigError(
-            f"{source}: [limiters.{limiter}] key: {spec!r} is not callable",
-            source=source,
-            table=f"[limiters.{limiter}]",
-            key="key",
-            kind="bad_value",
-        )
-    function: KeyFunction = target
-    return function
 
 
 class Identity:
@@ -97,7 +70,9 @@ class Identity:
     def load(self) -> None:
         """Import the `"pkg.mod:func"` parts (done lazily on first use, or at start-up)."""
         for index, spec in self._callables:
-            self._parts[index] = _import_key(self._limiter, spec, self._source)
+            self._parts[index] = import_callable(
+                spec, source=self._source, table=f"[limiters.{self._limiter}]", key="key"
+            )
         self._callables = []
 
     def now(self, facts: RequestFacts) -> str | None:

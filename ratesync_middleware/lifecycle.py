@@ -29,17 +29,18 @@ from typing import Any, Final
 from .bucket import Decision
 from .client_ip import ClientAddress
 from .config import Config, ConfigSource
-from .errors import BucketTtlTooShortError, StoreError
+from .errors import BucketTtlTooShortError, RequestFunctionError, StoreError
 from .facts import RequestFacts
 from .headers import Denial, Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
-from .plans import NOT_LIMITED, Plan, PlanResolver
+from .plans import NOT_LIMITED, Limit, Plan, PlanResolver
 from .slots import Slot
 
 __all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
 
 _NOW: Final = 1  # every store of the plan decides at once, every identity is sync
 _SLOTTED: Final = 2  # a limiter of the plan has concurrency slots
+_RESOLVED: Final = 4  # a limiter of the plan has a cost or exempt_when function of the request
 
 
 class Admission:
@@ -151,14 +152,10 @@ class RequestLimiter:
     # -- decisions --------------------------------------------------------------------------
 
     def decides_now(self, plan: Plan) -> bool:
-        """Whether `begin_now` can decide `plan`: every store answers at once, no async keys."""
+        """Whether `begin` decides `plan` without a coroutine: every store answers at once,
+        no identity has async parts, no limiter waits."""
         route = self._routes.get(plan)
         return bool((self._route(plan) if route is None else route) & _NOW)
-
-    def slotted(self, plan: Plan) -> bool:
-        """Whether a limiter of `plan` has concurrency slots (`max_concurrent`)."""
-        route = self._routes.get(plan)
-        return bool((self._route(plan) if route is None else route) & _SLOTTED)
 
     def wait(self, plan: Plan) -> float:
         """The longest a request of `plan` may wait for tokens and slots: its limiters'
@@ -175,7 +172,9 @@ class RequestLimiter:
         waits = self.wait(plan) > 0
         now = not waits and all(item.identity.sync and decides_now(item.name) for item in plan)
         slotted = any(limiter(item.name).slots is not None for item in plan)
-        route = self._routes[plan] = (_NOW if now else 0) | (_SLOTTED if slotted else 0)
+        resolved = any(item.request_cost or item.exempt_when for item in plan)
+        route = (_NOW if now else 0) | (_SLOTTED if slotted else 0)
+        route = self._routes[plan] = route | (_RESOLVED if resolved else 0)
         return route
 
     def begin(self, facts: RequestFacts, plan: Plan) -> Admission | Coroutine[Any, Any, Admission]:
@@ -194,23 +193,61 @@ class RequestLimiter:
                 decision = self.limiter.hit_now(item.name, item.identity.now(facts), item.cost)
                 return Admission(decision, self.responses)
             return self._begin_now(facts, plan)
+        if route & _RESOLVED:
+            # The user's functions run here, in the request's own thread (a sync adapter's
+            # worker, with its framework's request context), before any store call.
+            resolved = self._resolve(facts, plan)
+            if isinstance(resolved, Admission):
+                return resolved
+            plan = resolved
         if route & _NOW:
-            return self._begin_slotted_now(facts, plan)
-        return self.abegin(facts, plan)
+            if route & _SLOTTED:
+                return self._begin_slotted_now(facts, plan)
+            return self._begin_now(facts, plan)
+        if route & _SLOTTED:
+            return self._abegin_slotted(facts, plan)
+        return self._abegin(facts, plan, self.wait(plan) > 0 if not route & _RESOLVED else None)
 
     async def abegin(self, facts: RequestFacts, plan: Plan) -> Admission:
-        """Spend from every limiter of `plan`, in order; the first denial stops and refuses.
+        """`begin`, awaited: spend from every limiter of `plan`, in order; the first denial
+        stops and refuses.
 
         When all allow, the admission reports the most restrictive decision: the fewest
         remaining units, real answers before fail-open ones.
         """
-        if self.decides_now(plan):
-            return self.begin_now(facts, plan)
-        if self.slotted(plan):
-            return await self._abegin_slotted(facts, plan)
+        admission = self.begin(facts, plan)
+        return admission if isinstance(admission, Admission) else await admission
+
+    def _resolve(self, facts: RequestFacts, plan: Plan) -> Plan | Admission:
+        """`plan` for this request: each cost function's cost, without the limiters whose
+        `exempt_when` holds. A function that fails is answered by its limiter's fail rule:
+        fail-open leaves the limiter out, `fail_closed` refuses the request (503)."""
+        request = facts.request
+        items: list[Limit] = []
+        failed_open: Decision | None = None
+        for item in plan:
+            try:
+                if item.exempt_when is not None and item.exempt_when(request):
+                    continue
+                if item.request_cost is not None:
+                    item = Limit(item.name, item.request_cost(request), item.identity)
+            except RequestFunctionError as error:
+                decision = self.limiter.degraded(self.limiter.limiter(item.name), error)
+                if not decision.allowed:
+                    return Admission(decision, self.responses)
+                failed_open = decision
+                continue
+            items.append(item)
+        if not items:
+            return Admission(failed_open, self.responses)
+        return tuple(items)
+
+    async def _abegin(self, facts: RequestFacts, plan: Plan, waits: bool | None) -> Admission:
+        """`waits`: whether a limiter of the plan has a `timeout` (None: look it up)."""
         best: Decision | None = None
         hit, limiter = self.limiter.hit, self.limiter.limiter
-        waits = self.wait(plan) > 0
+        if waits is None:
+            waits = any(limiter(item.name).timeout > 0 for item in plan)
         for item in plan:
             identity = item.identity
             key = identity.now(facts) if identity.sync else await identity(facts)
@@ -221,12 +258,6 @@ class RequestLimiter:
             if best is None or _more_restrictive(decision, best):
                 best = decision
         return Admission(best, self.responses)
-
-    def begin_now(self, facts: RequestFacts, plan: Plan) -> Admission:
-        """`begin` for a plan that `decides_now`, without a coroutine."""
-        if self.slotted(plan):
-            return self._begin_slotted_now(facts, plan)
-        return self._begin_now(facts, plan)
 
     def _begin_now(self, facts: RequestFacts, plan: Plan) -> Admission:
         best: Decision | None = None

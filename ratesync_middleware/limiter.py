@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .algorithms import Algorithm
 from .bucket import NS_PER_SECOND, Decision
 from .config import ConfigSource, LimiterConfig, load_config
-from .errors import ConfigError, RateLimitExceeded, StoreError
+from .errors import ConfigError, RateLimitExceeded, RequestFunctionError, StoreError
 from .keys import group_key, slots_key
 from .permits import Permit, SyncPermit
 from .slots import Slot, Slots
@@ -32,6 +32,7 @@ logger = logging.getLogger("ratesync_middleware")
 
 
 _WARNING_INTERVAL = 10.0  # seconds between two log lines about the same failing store
+_FUNCTION_RETRY_SECONDS = 1.0  # Retry-After of a fail-closed refusal whose cost/exempt_when failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +58,25 @@ class _FailureLog:
         self._suppressed: dict[str, int] = {}
 
     def report(self, store: str, error: StoreError) -> None:
+        more = self._due(store)
+        if more is not None:
+            logger.warning("store %r failed: %s%s", store, error, more)
+
+    def report_function(self, limiter: str, error: RequestFunctionError) -> None:
+        more = self._due(f"function:{limiter}")
+        if more is not None:
+            logger.error("limiter %r: %s; answered by its fail rule%s", limiter, error, more)
+
+    def _due(self, subject: str) -> str | None:
+        """None while `subject` was reported less than an interval ago (counted), else what
+        to append to its line: how many failures went unreported since the last one."""
         now = time.monotonic()
-        if now - self._last.get(store, -math.inf) < _WARNING_INTERVAL:
-            self._suppressed[store] = self._suppressed.get(store, 0) + 1
-            return
-        self._last[store] = now
-        suppressed = self._suppressed.pop(store, 0)
-        more = f" ({suppressed} more failures since the last report)" if suppressed else ""
-        logger.warning("store %r failed: %s%s", store, error, more)
+        if now - self._last.get(subject, -math.inf) < _WARNING_INTERVAL:
+            self._suppressed[subject] = self._suppressed.get(subject, 0) + 1
+            return None
+        self._last[subject] = now
+        suppressed = self._suppressed.pop(subject, 0)
+        return f" ({suppressed} more failures since the last report)" if suppressed else ""
 
     def report_hook(self, limiter: str) -> None:
         now = time.monotonic()
@@ -363,13 +375,21 @@ class AsyncRateLimiter:
         _, store, store_key = self.resolve(limiter, key)
         await store.reset(store_key)
 
-    def degraded(self, config: LimiterConfig, error: StoreError) -> Decision:
-        """The fail-open or fail-closed answer of `config` while its store fails (logged, throttled)."""
-        self._failures.report(config.store, error)
+    def degraded(self, config: LimiterConfig, error: StoreError | RequestFunctionError) -> Decision:
+        """The fail-open or fail-closed answer of `config` while its store fails, or while its
+        cost or exempt_when function fails (logged, throttled)."""
+        if isinstance(error, RequestFunctionError):
+            self._failures.report_function(config.name, error)
+            reason = f"limiter {config.name!r}: {error}"
+            backoff = _FUNCTION_RETRY_SECONDS
+        else:
+            self._failures.report(config.store, error)
+            reason = f"store {config.store!r} unavailable: {type(error).__name__}"
+            backoff = self.config.stores[config.store].backoff
         policy = config.policy if config.policy is not None else config.slots
         assert policy is not None  # a limiter has a rate, slots, or both
         limit = config.limit
-        retry_after = self.config.stores[config.store].backoff if config.fail_closed else 0.0
+        retry_after = backoff if config.fail_closed else 0.0
         return Decision(
             allowed=not config.fail_closed,
             limit=limit,
@@ -377,7 +397,7 @@ class AsyncRateLimiter:
             retry_after=retry_after,
             reset_after=0.0,
             policy=policy.name,
-            reason=f"store {config.store!r} unavailable: {type(error).__name__}",
+            reason=reason,
             degraded=True,
         )
 

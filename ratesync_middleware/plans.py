@@ -17,10 +17,11 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
+from .callables import Exemption, RequestCost
 from .config import Config, RouteRule
 from .errors import ConfigError
 from .identities import Identity
-from .marks import MARKS_ATTRIBUTE, Marks, get_marks
+from .marks import MARKS_ATTRIBUTE, Cost, Marks, get_marks
 
 __all__ = [
     "EXEMPT",
@@ -42,11 +43,17 @@ _V = TypeVar("_V")
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """One limiter that applies to a request: its name, the cost, how to find the identity."""
+    """One limiter that applies to a request: its name, the cost, how to find the identity.
+
+    `request_cost` (then `cost` is a placeholder) and `exempt_when` are the user's functions of
+    the request, resolved per request by the lifecycle before any store call.
+    """
 
     name: str
     cost: int
     identity: Identity
+    request_cost: RequestCost | None = None
+    exempt_when: Exemption | None = None
 
 
 Plan = tuple[Limit, ...]
@@ -135,9 +142,27 @@ class PlanResolver:
         self._identities = {
             name: Identity(limiter, config.source) for name, limiter in config.limiters.items()
         }
+        source = config.source
+        # The user's functions named in the tables, compiled once (imported at `prepare`).
+        self._functions: list[RequestCost | Exemption] = []
+        self._costs: dict[str, int | RequestCost] = {}
+        self._exemptions: dict[str, Exemption] = {}
+        for name, limiter in config.limiters.items():
+            table = f"[limiters.{name}]"
+            self._costs[name] = self._cost(limiter.cost, table)
+            if limiter.exempt_when is not None:
+                exemption = Exemption(
+                    limiter.exempt_when, source=source, table=table, key="exempt_when"
+                )
+                self._exemptions[name] = exemption
+                self._functions.append(exemption)
         middleware = config.middleware
-        self._default = self._plan_of(((name, 1) for name in middleware.default), "[middleware]")
-        self._rules = tuple(self._rule(rule) for rule in config.routes)
+        default = ((name, None) for name in middleware.default)
+        self._default = self._plan_of(default, "[middleware]")
+        self._rules = tuple(
+            self._rule(rule, f"[[routes]] #{number}")
+            for number, rule in enumerate(config.routes, 1)
+        )
         self._marked: dict[Marks, Plan] = {}  # marks are written in code: few
         # Request-keyed, so bounded: an adapter's key -> its plan, (method, path) -> the rules'.
         self._by_request: BoundedCache[Hashable, Plan] = BoundedCache(PLAN_CACHE_SIZE)
@@ -150,9 +175,17 @@ class PlanResolver:
         """Each limiter's compiled key, by limiter name."""
         return self._identities
 
-    def _plan_of(self, limits: Iterable[tuple[str, int]], where: str) -> Plan:
+    def _cost(self, cost: Cost | str, table: str) -> int | RequestCost:
+        if isinstance(cost, int):
+            return cost
+        compiled = RequestCost(cost, source=self.config.source, table=table, key="cost")
+        self._functions.append(compiled)
+        return compiled
+
+    def _plan_of(self, limits: Iterable[tuple[str, Cost | str | None]], where: str) -> Plan:
+        """The plan of these (limiter, cost) pairs; a cost of None is the limiter's own."""
         plan = []
-        for name, cost in limits:
+        for name, given in limits:
             if name not in self._identities:
                 known = ", ".join(sorted(self._identities)) or "none"
                 raise ConfigError(
@@ -162,16 +195,26 @@ class PlanResolver:
                     key="default" if where == "[middleware]" else None,
                     kind="undefined_reference",
                 )
-            plan.append(Limit(name, cost, self._identities[name]))
+            cost = self._costs[name] if given is None else self._cost(given, where or "@limit")
+            plan.append(
+                Limit(
+                    name,
+                    cost if isinstance(cost, int) else 1,
+                    self._identities[name],
+                    None if isinstance(cost, int) else cost,
+                    self._exemptions.get(name),
+                )
+            )
         return tuple(plan)
 
-    def _rule(self, rule: RouteRule) -> _Rule:
+    def _rule(self, rule: RouteRule, where: str) -> _Rule:
         methods = None
         if rule.methods is not None:
             methods = frozenset(rule.methods)
             if "GET" in methods:
                 methods |= {"HEAD"}  # HEAD is GET without a body: no way around a GET limit
-        plan = NOT_LIMITED if rule.exempt else self._plan_of(((n, 1) for n in rule.limiters), "")
+        limits = ((name, rule.cost) for name in rule.limiters)
+        plan = NOT_LIMITED if rule.exempt else self._plan_of(limits, where)
         return _Rule(_glob(rule.path), methods, plan)
 
     def marked_plan(self, marks: Marks, where: object = None) -> Plan:
@@ -238,6 +281,8 @@ class PlanResolver:
         """Fail early: import key functions and check the marks of every endpoint object."""
         for identity in self._identities.values():
             identity.load()
+        for function in self._functions:
+            function.load()
         for endpoint in endpoints:
             for candidate in endpoint_objects(endpoint):
                 marks = get_marks(candidate)

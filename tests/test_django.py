@@ -490,6 +490,39 @@ def test_route_rule_methods_and_exemption(sync_and_async_site: Site) -> None:
         assert site.statuses(10, "/free/x") == [200] * 10
 
 
+# --- costs and exemptions of the request (issue 14) ----------------------------------------
+
+
+def test_a_cost_function_and_exempt_when_receive_the_httprequest(site: Site) -> None:
+    from django.http import HttpRequest
+
+    from tests import request_functions
+
+    api = {
+        "limit": 10,
+        "window_seconds": 86400,
+        "cost": "tests.request_functions:units",
+        "exempt_when": "tests.request_functions:internal",
+    }
+    request_functions.SEEN.clear()
+    with override_settings(RATESYNC=with_config(limiters={"api": api})):
+        first = site.get("/", headers={"X-Units": "6"})
+        assert first.status_code == 200
+        assert first.headers["RateLimit"].startswith('"api";r=4;')  # 10 - 6
+        assert site.statuses(3, headers={"X-Internal": "yes"}) == [200] * 3
+        assert site.get("/", headers={"X-Units": "5"}).status_code == 429
+    assert request_functions.SEEN
+    assert all(issubclass(kind, HttpRequest) for kind in request_functions.SEEN)
+
+
+def test_a_failing_cost_function_is_answered_by_the_fail_rule(site: Site) -> None:
+    broken = {"rate_per_second": 0.01, "burst": 5, "cost": "tests.request_functions:broken"}
+    with override_settings(RATESYNC=with_config(limiters={"api": broken})):
+        assert site.statuses(3) == [200] * 3
+    with override_settings(RATESYNC=with_config(limiters={"api": {**broken, "fail_closed": True}})):
+        assert site.statuses(2) == [503] * 2
+
+
 # --- keys ----------------------------------------------------------------------------------
 
 

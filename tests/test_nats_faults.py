@@ -219,7 +219,10 @@ async def test_a_decision_queued_behind_a_write_keeps_its_own_deadline(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("timeout", "answered_by_nats"), [(0.25, 0.5), (0.5, 0.95)])
+# The shares are floors a loaded 2-core CI machine still clears (the proxy's thread adds its own
+# delay: 21% at 0.25 s was seen under load, 50-70% on a quiet machine); the fault this guards
+# against answered 0% by NATS, every decision waiting out its deadline.
+@pytest.mark.parametrize(("timeout", "answered_by_nats"), [(0.25, 0.1), (0.5, 0.8)])
 async def test_a_slow_link_keeps_every_answer_within_the_deadline(
     nats_server: NatsServer, bucket_name: str, timeout: float, answered_by_nats: float
 ) -> None:

@@ -1,0 +1,43 @@
+"""Cost and exempt_when functions named by the tests' configurations ("tests.request_functions:...").
+
+Each takes the framework's own request object; `SEEN` records its type, so a test can check what
+the adapter passed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SEEN: list[type] = []
+
+
+def header(request: Any, name: str) -> str | None:
+    """A request header from any framework's request (a WSGI environ is a dict)."""
+    if isinstance(request, dict):
+        value = request.get("HTTP_" + name.upper().replace("-", "_"))
+        return None if value is None else str(value)
+    return request.headers.get(name)  # type: ignore[no-any-return]
+
+
+def units(request: Any) -> int:
+    """The cost an LLM-style API would charge: the X-Units header, default 1."""
+    SEEN.append(type(request))
+    return int(header(request, "X-Units") or 1)
+
+
+def internal(request: Any) -> bool:
+    """Requests from our own monitoring are never limited."""
+    SEEN.append(type(request))
+    return header(request, "X-Internal") == "yes"
+
+
+def broken(request: Any) -> int:
+    raise KeyError("the secret token abc123 is not in the request")
+
+
+def not_a_number(request: Any) -> Any:
+    return "3"
+
+
+async def asynchronous(request: Any) -> int:
+    return 1
