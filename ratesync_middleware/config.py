@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -35,6 +35,7 @@ else:  # pragma: no cover
 Engine = Literal["nats", "memory"]
 HeadersMode = Literal["draft", "legacy", "none"]
 ForwardedHeader = Literal["x-forwarded-for", "forwarded"]
+Mode = Literal["enforce", "shadow"]
 
 DEFAULT_STORE_NAME = "default"
 DEFAULT_BUCKET = "rate_limits"
@@ -99,6 +100,7 @@ class LimiterConfig:
     timeout: float = 0.0  # seconds a request may wait for a token or a slot (0: refuse at once)
     cost: int | str = 1  # what a request spends: a whole number, or "pkg.mod:func" (request -> int)
     exempt_when: str | None = None  # "pkg.mod:func" (request -> bool): true, this limiter skips it
+    shadow: bool = False  # mode = "shadow": decide and report, never refuse
 
     @property
     def limit(self) -> int:
@@ -123,6 +125,7 @@ class MiddlewareConfig:
     headers: HeadersMode = "draft"
     ipv6_prefix: int = 64
     forwarded_header: ForwardedHeader = "x-forwarded-for"  # the one header trusted proxies set
+    mode: Mode = "enforce"  # "shadow": every limiter decides and reports, none refuses
 
 
 @dataclass(frozen=True)
@@ -575,6 +578,7 @@ _LIMITER_KEYS: dict[str, Check] = {
     "timeout": _non_negative(MAX_TIMEOUT_SECONDS),
     "cost": _cost,
     "exempt_when": _function,
+    "mode": _choice("enforce", "shadow"),
 }
 # rate-sync keys that mean nothing to a middleware (docs/configuration.md says why, for each).
 _LIMITER_IGNORED = frozenset({"max_retries", "retry_interval"})
@@ -585,6 +589,7 @@ _MIDDLEWARE_KEYS: dict[str, Check] = {
     "headers": _choice("draft", "legacy", "none"),
     "ipv6_prefix": _integer(1, 128),
     "forwarded_header": _choice("x-forwarded-for", "forwarded"),
+    "mode": _choice("enforce", "shadow"),
 }
 _ROUTE_KEYS: dict[str, Check] = {
     "path": _route_path,
@@ -921,6 +926,7 @@ def _limiter(
         timeout=values.get("timeout", 0.0),
         cost=values.get("cost", 1),
         exempt_when=values.get("exempt_when"),
+        shadow=values.get("mode") == "shadow",
     )
 
 
@@ -1012,10 +1018,13 @@ def _validate(data: Mapping[Any, Any], source: str) -> Config:
     limiters = {
         name: _limiter(w, name, t, stores) for w, name, t in _named_tables(source, data, "limiters")
     }
+    middleware = _middleware(source, data, limiters)
+    if middleware.mode == "shadow":  # for all: a limiter's own mode cannot enforce then
+        limiters = {name: replace(limiter, shadow=True) for name, limiter in limiters.items()}
     return Config(
         stores=stores,
         limiters=limiters,
-        middleware=_middleware(source, data, limiters),
+        middleware=middleware,
         routes=_routes(source, data, limiters),
         source=source,
     )

@@ -41,6 +41,7 @@ __all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
 _NOW: Final = 1  # every store of the plan decides at once, every identity is sync
 _SLOTTED: Final = 2  # a limiter of the plan has concurrency slots
 _RESOLVED: Final = 4  # a limiter of the plan has a cost or exempt_when function of the request
+_SHADOW: Final = 8  # a limiter of the plan is in shadow mode (off the one-limiter fast path)
 
 
 class Admission:
@@ -174,7 +175,8 @@ class RequestLimiter:
         slotted = any(limiter(item.name).slots is not None for item in plan)
         resolved = any(item.request_cost or item.exempt_when for item in plan)
         route = (_NOW if now else 0) | (_SLOTTED if slotted else 0)
-        route = self._routes[plan] = route | (_RESOLVED if resolved else 0)
+        route |= (_RESOLVED if resolved else 0) | (_SHADOW if any(i.shadow for i in plan) else 0)
+        self._routes[plan] = route
         return route
 
     def begin(self, facts: RequestFacts, plan: Plan) -> Admission | Coroutine[Any, Any, Admission]:
@@ -230,10 +232,11 @@ class RequestLimiter:
                 if item.exempt_when is not None and item.exempt_when(request):
                     continue
                 if item.request_cost is not None:
-                    item = Limit(item.name, item.request_cost(request), item.identity)
+                    cost = item.request_cost(request)
+                    item = Limit(item.name, cost, item.identity, shadow=item.shadow)
             except RequestFunctionError as error:
                 decision = self.limiter.degraded(self.limiter.limiter(item.name), error)
-                if not decision.allowed:
+                if not decision.allowed and self._refuses(item, decision):
                     return Admission(decision, self.responses)
                 failed_open = decision
                 continue
@@ -253,9 +256,9 @@ class RequestLimiter:
             key = identity.now(facts) if identity.sync else await identity(facts)
             timeout = limiter(item.name).timeout if waits else 0.0
             decision = await hit(item.name, key, item.cost, timeout=timeout)
-            if not decision.allowed:
+            if not decision.allowed and self._refuses(item, decision):
                 return Admission(decision, self.responses)
-            if best is None or _more_restrictive(decision, best):
+            if not item.shadow and (best is None or _more_restrictive(decision, best)):
                 best = decision
         return Admission(best, self.responses)
 
@@ -264,9 +267,9 @@ class RequestLimiter:
         hit_now = self.limiter.hit_now
         for item in plan:
             decision = hit_now(item.name, item.identity.now(facts), item.cost)
-            if not decision.allowed:
+            if not decision.allowed and self._refuses(item, decision):
                 return Admission(decision, self.responses)
-            if best is None or _more_restrictive(decision, best):
+            if not item.shadow and (best is None or _more_restrictive(decision, best)):
                 best = decision
         return Admission(best, self.responses)
 
@@ -292,7 +295,7 @@ class RequestLimiter:
                     raise
                 if slot is not None:
                     held.append(slot)
-                if not decision.allowed:
+                if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
                 if timeout:  # the rate may wait for what is left of the limiter's timeout
                     timeout = max(0.0, waited_until - time.monotonic())
@@ -302,9 +305,9 @@ class RequestLimiter:
                 except BaseException:
                     _release(held)
                     raise
-                if not decision.allowed:
+                if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
-                if best is None or _more_restrictive(decision, best):
+                if not item.shadow and (best is None or _more_restrictive(decision, best)):
                     best = decision
         return _admitted(best, self.responses, held)
 
@@ -319,15 +322,23 @@ class RequestLimiter:
                 decision, slot = limiter.take_slot_now(item.name, key)
                 if slot is not None:
                     held.append(slot)
-                if not decision.allowed:
+                if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
             if config.policy is not None:
                 decision = limiter.hit_now(item.name, key, item.cost)
-                if not decision.allowed:
+                if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
-                if best is None or _more_restrictive(decision, best):
+                if not item.shadow and (best is None or _more_restrictive(decision, best)):
                     best = decision
         return _admitted(best, self.responses, held)
+
+    def _refuses(self, item: Limit, decision: Decision) -> bool:
+        """Whether a refusing `decision` refuses the request: a shadow limiter's never does
+        (it is reported: the `on_decision` event, a metric, a throttled log line)."""
+        if item.shadow:
+            self.limiter.shadowed(item.name, decision)
+            return False
+        return True
 
     def _refused(self, decision: Decision, held: list[Slot]) -> Admission:
         _release(held)
@@ -336,11 +347,17 @@ class RequestLimiter:
     def degraded(self, plan: Plan, error: StoreError) -> Admission:
         """The answer when the decision itself could not be made: the plan's strictest rule.
 
-        Any `fail_closed` limiter in the plan refuses (503); otherwise the request passes.
+        Any `fail_closed` limiter in the plan refuses (503) unless it is in shadow mode;
+        otherwise the request passes.
         """
         configs = [self.limiter.limiter(item.name) for item in plan]
-        strictest = next((c for c in configs if c.fail_closed), configs[0])
-        return Admission(self.limiter.degraded(strictest, error), self.responses)
+        enforcing = [config for config in configs if not config.shadow] or configs
+        strictest = next((c for c in enforcing if c.fail_closed and not c.shadow), enforcing[0])
+        decision = self.limiter.degraded(strictest, error)
+        if not decision.allowed and strictest.shadow:
+            self.limiter.shadowed(strictest.name, decision)
+            return Admission(None, self.responses)
+        return Admission(decision, self.responses)
 
     # -- start-up and shutdown --------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class DecisionEvent:
     decision: Decision
     seconds: float  # time spent waiting for the store
     error: StoreError | None  # set when the store failed and the decision is degraded
+    enforced: bool = True  # False for a refusal of a `mode = "shadow"` limiter: not sent
 
 
 DecisionHook = Callable[[DecisionEvent], None]
@@ -77,6 +78,16 @@ class _FailureLog:
         self._last[subject] = now
         suppressed = self._suppressed.pop(subject, 0)
         return f" ({suppressed} more failures since the last report)" if suppressed else ""
+
+    def report_shadow(self, limiter: str, decision: Decision) -> None:
+        more = self._due(f"shadow:{limiter}")
+        if more is not None:
+            logger.warning(
+                "limiter %r (shadow mode) would have refused a request: %s%s",
+                limiter,
+                decision.reason,
+                more.replace("failures", "refusals"),
+            )
 
     def report_hook(self, limiter: str) -> None:
         now = time.monotonic()
@@ -309,7 +320,8 @@ class AsyncRateLimiter:
         timeout: float | None = None,
     ) -> Permit:
         """A permit under `limiter` for `key`: its concurrency slot (`max_concurrent`) taken and
-        `cost` spent from its rate, both or neither. Raises `RateLimitExceeded` when refused.
+        `cost` spent from its rate, both or neither. Raises `RateLimitExceeded` when refused
+        (a `mode = "shadow"` limiter never refuses: its permit holds the refusal as `decision`).
 
         A permit holds one slot whatever its cost; release it (`await permit.release()`, or
         `async with await limiter.acquire(...)`). `timeout` (seconds; None: the limiter's own,
@@ -326,7 +338,7 @@ class AsyncRateLimiter:
         slot: Slot | None = None
         if config.slots is not None:
             decision, slot = await self.take_slot(limiter, key, timeout=budget)
-            if not decision.allowed:
+            if not decision.allowed and self._enforces(config, decision):
                 raise RateLimitExceeded(decision)
         if config.policy is not None:
             left = max(0.0, waited_until - time.monotonic()) if budget else 0.0
@@ -336,7 +348,7 @@ class AsyncRateLimiter:
                 if slot is not None:
                     slot.release()
                 raise
-            if not decision.allowed:
+            if not decision.allowed and self._enforces(config, decision):
                 if slot is not None:
                     slot.release()
                 raise RateLimitExceeded(decision)
@@ -356,7 +368,13 @@ class AsyncRateLimiter:
         if hook is None:
             return
         event = DecisionEvent(
-            config.name, key, config.store, decision, time.perf_counter() - started, error
+            config.name,
+            key,
+            config.store,
+            decision,
+            time.perf_counter() - started,
+            error,
+            decision.allowed or not config.shadow,
         )
         try:
             hook(event)
@@ -374,6 +392,16 @@ class AsyncRateLimiter:
         """Refill one group's bucket; raises `StoreError` when the store fails."""
         _, store, store_key = self.resolve(limiter, key)
         await store.reset(store_key)
+
+    def _enforces(self, config: LimiterConfig, refusal: Decision) -> bool:
+        if config.shadow:
+            self.shadowed(config.name, refusal)
+            return False
+        return True
+
+    def shadowed(self, limiter: str, decision: Decision) -> None:
+        """A refusal of a shadow-mode limiter was not enforced: one warning per 10 s says so."""
+        self._failures.report_shadow(limiter, decision)
 
     def degraded(self, config: LimiterConfig, error: StoreError | RequestFunctionError) -> Decision:
         """The fail-open or fail-closed answer of `config` while its store fails, or while its

@@ -27,7 +27,9 @@ STORE_SECONDS_BUCKETS = (
 
 
 def outcome(event: DecisionEvent) -> str:
-    """`allowed`, `denied`, `fail_open` or `fail_closed`."""
+    """`allowed`, `denied`, `shadow_denied` (not enforced), `fail_open` or `fail_closed`."""
+    if not event.enforced:
+        return "shadow_denied"
     if event.decision.degraded:
         return "fail_open" if event.decision.allowed else "fail_closed"
     return "allowed" if event.decision.allowed else "denied"

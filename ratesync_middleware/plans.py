@@ -54,6 +54,7 @@ class Limit:
     identity: Identity
     request_cost: RequestCost | None = None
     exempt_when: Exemption | None = None
+    shadow: bool = False  # `mode = "shadow"`: its refusals are reported, never enforced
 
 
 Plan = tuple[Limit, ...]
@@ -203,6 +204,7 @@ class PlanResolver:
                     self._identities[name],
                     None if isinstance(cost, int) else cost,
                     self._exemptions.get(name),
+                    self.config.limiters[name].shadow,
                 )
             )
         return tuple(plan)

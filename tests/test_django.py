@@ -523,6 +523,14 @@ def test_a_failing_cost_function_is_answered_by_the_fail_rule(site: Site) -> Non
         assert site.statuses(2) == [503] * 2
 
 
+def test_a_shadow_limiter_refuses_nothing_and_sends_no_headers(site: Site) -> None:
+    shadow = {"rate_per_second": 0.01, "burst": 2, "mode": "shadow"}
+    with override_settings(RATESYNC=with_config(limiters={"api": shadow})):
+        responses = [site.get("/") for _ in range(4)]
+    assert [response.status_code for response in responses] == [200] * 4
+    assert not any("RateLimit" in response.headers for response in responses)
+
+
 # --- keys ----------------------------------------------------------------------------------
 
 

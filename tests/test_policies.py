@@ -1,14 +1,16 @@
-"""Costs and exemptions that depend on the request (issue 14, items 1 and 4), through real apps.
+"""Request-aware policies (issue 14) through real apps: costs, exemptions, shadow mode.
 
 `cost` is a whole number or a `"pkg.mod:func"` of the framework's request, on a limiter, on a
 `[[routes]]` rule (which wins) or in `@limit(..., cost=...)` (which wins over both);
 `exempt_when = "pkg.mod:func"` leaves the limiter out of a request for which it is true. A
 function that raises or returns junk is answered by the limiter's fail rule, never a 500.
-Django's sites are covered in tests/test_django.py.
+`mode = "shadow"` decides and reports every request and refuses none. Django's sites are
+covered in tests/test_django.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,8 +26,15 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 from werkzeug.test import Client
 
-from ratesync_middleware import AsyncRateLimiter, ConfigError, RateLimitMiddleware, limit
+from ratesync_middleware import (
+    AsyncRateLimiter,
+    ConfigError,
+    RateLimiter,
+    RateLimitMiddleware,
+    limit,
+)
 from ratesync_middleware.flask import RateLimit
+from ratesync_middleware.limiter import DecisionEvent
 from ratesync_middleware.wsgi import RateLimitMiddleware as WSGIRateLimitMiddleware
 from tests import request_functions
 
@@ -270,3 +279,82 @@ def test_limit_takes_a_whole_number_or_a_function() -> None:
     with pytest.raises(ValueError, match="cost"):
         limit("api", cost=1.5)  # type: ignore[arg-type]
     limit("api", cost=lambda request: 1)
+
+
+# --- shadow mode -----------------------------------------------------------------------------
+
+
+def shadowed(settings: dict[str, Any]) -> tuple[AsyncRateLimiter, list[DecisionEvent]]:
+    events: list[DecisionEvent] = []
+    return AsyncRateLimiter(settings, on_decision=events.append), events
+
+
+def test_a_shadow_limiter_decides_and_reports_but_never_refuses(
+    serve: Callable[..., Get], caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter, events = shadowed(config(limit=2, mode="shadow"))
+    get = serve(limiter)
+    with caplog.at_level(logging.WARNING, logger="ratesync_middleware"):
+        answers = [get() for _ in range(5)]
+    assert [status for status, _ in answers] == [200] * 5
+    for _, headers in answers:  # invisible to clients
+        assert not {"ratelimit", "ratelimit-policy", "retry-after"} & {h.lower() for h in headers}
+    assert [event.enforced for event in events] == [True, True, False, False, False]
+    assert [event.decision.allowed for event in events] == [True, True, False, False, False]
+    warnings = [r.getMessage() for r in caplog.records if "shadow mode" in r.getMessage()]
+    assert warnings == [
+        "limiter 'api' (shadow mode) would have refused a request: rate limit 'api' exceeded"
+    ]  # one line per 10 s
+
+
+def test_a_shadow_limiter_spends_as_if_enforced(serve: Callable[..., Get]) -> None:
+    # Switching it to enforce later starts from the state shadow mode built.
+    limiter, events = shadowed(config(limit=3, mode="shadow"))
+    get = serve(limiter)
+    assert statuses(get, 2) == [200, 200]
+    client = events[0].key  # the test client's address, as the adapter saw it
+    assert asyncio.run(limiter.peek("api", client)).remaining == 1
+
+
+def test_middleware_mode_shadow_is_every_limiters(serve: Callable[..., Get]) -> None:
+    settings = config(limit=1)
+    settings["middleware"]["mode"] = "shadow"
+    limiter, events = shadowed(settings)
+    get = serve(limiter)
+    assert statuses(get, 3) == [200] * 3
+    assert [event.enforced for event in events] == [True, False, False]
+
+
+def test_an_enforced_limiter_beside_a_shadow_one_still_refuses(serve: Callable[..., Get]) -> None:
+    settings = config(limit=1, mode="shadow")
+    settings["limiters"]["strict"] = {"limit": 2, "window_seconds": 86400}
+    settings["middleware"]["default"] = ["api", "strict"]
+    get = serve(settings)
+    first, second, third = get(), get(), get()
+    assert [first[0], second[0], third[0]] == [200, 200, 429]
+    assert {k.lower(): v for k, v in second[1].items()}["ratelimit"].startswith('"strict";r=0;')
+
+
+def test_shadow_refusals_are_their_own_metric() -> None:
+    prometheus = pytest.importorskip("prometheus_client")
+    from ratesync_middleware.metrics import PrometheusMetrics
+
+    registry = prometheus.CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    limiter = RateLimiter(config(limit=1, mode="shadow"), on_decision=metrics)
+    assert [limiter.hit("api", "k").allowed for _ in range(3)] == [True, False, False]
+    count = registry.get_sample_value
+    assert count("ratesync_decisions_total", {"limiter": "api", "outcome": "shadow_denied"}) == 2
+    assert count("ratesync_decisions_total", {"limiter": "api", "outcome": "denied"}) is None
+
+
+def test_acquire_under_a_shadow_limiter_never_raises() -> None:
+    limiter = RateLimiter(config(limit=1, mode="shadow"))
+    limiter.acquire("api", key="k").release()
+    permit = limiter.acquire("api", key="k")
+    assert not permit.decision.allowed  # the refusal it would have been, not enforced
+
+
+def test_mode_is_enforce_or_shadow() -> None:
+    with pytest.raises(ConfigError, match=r"\[limiters.api\] mode: expected one of"):
+        AsyncRateLimiter(config(mode="dry-run"))
