@@ -211,6 +211,16 @@ class _RouteFinder:
         yield from endpoint_objects(endpoint)
 
 
+def _websocket_close(decision: Decision | None) -> Message:
+    """The close of a refused WebSocket: 1013 when a fail-closed store is down, else 1008."""
+    degraded = decision is not None and decision.degraded
+    return {
+        "type": "websocket.close",
+        "code": WS_TRY_AGAIN_LATER if degraded else WS_POLICY_VIOLATION,
+        "reason": "rate limit unavailable" if degraded else "rate limit exceeded",
+    }
+
+
 class RateLimitMiddleware:
     """Rate limiting for Starlette and FastAPI apps, configured by a `rate-sync.toml`.
 
@@ -220,9 +230,10 @@ class RateLimitMiddleware:
     the middleware adds `Retry-After` and the rate-limit headers unless it set them.
 
     HTTP requests are checked before the app sees them; every response gets the rate-limit
-    headers of the `[middleware] headers` mode. A websocket is checked once, at connect: a
-    refused one is closed before it is accepted (code 1008, or 1013 when a fail-closed store is
-    down), which the server answers with HTTP 403. Lifespan passes through; at start-up the
+    headers of the `[middleware] headers` mode. A websocket is checked at connect: a refused
+    one is closed before it is accepted (code 1008, or 1013 when a fail-closed store is down),
+    which the server answers with HTTP 403; with a rule's `messages`, each message it receives
+    is checked too, and the one too many closes it. Lifespan passes through; at start-up the
     configuration is checked against the app's routes and the stores are opened; at shutdown
     they are closed. A configuration that cannot be used fails the start-up
     (`lifespan.startup.failed` with the error, so the server exits); without lifespan, every
@@ -340,23 +351,57 @@ class RateLimitMiddleware:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _route_path(scope)
         plan = self._plan(scope, "GET", path)  # the opening handshake is a GET
-        if not plan:
+        messages = self._plans.messages_plan(path)
+        if not plan and not messages:
             await self.app(scope, receive, send)
             return
         core = self.core
-        admission = core.begin(ScopeFacts(scope, path, core.client_address), plan)
-        if not isinstance(admission, Admission):
-            admission = await admission
-        decision = admission.decision
-        if decision is not None and not decision.allowed:
-            code = WS_TRY_AGAIN_LATER if decision.degraded else WS_POLICY_VIOLATION
-            reason = "rate limit unavailable" if decision.degraded else "rate limit exceeded"
-            await send({"type": "websocket.close", "code": code, "reason": reason})
-            return
+        facts = ScopeFacts(scope, path, core.client_address)
+        admission: Admission | None = None
+        if plan:
+            begun = core.begin(facts, plan)
+            admission = begun if isinstance(begun, Admission) else await begun
+            if not admission.allowed:
+                await send(_websocket_close(admission.decision))
+                return
+        if messages:
+            receive, send = self._limit_messages(facts, messages, receive, send)
         try:
             await self.app(scope, receive, send)
         finally:
-            admission.finish()
+            if admission is not None:
+                admission.finish()
+
+    def _limit_messages(
+        self, facts: ScopeFacts, plan: Plan, receive: Receive, send: Send
+    ) -> tuple[Receive, Send]:
+        """`receive` and `send` for an app whose received messages each spend from `plan`
+        (`[[routes]] messages`). A refused message closes the socket (1008, or 1013 for a
+        fail-closed store down); the app is told the client left, and what it sends after
+        that goes nowhere."""
+        core = self.core
+        closed = False
+
+        async def limited_receive() -> Message:
+            nonlocal closed
+            message = await receive()
+            if closed or message["type"] != "websocket.receive":
+                return message
+            begun = core.begin(facts, plan)
+            admission = begun if isinstance(begun, Admission) else await begun
+            admission.finish()  # a message holds nothing once it is decided
+            if admission.allowed:
+                return message
+            closed = True
+            close = _websocket_close(admission.decision)
+            await send(close)
+            return {"type": "websocket.disconnect", "code": close["code"]}
+
+        async def guarded_send(message: Message) -> None:
+            if not closed:
+                await send(message)
+
+        return limited_receive, guarded_send
 
     # -- route plans ----------------------------------------------------------------------------
 

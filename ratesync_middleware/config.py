@@ -137,6 +137,7 @@ class RouteRule:
     limiters: tuple[str, ...] = ()
     exempt: bool = False
     cost: int | str | None = None  # the cost of its limiters (wins over theirs); None: theirs
+    messages: tuple[str, ...] = ()  # limiters each message of a matching WebSocket spends from
 
 
 @dataclass(frozen=True)
@@ -597,6 +598,7 @@ _ROUTE_KEYS: dict[str, Check] = {
     "limiters": _one_or_more(_string),
     "exempt": _boolean,
     "cost": _cost,
+    "messages": _one_or_more(_string),
 }
 _SECTIONS = ("stores", "limiters", "middleware", "routes")
 _SECRET_KEYS = frozenset({"token"})
@@ -994,15 +996,23 @@ def _routes(
         if "path" not in values:
             raise where.error("path", 'missing, e.g. path = "/api/*"', kind="missing")
         _check_limiters(where, "limiters", values.get("limiters", ()), limiters)
-        if bool(values.get("limiters")) == values.get("exempt", False):
+        _check_limiters(where, "messages", values.get("messages", ()), limiters)
+        if values.get("limiters") and values.get("exempt", False):
             raise where.error(
                 "limiters",
                 "a rule needs either limiters or exempt = true, not both",
                 kind="conflict",
             )
-        if "cost" in values and not values.get("limiters"):
+        if not (values.get("limiters") or values.get("exempt") or values.get("messages")):
             raise where.error(
-                "cost", "goes with limiters (what each of them spends)", kind="missing"
+                "limiters",
+                "a rule needs either limiters or exempt = true (or only messages, for a"
+                " WebSocket's messages)",
+                kind="conflict",
+            )
+        if "cost" in values and not (values.get("limiters") or values.get("messages")):
+            raise where.error(
+                "cost", "goes with limiters or messages (what each of them spends)", kind="missing"
             )
         rules.append(RouteRule(**values))
     return tuple(rules)

@@ -107,6 +107,8 @@ class _Rule:
     match: Callable[[str], object]
     methods: frozenset[str] | None
     plan: Plan
+    decides: bool  # it has limiters or exempt = true (a rule may have only messages)
+    messages: Plan  # what each message of a matching WebSocket spends
 
 
 def _glob(pattern: str) -> Callable[[str], object]:
@@ -170,6 +172,7 @@ class PlanResolver:
         self.known_plan: Callable[[Hashable], Plan | None] = self._by_request.get
         """The plan `cached_plan` keeps for a key, else None: a dict lookup, for hot paths."""
         self._by_path: BoundedCache[tuple[str, str], Plan] = BoundedCache(PLAN_CACHE_SIZE)
+        self._messages_by_path: BoundedCache[str, Plan] = BoundedCache(PLAN_CACHE_SIZE)
 
     @property
     def identities(self) -> dict[str, Identity]:
@@ -217,7 +220,9 @@ class PlanResolver:
                 methods |= {"HEAD"}  # HEAD is GET without a body: no way around a GET limit
         limits = ((name, rule.cost) for name in rule.limiters)
         plan = NOT_LIMITED if rule.exempt else self._plan_of(limits, where)
-        return _Rule(_glob(rule.path), methods, plan)
+        messages = self._plan_of(((name, rule.cost) for name in rule.messages), where)
+        decides = bool(rule.limiters) or rule.exempt
+        return _Rule(_glob(rule.path), methods, plan, decides, messages)
 
     def marked_plan(self, marks: Marks, where: object = None) -> Plan:
         """The plan of an endpoint carrying `marks` (exempt wins over limits)."""
@@ -275,9 +280,23 @@ class PlanResolver:
 
     def _match_rules(self, method: str, path: str) -> Plan:
         for rule in self._rules:
-            if (rule.methods is None or method in rule.methods) and rule.match(path):
+            methods = rule.methods
+            if rule.decides and (methods is None or method in methods) and rule.match(path):
                 return rule.plan
         return self._default
+
+    def messages_plan(self, path: str) -> Plan:
+        """What each message received on a WebSocket at `path` spends: the `messages` of the
+        first matching rule that has any (none: messages are not limited)."""
+        plan = self._messages_by_path.get(path)
+        if plan is None:
+            plan = NOT_LIMITED
+            for rule in self._rules:
+                if rule.messages and rule.match(path):
+                    plan = rule.messages
+                    break
+            plan = self._messages_by_path.put(path, plan)
+        return plan
 
     def prepare(self, endpoints: Iterable[object] = ()) -> None:
         """Fail early: import key functions and check the marks of every endpoint object."""

@@ -22,8 +22,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from werkzeug.test import Client
 
 from ratesync_middleware import (
@@ -269,7 +270,9 @@ def test_functions_are_imported_at_start_up(key: str, spec: str, expected: str) 
 def test_a_route_rules_cost_needs_limiters() -> None:
     settings = config()
     settings["routes"] = [{"path": "/x", "exempt": True, "cost": 2}]
-    with pytest.raises(ConfigError, match=r"\[\[routes\]\] #1 cost: goes with limiters"):
+    with pytest.raises(
+        ConfigError, match=r"\[\[routes\]\] #1 cost: goes with limiters or messages"
+    ):
         AsyncRateLimiter(settings)
 
 
@@ -358,3 +361,72 @@ def test_acquire_under_a_shadow_limiter_never_raises() -> None:
 def test_mode_is_enforce_or_shadow() -> None:
     with pytest.raises(ConfigError, match=r"\[limiters.api\] mode: expected one of"):
         AsyncRateLimiter(config(mode="dry-run"))
+
+
+# --- WebSocket messages (Starlette; WSGI and Django's handlers have no WebSockets) ------------
+
+
+def chat_app(routes: list[dict[str, Any]], **limiters: dict[str, Any]) -> Starlette:
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.send_text(await websocket.receive_text())
+        except WebSocketDisconnect:
+            pass
+
+    settings = {"limiters": limiters, "routes": routes}
+    return Starlette(
+        routes=[WebSocketRoute("/ws/chat", echo)],
+        middleware=[Middleware(RateLimitMiddleware, config=settings)],
+    )
+
+
+CHAT = {"limit": 3, "window_seconds": 86400}
+
+
+def test_each_message_spends_and_the_one_too_many_closes_the_socket() -> None:
+    app = chat_app([{"path": "/ws/*", "messages": ["chat"]}], chat=CHAT)
+    with TestClient(app) as client, client.websocket_connect("/ws/chat") as socket:
+        for text in ("one", "two", "three"):
+            socket.send_text(text)
+            assert socket.receive_text() == text
+        socket.send_text("four")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            socket.receive_text()
+    assert closed.value.code == 1008
+    assert closed.value.reason == "rate limit exceeded"
+
+
+def test_a_messages_only_rule_leaves_the_handshake_to_the_others() -> None:
+    routes = [{"path": "/ws/*", "messages": ["chat"]}]
+    app = chat_app(routes, chat=CHAT)
+    with TestClient(app) as client:
+        for _ in range(5):  # five handshakes: none is charged to "chat"
+            with client.websocket_connect("/ws/chat"):
+                pass
+        with client.websocket_connect("/ws/chat") as socket:
+            for _ in range(3):  # all three of its messages are left
+                socket.send_text("hi")
+                assert socket.receive_text() == "hi"
+
+
+def test_the_handshake_and_the_messages_have_their_own_limiters() -> None:
+    routes = [{"path": "/ws/*", "limiters": ["connect"], "messages": ["chat"]}]
+    app = chat_app(routes, chat=CHAT, connect={"limit": 1, "window_seconds": 86400})
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws/chat") as socket:
+            socket.send_text("hi")
+            assert socket.receive_text() == "hi"
+        with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/ws/chat"):
+            pass
+    assert refused.value.code == 1008  # the second handshake: "connect" is spent
+
+
+def test_a_rule_needs_limiters_exempt_or_messages() -> None:
+    settings = {"limiters": {"chat": CHAT}, "routes": [{"path": "/ws/*"}]}
+    with pytest.raises(ConfigError, match="or only messages"):
+        AsyncRateLimiter(settings)
+    settings["routes"] = [{"path": "/ws/*", "messages": ["chta"]}]
+    with pytest.raises(ConfigError, match="messages: no limiter named 'chta'"):
+        AsyncRateLimiter(settings)
