@@ -1,0 +1,149 @@
+"""What a request-aware policy adds to a request (issue 14): the same app, one policy at a time.
+
+    .venv/bin/python bench/policies.py                 # Starlette and Flask, ~1 minute
+    .venv/bin/python bench/policies.py --only flask --reps 21
+
+One memory-store limiter that is never exhausted, the default of every request, in several
+variants timed in alternation in one process (the order reversed every other repetition):
+plain; `mode = "shadow"`; `cost = "pkg.mod:func"` (a function reading a header); `exempt_when`
+(a function that returns False, so the limiter still applies); `@limit(cost=lambda)` on the
+view. Reported: the median time per request of each, and the median per-repetition difference
+to plain (what the policy adds). Times are this thread's CPU time (see compare_trees.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+import types
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(BENCH_DIR.parent))
+
+from overhead import AsgiDriver, Driver, WsgiDriver  # noqa: E402
+
+FUNCTIONS = types.ModuleType("bench_policies_functions")
+
+
+def _units(request: Any) -> int:
+    return int(request.headers.get("x-units", "1"))
+
+
+def _internal(request: Any) -> bool:
+    return request.headers.get("x-internal") == "yes"
+
+
+FUNCTIONS.units = _units  # type: ignore[attr-defined]
+FUNCTIONS.internal = _internal  # type: ignore[attr-defined]
+sys.modules[FUNCTIONS.__name__] = FUNCTIONS
+
+LIMIT = {"rate_per_second": 1_000_000.0, "burst": 1_000_000_000}
+VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {  # name -> (limiter table, cost on the view)
+    "plain": ({}, False),
+    "shadow": ({"mode": "shadow"}, False),
+    "cost function": ({"cost": f"{FUNCTIONS.__name__}:units"}, False),
+    "exempt_when": ({"exempt_when": f"{FUNCTIONS.__name__}:internal"}, False),
+    "@limit(cost=lambda)": ({}, True),
+}
+
+
+def config(extra: dict[str, Any]) -> dict[str, Any]:
+    return {"limiters": {"api": {**LIMIT, **extra}}, "middleware": {"default": "api"}}
+
+
+def starlette(extra: dict[str, Any], marked: bool) -> Driver:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from ratesync_middleware import RateLimitMiddleware, limit
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    endpoint = limit("api", cost=lambda request: 1)(home) if marked else home
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(RateLimitMiddleware, config=config(extra))
+    return AsgiDriver(app, 200)
+
+
+def flask(extra: dict[str, Any], marked: bool) -> Driver:
+    from flask import Flask
+
+    from ratesync_middleware.flask import RateLimit
+
+    app = Flask(f"policies_{len(extra)}_{marked}")
+    ratelimit = RateLimit(app, config=config(extra))
+
+    def index() -> str:
+        return "ok"
+
+    view = ratelimit.limit("api", cost=lambda request: 1)(index) if marked else index
+    app.add_url_rule("/", view_func=view)
+    return WsgiDriver(app, 200)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=31)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--only", default="asgi,flask", help="asgi, flask")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    loop = asyncio.new_event_loop()
+
+    def run(driver: Driver, count: int) -> tuple[int, int]:
+        started = time.thread_time_ns()
+        result = driver.run(count)
+        _, wrong = loop.run_until_complete(result) if asyncio.iscoroutine(result) else result
+        return time.thread_time_ns() - started, wrong
+
+    builders: dict[str, Callable[[dict[str, Any], bool], Driver]] = {
+        "asgi": starlette,
+        "flask": flask,
+    }
+    print(f"{args.reps} repetitions of {args.requests} requests; us per request (median)\n")
+    print("| framework | variant | time/request | added to plain |")
+    print("| --- | --- | ---: | ---: |")
+    failed = 0
+    for framework in args.only.split(","):
+        drivers = {name: builders[framework](*variant) for name, variant in VARIANTS.items()}
+        for driver in drivers.values():
+            start = getattr(driver, "start", None)
+            if start is not None:
+                loop.run_until_complete(start())
+            run(driver, 200)
+        gc.collect()
+        gc.freeze()
+        times: dict[str, list[float]] = {name: [] for name in drivers}
+        order = list(drivers)
+        for rep in range(args.reps):
+            for name in order if rep % 2 == 0 else order[::-1]:
+                gc.collect()
+                elapsed, wrong = run(drivers[name], args.requests)
+                times[name].append(elapsed / args.requests / 1000)
+                failed += wrong
+        for name, samples in times.items():
+            added = [t - p for t, p in zip(samples, times["plain"], strict=True)]
+            extra = "" if name == "plain" else f"{statistics.median(added):+.2f}"
+            print(f"| {framework} | {name} | {statistics.median(samples):.2f} | {extra} |")
+        for driver in drivers.values():
+            closed = driver.close()
+            if asyncio.iscoroutine(closed):
+                loop.run_until_complete(closed)
+    if failed:
+        print(f"\n{failed} requests got an unexpected status", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
