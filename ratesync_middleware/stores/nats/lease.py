@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 
 from ...algorithms import Algorithm
-from ...bucket import Policy
+from ...bucket import Decision, Policy
 
 __all__ = ["LEASE_SECONDS", "Lease", "lease_for"]
 
-LEASE_SECONDS = 0.02
+LEASE_SECONDS = 0.05
 """How long a lease should last: a hot key costs each process about 1/LEASE_SECONDS writes/s."""
 
 MIN_UNITS = 4  # a lease of fewer units is not worth it: the key stays on the plain path
@@ -34,6 +34,7 @@ LEFT_SHARE = 4  # ... and at most a quarter of what the bucket has left (so near
 # where every token counts and processes race for each, there are no leases to strand)
 HOT_WRITES = 16  # a key is hot after this many writes in a row that each saw enough demand ...
 HOT_SECONDS = 0.05  # ... over at least this long (a short burst of requests takes no lease)
+HOLD_SHARE = 16  # at the limit, a process waits for at most 1/16 of the burst to come back
 
 
 def lease_for(algorithm: Algorithm) -> Lease | None:
@@ -52,6 +53,7 @@ class Lease:
     """
 
     __slots__ = (
+        "at_limit",
         "demand",
         "hot_since",
         "left",
@@ -59,6 +61,7 @@ class Lease:
         "observed_at",
         "policy",
         "refill_at",
+        "reserve",
         "runs",
         "streak",
     )
@@ -73,6 +76,15 @@ class Lease:
         self.observed_at = 0.0  # monotonic time of the last `observe`
         self.streak = 0
         self.hot_since = 0.0
+        # At the limit, wait for this many more units than asked before racing for them.
+        ceiling = min(math.ceil(policy.rate * LEASE_SECONDS), policy.burst // HOLD_SHARE)
+        self.reserve = max(0, ceiling - 1)
+        self.at_limit = False  # the last write found too little left in the bucket to lease
+
+    @property
+    def holding(self) -> bool:
+        """Whether decisions that the lease cannot serve wait for `reserve` (`hold_back`)."""
+        return self.at_limit and self.streak >= HOT_WRITES
 
     def take(self, now: int, cost: int) -> bool:
         """Admit `cost` units at `now` from the lease, skipping the units that expired."""
@@ -93,6 +105,20 @@ class Lease:
             runs.pop(0)
         self.left = 0
         return False
+
+    def hold_back(self, tat: int, now: int, cost: int) -> Decision | None:
+        """A denial while fewer than `cost + reserve` units are back in the bucket, for a hot
+        key at the limit (its last write found no room for a lease).
+
+        Each unit comes back every interval; racing for each one as it does costs every process
+        of the fleet a lost compare-and-set and a read per unit. Every process waiting for
+        about LEASE_SECONDS of them (at most 1/16 of the burst) lets one write take them for
+        its waiting requests; what it leaves stays in the bucket for whoever writes next.
+        """
+        if cost + self.reserve > self.policy.burst:
+            return None
+        admitted, decision = self.policy.consume(tat, now, cost + self.reserve)
+        return decision if admitted is None else None
 
     def wants_refill(self, now: int) -> bool:
         """Whether to renew now, so that the next lease lands before this one runs out."""
@@ -123,6 +149,7 @@ class Lease:
         interval, window = policy.interval_ns, policy.window_ns
         lead = min(int((LEASE_SECONDS + 2 * round_trip) * 1e9), window // LEFT_SHARE)
         left_in_bucket = (now + window - max(tat, now)) // interval
+        self.at_limit = left_in_bucket // LEFT_SHARE < MIN_UNITS
         wanted = math.ceil(self.demand * (LEASE_SECONDS + 3 * round_trip)) - self.left
         start = max(tat, now + lead)
         fits = (now + window - start) // interval

@@ -532,21 +532,26 @@ class NatsStore:
         cache = self._cache
         state = cache.get(key)
         if state is None:
-            state = cache[key] = _KeyState()
+            state = cache[key] = _KeyState(asked=cost)
             if len(cache) > self.config.max_keys:
                 cache.popitem(last=False)
         else:
             cache.move_to_end(key)
+            state.asked += cost
             lease = state.lease
             if lease is not None and lease.runs and lease.policy is policy:
                 leased = self._from_lease(key, state, lease, cost)
                 if leased is not None:
                     return leased  # a token this process leased: no round trip
             if state.revision is not None:
-                admitted, decision = policy.consume(state.state, self._clock(), cost)
+                clock_now = self._clock()
+                admitted, decision = policy.consume(state.state, clock_now, cost)
                 if admitted is None:
                     return decision  # the cache proves the bucket empty: no round trip
-        state.asked += cost
+                if lease is not None and lease.holding:
+                    held = lease.hold_back(state.state, clock_now, cost)
+                    if held is not None:
+                        return held  # a hot key at the limit: see `Lease.hold_back`
         now = time.monotonic()
         if now < self._retry_at and self._last_error is not None:
             raise self._last_error  # a call just failed: answer at once, whatever the socket says
@@ -726,7 +731,6 @@ class NatsStore:
         now = self._clock()
         if not lease.take(now, cost):
             return None
-        state.asked += cost
         if not state.busy and lease.wants_refill(now):
             state.busy = True
             state.flusher = asyncio.get_running_loop().create_task(
