@@ -65,6 +65,20 @@ def test_a_lease_never_takes_more_than_the_bucket_holds() -> None:
     assert lease.slots(now + 990 * MS, now, round_trip=0.001) is None  # 10 left: not worth it
 
 
+def test_at_the_limit_a_hot_key_waits_for_a_few_units_with_an_honest_retry_after() -> None:
+    policy = Policy("api", 1 * MS, 2000)  # 1000/s, burst 2000: waits for 50 ms of units
+    lease = Lease(policy)
+    now = 10**12
+    two_back = now + policy.window_ns - 2 * MS  # the bucket has 2 units
+    held = lease.hold_back(two_back, now, 1)
+    assert held is not None
+    assert not held.allowed
+    assert held.remaining == 2
+    assert held.retry_after == pytest.approx(0.048)  # when the 50th unit is back
+    assert held == policy.consume(two_back, now, 50)[1]  # the denial of the units it waits for
+    assert lease.hold_back(now + policy.window_ns - 50 * MS, now, 1) is None  # 50 back: go
+
+
 def test_only_token_buckets_with_room_are_leased() -> None:
     assert lease_for(Policy("api", MS, 1000)) is not None
     assert lease_for(Policy("login", MS, 10)) is None  # too small a burst to share

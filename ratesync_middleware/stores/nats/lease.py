@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from ...algorithms import Algorithm
-from ...bucket import Decision, Policy
+from ...bucket import NS_PER_SECOND, Decision, Policy
 
 __all__ = ["LEASE_SECONDS", "Lease", "lease_for"]
 
@@ -60,6 +60,7 @@ class Lease:
         "low_water",
         "observed_at",
         "policy",
+        "reason",
         "refill_at",
         "reserve",
         "runs",
@@ -80,6 +81,7 @@ class Lease:
         ceiling = min(math.ceil(policy.rate * LEASE_SECONDS), policy.burst // HOLD_SHARE)
         self.reserve = max(0, ceiling - 1)
         self.at_limit = False  # the last write found too little left in the bucket to lease
+        self.reason = f"rate limit {policy.name!r} exceeded"
 
     @property
     def holding(self) -> bool:
@@ -115,10 +117,22 @@ class Lease:
         about LEASE_SECONDS of them (at most 1/16 of the burst) lets one write take them for
         its waiting requests; what it leaves stays in the bucket for whoever writes next.
         """
-        if cost + self.reserve > self.policy.burst:
+        policy = self.policy
+        interval, window = policy.interval_ns, policy.window_ns
+        start = tat if tat > now else now
+        allow_at = start + (cost + self.reserve) * interval - window
+        if allow_at <= now or cost + self.reserve > policy.burst:
             return None
-        admitted, decision = self.policy.consume(tat, now, cost + self.reserve)
-        return decision if admitted is None else None
+        # The fields of `bucket.consume`'s denial (allowed, limit, remaining, retry_after, ...).
+        return Decision(
+            False,
+            policy.burst,
+            max(0, (window - (start - now)) // interval),
+            (allow_at - now) / NS_PER_SECOND,
+            (start - now) / NS_PER_SECOND,
+            policy.name,
+            self.reason,
+        )
 
     def wants_refill(self, now: int) -> bool:
         """Whether to renew now, so that the next lease lands before this one runs out."""

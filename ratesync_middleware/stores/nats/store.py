@@ -537,12 +537,15 @@ class NatsStore:
                 cache.popitem(last=False)
         else:
             cache.move_to_end(key)
-            state.asked += cost
             lease = state.lease
-            if lease is not None and lease.runs and lease.policy is policy:
-                leased = self._from_lease(key, state, lease, cost)
-                if leased is not None:
-                    return leased  # a token this process leased: no round trip
+            if lease is not None:
+                state.asked += cost  # denials too: a key at the limit stays hot
+                if lease.runs and lease.policy is policy:
+                    leased = self._from_lease(key, state, lease, cost)
+                    if leased is not None:
+                        return leased  # a token this process leased: no round trip
+            else:
+                state.asked += cost
             if state.revision is not None:
                 clock_now = self._clock()
                 admitted, decision = policy.consume(state.state, clock_now, cost)
