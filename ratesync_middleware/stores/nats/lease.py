@@ -19,9 +19,10 @@ would need one run of slots per rate. Both keep one compare-and-set per batch.
 from __future__ import annotations
 
 import math
+import random
 
 from ...algorithms import Algorithm
-from ...bucket import NS_PER_SECOND, Decision, Policy
+from ...bucket import Decision, Policy
 
 __all__ = ["LEASE_SECONDS", "Lease", "lease_for"]
 
@@ -60,11 +61,11 @@ class Lease:
         "low_water",
         "observed_at",
         "policy",
-        "reason",
         "refill_at",
         "reserve",
         "runs",
         "streak",
+        "waiting",
     )
 
     def __init__(self, policy: Policy) -> None:
@@ -80,8 +81,8 @@ class Lease:
         # At the limit, wait for this many more units than asked before racing for them.
         ceiling = min(math.ceil(policy.rate * LEASE_SECONDS), policy.burst // HOLD_SHARE)
         self.reserve = max(0, ceiling - 1)
+        self.waiting = self.reserve  # this round's, drawn at every write (`observe`)
         self.at_limit = False  # the last write found too little left in the bucket to lease
-        self.reason = f"rate limit {policy.name!r} exceeded"
 
     @property
     def holding(self) -> bool:
@@ -110,29 +111,19 @@ class Lease:
 
     def hold_back(self, tat: int, now: int, cost: int) -> Decision | None:
         """A denial while fewer than `cost + reserve` units are back in the bucket, for a hot
-        key at the limit (its last write found no room for a lease).
+        key at the limit (its last write found no room for a lease). Every process holds
+        back alike, or the one that does not would win every race (fairness).
 
         Each unit comes back every interval; racing for each one as it does costs every process
         of the fleet a lost compare-and-set and a read per unit. Every process waiting for
         about LEASE_SECONDS of them (at most 1/16 of the burst) lets one write take them for
         its waiting requests; what it leaves stays in the bucket for whoever writes next.
         """
-        policy = self.policy
-        interval, window = policy.interval_ns, policy.window_ns
+        policy, waited = self.policy, cost + self.waiting
         start = tat if tat > now else now
-        allow_at = start + (cost + self.reserve) * interval - window
-        if allow_at <= now or cost + self.reserve > policy.burst:
-            return None
-        # The fields of `bucket.consume`'s denial (allowed, limit, remaining, retry_after, ...).
-        return Decision(
-            False,
-            policy.burst,
-            max(0, (window - (start - now)) // interval),
-            (allow_at - now) / NS_PER_SECOND,
-            (start - now) / NS_PER_SECOND,
-            policy.name,
-            self.reason,
-        )
+        if start + waited * policy.interval_ns - policy.window_ns <= now or waited > policy.burst:
+            return None  # they are back (checked first: the denial is built only when needed)
+        return policy.consume(tat, now, waited)[1]
 
     def wants_refill(self, now: int) -> bool:
         """Whether to renew now, so that the next lease lands before this one runs out."""
@@ -140,6 +131,9 @@ class Lease:
 
     def observe(self, asked: int, monotonic_now: float) -> bool:
         """Account for the `asked` units since the last write; whether the key is hot."""
+        # Processes that wait alike would race alike, and the one that learns the state first
+        # (it wrote last) would win every time: each round waits a random 1/2 to all of it.
+        self.waiting = random.randint(self.reserve // 2, self.reserve)
         elapsed = monotonic_now - self.observed_at
         self.observed_at = monotonic_now
         sample = asked / elapsed if elapsed > 0 else 0.0
