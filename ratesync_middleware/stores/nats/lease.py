@@ -24,7 +24,7 @@ import random
 from ...algorithms import Algorithm
 from ...bucket import Decision, Policy
 
-__all__ = ["LEASE_SECONDS", "Lease", "lease_for"]
+__all__ = ["LEASE_SECONDS", "Lease", "lease_for", "warm"]
 
 LEASE_SECONDS = 0.05
 """How long a lease should last: a hot key costs each process about 1/LEASE_SECONDS writes/s."""
@@ -36,6 +36,11 @@ LEFT_SHARE = 4  # ... and at most a quarter of what the bucket has left (so near
 HOT_WRITES = 16  # a key is hot after this many writes in a row that each saw enough demand ...
 HOT_SECONDS = 0.05  # ... over at least this long (a short burst of requests takes no lease)
 HOLD_SHARE = 16  # at the limit, a process waits for at most 1/16 of the burst to come back
+
+
+def warm(asked: int, elapsed: float) -> bool:
+    """Whether `asked` units over `elapsed` seconds would fill a lease (MIN_UNITS per lease)."""
+    return asked * LEASE_SECONDS >= MIN_UNITS * elapsed
 
 
 def lease_for(algorithm: Algorithm) -> Lease | None:
@@ -138,7 +143,7 @@ class Lease:
         self.observed_at = monotonic_now
         sample = asked / elapsed if elapsed > 0 else 0.0
         self.demand = sample if self.streak == 0 else (self.demand + sample) / 2
-        if sample * LEASE_SECONDS < MIN_UNITS:
+        if not warm(asked, elapsed):
             self.streak = 0
             return False
         if self.streak == 0:

@@ -52,7 +52,7 @@ from .errors import (
     is_permission_violation,
     is_wrong_last_sequence,
 )
-from .lease import Lease, lease_for
+from .lease import Lease, lease_for, warm
 from .slots import SlotKeeper
 from .wire import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -93,6 +93,7 @@ class _KeyState:
     waiters: list[Waiter] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
     asked: int = 0  # units asked since the last write (how hot the key is: lease.py)
+    observed_at: float = 0.0  # monotonic time of the last write, until the key has a lease
     lease: Lease | None = None  # tokens this process took of the key's bucket (lease.py)
 
 
@@ -720,13 +721,18 @@ class NatsStore:
 
     def _leasing(self, state: _KeyState, algorithm: Algorithm) -> Lease | None:
         """The key's lease when the key is hot enough to lease, else None (a plain write)."""
+        asked, state.asked = state.asked, 0
+        now = time.monotonic()
         lease = state.lease
         if lease is None or lease.policy is not algorithm:
+            # A cold key costs one comparison per write: its lease is made once it warms up.
+            observed_at, state.observed_at = state.observed_at, now
+            if not warm(asked, now - observed_at):
+                return None
             lease = state.lease = lease_for(algorithm)
             if lease is None:
                 return None
-        asked, state.asked = state.asked, 0
-        return lease if lease.observe(asked, time.monotonic()) else None
+        return lease if lease.observe(asked, now) else None
 
     def _from_lease(self, key: str, state: _KeyState, lease: Lease, cost: int) -> Decision | None:
         """Admit from the key's lease, renewing it in the background as it runs low; the
