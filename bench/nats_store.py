@@ -3,10 +3,12 @@
     .venv/bin/python bench/nats_store.py            # the documented run, ~4 minutes
     .venv/bin/python bench/nats_store.py --quick    # a smoke run, ~1 minute
     .venv/bin/python bench/nats_store.py --only slots --name nats_store_slots   # max_concurrent
+    .venv/bin/python bench/nats_store.py --only fleet   # P processes x C tasks on one global key
 
 Starts its own nats-server (JetStream, file storage, loopback, port chosen by the server) and its
 own redis-server (Debian's /usr/bin/redis-server, no persistence, on a free port), runs every
-workload with the variants interleaved, prints the tables, writes bench/results/nats_store.json
+workload with the variants interleaved (the NATS server's monitoring port counts the messages it
+receives), prints the tables, writes bench/results/nats_store.json
 (+ .md) and docs/img/nats_store-*.png, and stops both servers on exit, also on Ctrl-C.
 
 Every workload runs in worker processes (multiprocessing, spawn) started once; the parent only
@@ -69,7 +71,10 @@ POLICIES = {
     "unlimited": PolicySpec("unlimited", 1_000_000.0, 10_000_000, (10_000_000, "second")),
     "contended": PolicySpec("contended", 100.0, 50, (100, "second")),
     "flood": PolicySpec("flood", 0.01, 10, (10, "hour")),
+    # issue 16's example: "our whole fleet may call the payment API 2,000 times a second"
+    "payment": PolicySpec("payment", 2000.0, 2000, (2000, "second")),
 }
+FLEETS = ((8, 8),)  # processes x concurrent tasks of the fleet tables (issue 16's target)
 
 
 # The algorithms table: rate-sync's login window and a two-rate limit, against the token bucket
@@ -234,10 +239,10 @@ class Ours:
             store._write = counting_write
         if original_failure is not None:
 
-            def recording_failure(state: Any, error: BaseException) -> Any:
+            def recording_failure(state: Any, error: BaseException, **options: Any) -> Any:
                 what = f"{type(error).__module__}.{type(error).__name__}: {error}"[:120]
                 self.failures[what] = self.failures.get(what, 0) + 1
-                return original_failure(state, error)
+                return original_failure(state, error, **options)
 
             store._call_failure = recording_failure
         if original_commit is None or original_write is None:
@@ -669,12 +674,24 @@ class Bench:
         pool: Pool,
         report: Report,
         server_pids: dict[str, int] | None = None,
+        monitor_url: str = "",
     ) -> None:
         self.server_pids = server_pids or {}
+        self.monitor_url = monitor_url
         self.args = args
         self.pool = pool
         self.report = report
         self.run_id = f"{os.getpid()}-{int(time.time())}"  # fresh keys for every run
+
+    def nats_received(self) -> float:
+        """Messages the NATS server has received from clients so far (`/varz` `in_msgs`)."""
+        if not self.monitor_url:
+            return math.nan
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.monitor_url + "/varz", timeout=5) as answer:
+            return float(json.load(answer)["in_msgs"])
 
     def key(self, *parts: object) -> str:
         return "-".join(str(p) for p in (self.run_id, *parts))
@@ -737,8 +754,11 @@ class Bench:
             server = "redis" if name.startswith("limits") else "nats"
             pid = self.server_pids.get(server)
             server_cpu0 = process_cpu_seconds(pid) if pid else math.nan
+            received0 = self.nats_received() if server == "nats" else math.nan
             results = self.pool.run(jobs)
             server_cpu = (process_cpu_seconds(pid) if pid else math.nan) - server_cpu0
+            # every message the NATS server got meanwhile, the workers' connecting included
+            received = (self.nats_received() if server == "nats" else math.nan) - received0
             t0 = min(r["t0"] for r in results)
             t1 = max(r["t1"] for r in results)
             seconds = (t1 - t0) / 1e9
@@ -763,6 +783,8 @@ class Bench:
                 "conflicts_per_decision": total["conflicts"]
                 / max(1, total["answered"] + total["degraded"]),
                 "requests_per_decision": requests / max(1, total["answered"] + total["degraded"]),
+                "server_msgs_per_decision": received
+                / max(1, total["answered"] + total["degraded"]),
                 "p50_us": sorted(r["p50_us"] for r in results)[len(results) // 2],
                 "p99_us": max(r["p99_us"] for r in results),
                 "seconds": seconds,
@@ -779,6 +801,7 @@ class Bench:
             for r in results:
                 for what, n in r["failures"].items():
                     failures[what] = failures.get(what, 0) + n
+            out["errors"] = total["degraded"] + sum(failures.values())
             if failures:
                 out["failures"] = failures  # kept in the JSON samples
                 print(f"    store failures: {failures}", flush=True)
@@ -1011,6 +1034,42 @@ class Bench:
                 plot=["denials_per_s"],
                 targets={"denials_per_s": (50_000, "issue 7 target: 50,000/s")},
             )
+        if wanted("fleet"):
+            self.run_fleet(load_metrics)
+
+    def run_fleet(self, load_metrics: list[Metric]) -> None:
+        """Issue 16: a whole fleet on one global key, ours against limits+Redis."""
+        a = self.args
+        messages = Metric(
+            "server_msgs_per_decision", "NATS msgs received/decision", ratio=False, digits=3
+        )
+        errors = Metric("errors", "errors", ratio=False, agg="max")
+        for processes, concurrency in FLEETS:
+            for policy in ("unlimited", "payment"):
+                spec = POLICIES[policy]
+                if policy == "unlimited":
+                    what = "bucket never exhausted: any refusal is wrong"
+                    keep = {"decisions_per_s", "p99_us", "wrong_refusals"}
+                else:
+                    what = f"{spec.rate:g}/s, burst {spec.burst}: the fleet hits the limit"
+                    keep = {"decisions_per_s", "p99_us", "admitted", "bound", "over_admitted"}
+                    keep |= {"under_bound"}
+                keep |= {"conflicts_per_decision", "client_cpu_us", "server_cpu_us", "cpu_busy"}
+                metrics = [m for m in load_metrics if m.key in keep]
+                self.report.run(
+                    f"fleet-{processes}x{concurrency}-{policy}",
+                    title=f"Fleet: {processes} processes x {concurrency} concurrent on one global key, {what}",
+                    variants=[
+                        self.load_variant(v, policy, processes, concurrency)
+                        for v in ["ours", "limits fixed", "limits moving"]
+                    ],
+                    metrics=[*metrics[:3], errors, messages, *metrics[3:]],
+                    baseline="limits fixed",
+                    reps=a.reps,
+                    params={"duration_s": a.duration, "rate_per_s": spec.rate, "burst": spec.burst},
+                    plot=["decisions_per_s", "server_msgs_per_decision"],
+                    targets={"server_msgs_per_decision": (0.05, "issue 16 target: 0.05")},
+                )
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -1031,7 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="comma list: latency, algorithms, hotkey, hotkey-4x16-unlimited, keys, flood, slots",
+        help="comma list: latency, algorithms, hotkey, hotkey-4x16-unlimited, keys, flood, "
+        "slots, fleet",
     )
     parser.add_argument(
         "--name", default="nats_store", help="results/<name>.json, docs/img/<name>-*.png"
@@ -1067,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
         packages=["ratesync-middleware", "nats-py", "limits", "redis", "matplotlib"],
     )
     try:
-        nats_server = NatsServer()
+        monitor_port = free_port()
+        nats_server = NatsServer("-m", str(monitor_port))
         cleanups.append(nats_server.cleanup)
         nats_server.start()
         redis_server = RedisServer()
@@ -1083,10 +1144,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(report.header(), flush=True)
         asyncio.run(_create_bucket(urls["nats"]))
-        pool = Pool(4, urls)
+        pool = Pool(max(4, *(processes for processes, _ in FLEETS)), urls)
         cleanups.append(pool.close)
         server_pids = {"nats": nats_server.process.pid, "redis": redis_server.process.pid}
-        Bench(args, pool, report, server_pids).run_all()
+        Bench(args, pool, report, server_pids, f"http://127.0.0.1:{monitor_port}").run_all()
         report.save()
         return 0
     except KeyboardInterrupt:

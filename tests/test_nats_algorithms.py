@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import time
 from typing import Any
 
@@ -12,6 +11,7 @@ import nats
 import pytest
 
 from ratesync_middleware import AsyncRateLimiter
+from tests.fleet import in_processes
 
 pytestmark = pytest.mark.nats
 
@@ -51,29 +51,12 @@ async def _spend(config: dict[str, Any], limiter_name: str, seconds: float) -> i
     return admitted
 
 
-def _process(config: dict[str, Any], limiter_name: str, seconds: float, results: Any) -> None:
-    try:
-        results.put(asyncio.run(_spend(config, limiter_name, seconds)))
-    except BaseException as error:  # tell the test at once, rather than let it wait
-        results.put(f"{type(error).__name__}: {error}")
-        raise
+def _count(config: dict[str, Any], limiter_name: str, seconds: float) -> int:
+    return asyncio.run(_spend(config, limiter_name, seconds))
 
 
 def _in_two_processes(config: dict[str, Any], limiter_name: str, seconds: float) -> list[int]:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [
-        context.Process(target=_process, args=(config, limiter_name, seconds, results))
-        for _ in range(2)
-    ]
-    for process in processes:
-        process.start()
-    counts = [results.get(timeout=60) for _ in processes]
-    for process in processes:
-        process.join(30)
-    for count in counts:
-        assert isinstance(count, int), count  # a process failed: say why
-    return counts
+    return in_processes(_count, (config, limiter_name, seconds), 2)
 
 
 @pytest.mark.slow

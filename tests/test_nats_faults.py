@@ -310,7 +310,9 @@ async def test_a_burst_larger_than_the_outgoing_buffer_never_blocks_a_decision(
                 await asyncio.gather(*pending, return_exceptions=True)
                 elapsed = time.monotonic() - started
             assert not pending, f"{len(pending)} of 12000 decisions hung ({elapsed:.1f}s)"
-            assert max(task.result()[0] for task in done) < 1.0
+            # Each answers by its deadline (0.25 s) plus the time 12,000 tasks take to run on
+            # one loop; a loaded CI machine has made that 1.09 s. The fault was 24 s and more.
+            assert max(task.result()[0] for task in done) < 2.0
 
 
 # -- fault 3: the bucket's max age covers the longest window --------------------------------------

@@ -54,6 +54,7 @@ from .errors import (
     is_permission_violation,
     is_wrong_last_sequence,
 )
+from .lease import Lease, lease_for, warm
 from .slots import SlotKeeper
 from .wire import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -93,6 +94,9 @@ class _KeyState:
     contended_until: float = 0.0  # monotonic time until which other processes race for it
     waiters: list[Waiter] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
+    asked: int = 0  # units asked since the last write (how hot the key is: lease.py)
+    observed_at: float = 0.0  # monotonic time of the last write, until the key has a lease
+    lease: Lease | None = None  # tokens this process took of the key's bucket (lease.py)
 
 
 class _NoTimeLeftError(DeadlineError):
@@ -461,6 +465,8 @@ class NatsStore:
                 writer.transport.abort()  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
+        if self._loop is asyncio.get_running_loop():
+            await self._return_leases()
         nc = self._nc
         self._forget_connection()
         self._slots.close()
@@ -544,17 +550,31 @@ class NatsStore:
         cache = self._cache
         state = cache.get(key)
         if state is None:
-            state = cache[key] = _KeyState()
+            state = cache[key] = _KeyState(asked=cost)
             if len(cache) > self.config.max_keys:
                 cache.popitem(last=False)
         else:
             cache.move_to_end(key)
+            lease = state.lease
+            if lease is not None:
+                state.asked += cost  # denials too: a key at the limit stays hot
+                if lease.runs and lease.policy is policy:
+                    leased = self._from_lease(key, state, lease, cost)
+                    if leased is not None:
+                        return leased  # a token this process leased: no round trip
+            else:
+                state.asked += cost
             if state.revision is not None:
-                admitted, decision = policy.consume(state.state, self._clock(), cost, max_wait_ns)
+                clock_now = self._clock()
+                admitted, decision = policy.consume(state.state, clock_now, cost, max_wait_ns)
                 if admitted is None:
                     # The cache proves the bucket empty (for longer than the request may wait:
                     # the real state can only make it wait longer): no round trip.
                     return decision
+                if lease is not None and lease.holding and not max_wait_ns:
+                    held = lease.hold_back(state.state, clock_now, cost)
+                    if held is not None:
+                        return held  # a hot key at the limit: see `Lease.hold_back`
         now = time.monotonic()
         if now < self._retry_at and self._last_error is not None:
             raise self._last_error  # a call just failed: answer at once, whatever the socket says
@@ -598,6 +618,8 @@ class NatsStore:
                 # A waiter whose caller went away is not written: nobody would be told.
                 batch = [w for w in state.waiters if w[2] is None or not w[2].done()]
                 state.waiters = []
+                if state.lease is not None and state.lease.runs:
+                    batch = self._serve_from_lease(state, state.lease, batch)
                 if not batch:
                     continue
                 # Arrival order is deadline order: the batch must answer by its first's.
@@ -635,14 +657,21 @@ class NatsStore:
         *,
         read_first: bool = False,
         deadline: float | None = None,
+        policy: Algorithm | None = None,
     ) -> list[Decision]:
         """Apply `batch` in arrival order to the key's state and write it with compare-and-set.
 
         The cached state is tried first unless `read_first`; after a conflict it is read again.
-        Every round trip, and the retries after lost races, end by `deadline`.
+        Every round trip, and the retries after lost races, end by `deadline`. A hot key's
+        write also takes a lease (lease.py); `policy` is the key's when `batch` is empty (a
+        lease renewed ahead of need).
         """
         if deadline is None:
             deadline = time.monotonic() + self.config.timeout
+        algorithm = batch[0][0] if batch else policy
+        assert algorithm is not None
+        leasing = self._leasing(state, algorithm)
+        run: tuple[int, int] | None = None
         subject = self._prefix + key
         read_first = read_first or state.lost
         while True:
@@ -651,7 +680,7 @@ class NatsStore:
                 if remaining < self._round_trip:
                     raise self._no_time_left(key)
                 try:
-                    state.state, state.revision = await self._read(subject, remaining, batch[0][0])
+                    state.state, state.revision = await self._read(subject, remaining, algorithm)
                     state.lost = False
                     self._last_reply = time.monotonic()
                 except NatsFailure as read_error:
@@ -660,14 +689,18 @@ class NatsStore:
                     ) from None
             now = self._clock()
             last_policy: Algorithm | None = None
-            new_state: Any = state.state if state.revision is not None else batch[0][0].empty
+            new_state: Any = state.state if state.revision is not None else algorithm.empty
             decisions = []
-            for policy, cost, _, _, max_wait in batch:
+            for waiter_policy, cost, _, _, max_wait in batch:
                 # A request admitted for later is reserved in this same write (`timeout`).
-                admitted, decision = policy.consume(new_state, now, cost, max_wait)
+                admitted, decision = waiter_policy.consume(new_state, now, cost, max_wait)
                 if admitted is not None:
-                    new_state, last_policy = admitted, policy
+                    new_state, last_policy = admitted, waiter_policy
                 decisions.append(decision)
+            if leasing is not None:
+                run = leasing.slots(new_state, now, self._round_trip)
+                if run is not None:
+                    new_state, last_policy = run[1], leasing.policy
             if last_policy is None:
                 return decisions  # nothing admitted: nothing to write
             started = time.monotonic()
@@ -695,6 +728,8 @@ class NatsStore:
                 alone = self._alone(error)
                 raise self._call_failure(state, error, alone=alone) from None
             state.state, state.revision, state.lost = new_state, revision, False
+            if run is not None and leasing is not None:
+                leasing.add(*run, self._round_trip)
             if revision <= self._highest_ack:
                 self._check_stream_soon()  # the stream's sequence went back: re-created?
             self._highest_ack = revision
@@ -702,6 +737,98 @@ class NatsStore:
             self._last_reply = replied = time.monotonic()
             self._round_trip += (replied - started - self._round_trip) / 16
             return decisions
+
+    # -- leases (lease.py) -----------------------------------------------------------------------
+
+    def _leasing(self, state: _KeyState, algorithm: Algorithm) -> Lease | None:
+        """The key's lease when the key is hot enough to lease, else None (a plain write)."""
+        asked, state.asked = state.asked, 0
+        now = time.monotonic()
+        lease = state.lease
+        if lease is None or lease.policy is not algorithm:
+            # A cold key costs one comparison per write: its lease is made once it warms up.
+            observed_at, state.observed_at = state.observed_at, now
+            if not warm(asked, now - observed_at):
+                return None
+            lease = state.lease = lease_for(algorithm)
+            if lease is None:
+                return None
+        return lease if lease.observe(asked, now) else None
+
+    def _from_lease(self, key: str, state: _KeyState, lease: Lease, cost: int) -> Decision | None:
+        """Admit from the key's lease, renewing it in the background as it runs low; the
+        headers are those of the shared bucket as this process last wrote or read it."""
+        now = self._clock()
+        if not lease.take(now, cost):
+            return None
+        if not state.busy and lease.wants_refill(now):
+            state.busy = True
+            state.flusher = asyncio.get_running_loop().create_task(
+                self._refill(key, state, lease.policy)
+            )
+            state.flusher.add_done_callback(_retrieve)
+        return lease.policy.peek(state.state, now)
+
+    def _serve_from_lease(
+        self, state: _KeyState, lease: Lease, batch: list[Waiter]
+    ) -> list[Waiter]:
+        """Answer waiters from a lease that landed while they queued; the rest, to be written."""
+        now = self._clock()
+        rest = []
+        for waiter in batch:
+            policy, cost, future, _, _ = waiter
+            if future is not None and policy is lease.policy and lease.take(now, cost):
+                future.set_result(lease.policy.peek(state.state, now))
+            else:
+                rest.append(waiter)
+        return rest
+
+    async def _refill(self, key: str, state: _KeyState, policy: Algorithm) -> None:
+        """Renew a hot key's lease ahead of need, then write what queued meanwhile."""
+        try:
+            now = time.monotonic()
+            if now >= self._retry_at or self._last_error is None:  # not during a back-off
+                await self._commit(
+                    key, state, [], read_first=state.contended_until > now, policy=policy
+                )
+        except StoreError:
+            pass  # the lease runs out: the next decisions take the plain path, and its answer
+        except BaseException:
+            state.revision, state.lost = None, True
+            state.busy, state.flusher = False, None
+            raise
+        state.busy, state.flusher = False, None
+        if state.waiters:
+            state.busy = True
+            state.flusher = asyncio.get_running_loop().create_task(self._flush(key, state))
+
+    async def _return_leases(self) -> None:
+        """Give back the unused tokens of leases whose write is still the key's last (then
+        GCRA allows it: nobody holds a slot after them), before the connection closes."""
+        nc = self._nc
+        if nc is None or not nc.is_connected or time.monotonic() < self._retry_at:
+            return  # NATS is failing: the leases expire by themselves, soon
+        returns = []
+        now = self._clock()
+        for key, state in self._cache.items():
+            lease = state.lease
+            unused = lease.unused(now) if lease is not None else None
+            if lease is None or unused is None or state.busy or state.revision is None:
+                continue
+            if unused[1] != state.state:
+                continue  # others wrote after the lease: its slots are not the last ones
+            lease.drop()
+            returns.append(
+                self._write(
+                    self._prefix + key,
+                    max(unused[0], now),
+                    lease.policy,
+                    state.revision,
+                    self.config.timeout,
+                )
+            )
+        if returns:
+            await asyncio.gather(*returns, return_exceptions=True)  # best effort
 
     def _no_time_left(self, key: str) -> _NoTimeLeftError:
         """A decision that queued behind other writes may have less time left than a round
@@ -868,3 +995,4 @@ class NatsStore:
         state = self._cache.get(key)
         if state is not None:
             state.revision, state.lost = None, True
+            state.lease = None  # its tokens came from the bucket before the reset
