@@ -42,6 +42,7 @@ from ...errors import StoreError, StoreUnavailableError
 from ...slots import Slots
 from ..base import Clock, wall_clock
 from .bucket import BucketOpener, precreate_command
+from .control import RECHECK_NS, ResetListener
 from .errors import (
     BucketGoneError,
     DeadlineError,
@@ -89,6 +90,7 @@ class _KeyState:
     lost: bool = False  # a failure left it unknown (a write may have landed): read before writing
     busy: bool = False  # a write to this key is under way; new decisions queue in `waiters`
     contended_until: float = 0.0  # monotonic time until which other processes race for it
+    checked_ns: int = 0  # when `state` was last read or written (the clock's time)
     waiters: list[Waiter] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
 
@@ -155,6 +157,7 @@ class NatsStore:
         self._round_trip = 0.0005  # seconds, a moving average of successful writes
         self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
         self._slots = SlotKeeper(self)
+        self._resets = ResetListener(config.bucket_name, self.forget)
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -247,6 +250,7 @@ class NatsStore:
             info = await self.open_bucket(setup)
             replies = Replies(nc)
             await replies.start()
+            await self._resets.start(nc)
         except BaseException:
             await self._close_client(nc)
             raise
@@ -533,9 +537,12 @@ class NatsStore:
         else:
             cache.move_to_end(key)
             if state.revision is not None:
-                admitted, decision = policy.consume(state.state, self._clock(), cost)
+                now_ns = self._clock()
+                admitted, decision = policy.consume(state.state, now_ns, cost)
                 if admitted is None:
-                    return decision  # the cache proves the bucket empty: no round trip
+                    if now_ns - state.checked_ns < RECHECK_NS:
+                        return decision  # the cache proves the bucket empty: no round trip
+                    state.lost = True  # cached long ago (a reset elsewhere?): read it first
         now = time.monotonic()
         if now < self._retry_at and self._last_error is not None:
             raise self._last_error  # a call just failed: answer at once, whatever the socket says
@@ -632,7 +639,7 @@ class NatsStore:
                     raise self._no_time_left(key)
                 try:
                     state.state, state.revision = await self._read(subject, remaining, batch[0][0])
-                    state.lost = False
+                    state.lost, state.checked_ns = False, self._clock()
                     self._last_reply = time.monotonic()
                 except NatsFailure as read_error:
                     raise self._call_failure(
@@ -674,6 +681,7 @@ class NatsStore:
                 alone = self._alone(error)
                 raise self._call_failure(state, error, alone=alone) from None
             state.state, state.revision, state.lost = new_state, revision, False
+            state.checked_ns = now
             if revision <= self._highest_ack:
                 self._check_stream_soon()  # the stream's sequence went back: re-created?
             self._highest_ack = revision
@@ -838,12 +846,20 @@ class NatsStore:
         return policy.peek(value, self._clock())
 
     async def reset(self, key: str) -> None:
+        """Delete `key` and tell every process sharing the bucket to forget its cached state."""
         js = await self.ready()
         with self._errors.calls("reset"):
             await asyncio.wait_for(
                 js.publish(self._prefix + key, b"", headers={KV_OPERATION: "DEL"}),
                 self.config.timeout,
             )
+            self.forget(key)
+            nc = self._nc
+            if nc is not None:
+                await asyncio.wait_for(self._resets.announce(nc, key), self.config.timeout)
+
+    def forget(self, key: str) -> None:
+        """Drop the cached state of `key` (a reset): the next decision reads it first."""
         state = self._cache.get(key)
         if state is not None:
             state.revision, state.lost = None, True
