@@ -2,7 +2,8 @@
 
     ratesync check  [--config PATH] [--store NAME]   the setup guide's verification steps
     ratesync status                                  bucket settings, key count, bytes
-    ratesync get GROUP | reset GROUP | watch         one group's decoded state; delete it; live
+    ratesync get|reset LIMITER [--key IDENTITY]      one group's decoded state; refill it
+    ratesync watch                                   live decoded updates
 
 The shared options (`--config`, `--store`, `--json`) go before or after the command alike.
 Human-readable by default, `--json` for scripts. Exit status 0 on success (a check's warnings
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,17 +27,30 @@ from typing import Any, TextIO
 import nats.js.errors
 
 from . import __version__
-from .bucket import peek
-from .config import ENV_CONFIG, SEARCH_PATHS, Config, StoreConfig, discover_config_path, load_config
+from .bucket import NS_PER_SECOND, Policy, Rates, peek
+from .client_ip import ClientAddress
+from .config import (
+    ENV_CONFIG,
+    SEARCH_PATHS,
+    Config,
+    LimiterConfig,
+    StoreConfig,
+    discover_config_path,
+    load_config,
+)
 from .errors import (
     AuthenticationError,
     ConfigError,
     RateSyncError,
     StoreError,
 )
+from .keys import group_key, join_identity, slots_key
+from .slots import live_holders
 from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
 from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
+from .stores.nats.wire import decode_slots, decode_state
+from .window import SlidingWindow
 
 
 @dataclass
@@ -288,50 +303,239 @@ async def bucket_status(store: NatsStore) -> dict[str, Any]:
     }
 
 
+# -- groups named by limiter and identity ---------------------------------------------------------
+
+_VALID_KEY = re.compile(r"[-/_=A-Za-z0-9]+(\.[-/_=A-Za-z0-9]+)*")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The KV keys a command acts on: a group's rate and/or concurrency slots, or one raw key."""
+
+    store: StoreConfig
+    keys: list[str]
+    hint: str = ""  # for a raw key that looks like an identity the middleware would encode
+
+
+def operator_identity(config: Config, limiter: LimiterConfig, parts: Sequence[str]) -> str:
+    """The identity the middleware computes for a request with these key parts.
+
+    One value per part of the limiter's `key`, in order (`key = ["ip", "header:X-User"]`:
+    `--key 1.2.3.4 --key kim`). An IPv6 address of an `ip` part is grouped by network as the
+    middleware groups it (`ipv6_prefix`).
+    """
+    specs = [spec for spec in limiter.key if spec != "global"]
+    if len(parts) != len(specs):
+        raise ConfigError(
+            f"{config.source}: limiter {limiter.name!r} has key = {list(specs)}: give --key once "
+            f"per part, in that order ({len(parts)} given)"
+        )
+    address = ClientAddress((), config.middleware.ipv6_prefix)
+    values = [
+        address(part, lambda _: None) if spec == "ip" and part else part
+        for spec, part in zip(specs, parts, strict=True)
+    ]
+    return join_identity(values)
+
+
+def resolve_target(
+    config: Config, name: str, identity: Sequence[str] | None, store_name: str | None
+) -> Target:
+    """`LIMITER [--key IDENTITY]...` or a raw KV key, as the keys of the store that holds them."""
+    limiter = config.limiters.get(name)
+    if limiter is None:
+        if identity:
+            known = ", ".join(sorted(config.limiters)) or "none"
+            raise ConfigError(f"{config.source}: no limiter {name!r} for --key (defined: {known})")
+        if not _VALID_KEY.fullmatch(name):
+            raise ConfigError(
+                f"{name!r} is neither a limiter of {config.source} nor a valid KV key; for an "
+                "identity as the application sees it, give LIMITER --key IDENTITY"
+            )
+        owner = config.limiters.get(name.split(".", 1)[0])
+        if owner is not None and store_name is None and config.stores[owner.store].engine == "nats":
+            store = config.stores[owner.store]
+        else:
+            store = _one_nats_store(config, store_name)
+        return Target(store, [name], _raw_key_hint(config, name))
+    if store_name is not None and _nats_stores(config, store_name)[0].name != limiter.store:
+        raise ConfigError(
+            f"{config.source}: limiter {name!r} uses store {limiter.store!r}, not {store_name!r}"
+        )
+    store = config.stores[limiter.store]
+    if store.engine != "nats":
+        raise ConfigError(
+            f"{config.source}: limiter {name!r} uses the memory store {store.name!r}: its state "
+            "lives inside each application process"
+        )
+    if limiter.is_global:
+        if identity:
+            raise ConfigError(
+                f'{config.source}: limiter {name!r} is global (key = "global"): one group for '
+                "everybody, no --key"
+            )
+        group = group_key(name, None)
+    elif not identity:
+        raise ConfigError(
+            f"{config.source}: limiter {name!r} has key = {list(limiter.key)}: give --key "
+            "IDENTITY (an IP, a user id, a header value, as the application sees it)"
+        )
+    else:
+        group = group_key(name, operator_identity(config, limiter, identity))
+    keys = [group] if limiter.policy is not None else []
+    if limiter.slots is not None:
+        keys.append(slots_key(group))
+    return Target(store, keys)
+
+
+def _raw_key_hint(config: Config, key: str) -> str:
+    """For `api.127.0.0.1`: the command that names that identity (its key is api.127_2E0...)."""
+    first, _, rest = key.partition(".")
+    limiter = config.limiters.get(first)
+    if limiter is None or limiter.is_global or not rest or len(limiter.key) != 1:
+        return ""
+    encoded = group_key(first, operator_identity(config, limiter, [rest]))
+    if encoded == key:
+        return ""
+    return f" For identity {rest!r} of limiter {first!r} (key {encoded}): --key {rest}"
+
+
 def describe_entry(entry: StoredEntry | None, group: str, now_ns: int) -> dict[str, Any]:
-    """A group's decoded state: tokens available now, time to full, last update, revision."""
+    """A group's decoded state, for every kind of value the store writes (docs/engines/nats.md)."""
     if entry is None:
-        return {"group": group, "exists": False}
+        return {"group": group, "exists": False, "written": False}
     result: dict[str, Any] = {
         "group": group,
         "exists": not entry.deleted,
+        "written": True,
         "revision": entry.revision,
         "updated": entry.written_at.isoformat() if entry.written_at else None,
     }
-    policy = entry.policy()
-    if entry.deleted or policy is None:
-        result["state"] = "deleted (a full bucket)" if entry.deleted else "not a ratesync value"
+    if entry.deleted:
+        result["state"] = "deleted (a full bucket)"
         return result
-    state = peek(policy, entry.tat_ns, now_ns)
-    result.update(
-        burst=policy.burst,
-        rate_per_second=round(policy.rate, 6),
-        available=state.remaining,
-        full_in_seconds=round(state.reset_after, 3),
-        tat_ns=entry.tat_ns,
-    )
+    result.update(describe_value(entry.data, group, now_ns))
     return result
 
 
-def _format_entry(described: dict[str, Any]) -> str:
-    if not described.get("exists") and "revision" not in described:
-        return f"{described['group']}: no state (a full bucket, or idle for longer than the TTL)"
-    lines = [f"{'group':<12} {described['group']}"]
-    labels = {
-        "revision": "revision",
-        "updated": "updated",
-        "state": "state",
-        "available": "available",
-        "burst": "burst",
-        "rate_per_second": "rate/s",
-        "full_in_seconds": "full in (s)",
+def describe_value(data: bytes | None, group: str, now_ns: int) -> dict[str, Any]:
+    """A stored value's meaning now: units available, time to full, slots held."""
+    try:
+        value = json.loads(data or b"")
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        return {"state": "not a ratesync value"}
+    kind = value.get("kind")
+    try:
+        if kind is None:
+            fields = decode_value(data)
+            if fields is None:
+                return {"state": "not a ratesync value"}
+            policy = Policy(group, fields["interval_ns"], fields["burst"])
+            return {"kind": "token_bucket", **_bucket(policy, fields["tat_ns"], now_ns)}
+        if kind == "rates":
+            rates = tuple(
+                Policy(f"{group}:{index}", interval, burst)
+                for index, (interval, burst) in enumerate(value["rates"])
+            )
+            tats, problem = decode_state(Rates(group, rates), data)
+            per_rate = [
+                _bucket(rate, tat, now_ns)
+                for rate, tat in zip(rates, tats or (0,) * len(rates), strict=True)
+            ]
+            return {
+                "kind": "rates",
+                "available": min(rate["available"] for rate in per_rate),
+                "rates": per_rate,
+                **({"problem": problem} if problem else {}),
+            }
+        if kind == "window":
+            window = SlidingWindow(group, value["limit"], value["window_ns"])
+            log, problem = decode_state(window, data)
+            state = window.peek(log, now_ns)
+            return {
+                "kind": "sliding_window",
+                "available": state.remaining,
+                "limit": window.limit,
+                "window_seconds": window.window_ns / NS_PER_SECOND,
+                "full_in_seconds": round(state.reset_after, 3),
+                **({"problem": problem} if problem else {}),
+            }
+        if kind == "slots":
+            holders, problem = decode_slots(data)
+            live = live_holders(holders, now_ns, "")
+            return {
+                "kind": "slots",
+                "in_use": sum(count for count, _ in live.values()),
+                "limit": value["limit"],
+                "lease_seconds": value["lease_ns"] / NS_PER_SECOND,
+                "holders": [
+                    {
+                        "holder": holder,
+                        "slots": count,
+                        "lease_left_seconds": round((until - now_ns) / NS_PER_SECOND, 3),
+                    }
+                    for holder, (count, until) in live.items()
+                ],
+                **({"problem": problem} if problem else {}),
+            }
+    except (KeyError, TypeError, ValueError):
+        pass
+    return {"state": f"not a ratesync value (kind {kind!r})"}
+
+
+def _bucket(policy: Policy, tat: int, now_ns: int) -> dict[str, Any]:
+    state = peek(policy, tat, now_ns)
+    return {
+        "available": state.remaining,
+        "burst": policy.burst,
+        "rate_per_second": round(policy.rate, 6),
+        "full_in_seconds": round(state.reset_after, 3),
+        "tat_ns": tat,
     }
-    for key, label in labels.items():
-        if key in described and described[key] is not None:
-            value = described[key]
-            if key == "available":
-                value = f"{value} of {described['burst']}"
-            lines.append(f"{label:<12} {value}")
+
+
+_LABELS = {
+    "revision": "revision",
+    "updated": "updated",
+    "state": "state",
+    "kind": "kind",
+    "available": "available",
+    "in_use": "in use",
+    "rate_per_second": "rate/s",
+    "window_seconds": "window (s)",
+    "lease_seconds": "lease (s)",
+    "full_in_seconds": "full in (s)",
+    "problem": "problem",
+}
+
+
+def _format_entry(described: dict[str, Any]) -> str:
+    if not described.get("written", True):
+        return (
+            f"{described['group']}: never written (not found: no request has been counted in this "
+            "group, or it was idle for longer than the bucket's TTL)"
+        )
+    lines = [f"{'group':<12} {described['group']}"]
+    of = described.get("burst", described.get("limit"))
+    for key, label in _LABELS.items():
+        value = described.get(key)
+        if value is None:
+            continue
+        if key in ("available", "in_use") and of is not None:
+            value = f"{value} of {of}"
+        lines.append(f"{label:<12} {value}")
+    for index, rate in enumerate(described.get("rates", ()), 1):
+        lines.append(
+            f"{f'rate {index}':<12} {rate['available']} of {rate['burst']} available, "
+            f"{rate['rate_per_second']}/s, full in {rate['full_in_seconds']} s"
+        )
+    for holder in described.get("holders", ()):
+        lines.append(
+            f"{'holder':<12} {holder['holder']}: {holder['slots']} slots, lease "
+            f"{holder['lease_left_seconds']} s left"
+        )
     return "\n".join(lines)
 
 
@@ -355,6 +559,7 @@ async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Even
                 written_at=update.created,
                 deleted=deleted,
                 value=None if deleted else decode_value(update.value),
+                data=None if deleted else update.value,
             )
             described = describe_entry(entry, update.key, time.time_ns())
             if as_json:
@@ -412,10 +617,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", parents=[common], help="verify NATS set-up as the guide does")
     commands.add_parser("status", parents=[common], help="bucket settings, key count, bytes")
-    get = commands.add_parser("get", parents=[common], help="one group's decoded state")
-    get.add_argument("group", help="the KV key, e.g. api_external or api.user-42")
-    reset = commands.add_parser("reset", parents=[common], help="delete one group's state")
-    reset.add_argument("group")
+    for command, what in (("get", "one group's decoded state"), ("reset", "refill one group")):
+        group = commands.add_parser(command, parents=[common], help=what)
+        group.add_argument("limiter", help="a limiter (give --key for its identity) or a KV key")
+        group.add_argument(
+            "--key",
+            dest="identity",
+            action="append",
+            help="the identity as the application sees it (an IP, a user id); once per part of "
+            "a composite key, in order",
+        )
     commands.add_parser("watch", parents=[common], help="live decoded updates until Ctrl-C")
     return parser
 
@@ -490,22 +701,13 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 )
         return 0 if all(step.ok for step in steps) else 1
 
+    if args.command in ("get", "reset"):
+        return await _get_or_reset(config, args, out)
     store = NatsStore(_one_nats_store(config, args.store))
     try:
         if args.command == "status":
             status = await bucket_status(store)
             _emit(out, args.json, status, lambda s: "\n".join(f"{k:<12} {v}" for k, v in s.items()))
-        elif args.command == "get":
-            entry = await store.read_entry(args.group)
-            _emit(out, args.json, describe_entry(entry, args.group, time.time_ns()), _format_entry)
-        elif args.command == "reset":
-            await store.reset(args.group)
-            _emit(
-                out,
-                args.json,
-                {"group": args.group, "reset": True},
-                lambda r: f"{args.group}: reset",
-            )
         elif args.command == "watch":
             stop = asyncio.Event()
             try:
@@ -515,6 +717,42 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         await store.aclose()
     return 0
+
+
+async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`get` / `reset`: exit 1 when no key of the group was ever written (nothing to show)."""
+    target = resolve_target(config, args.limiter, args.identity, args.store)
+    store = NatsStore(target.store)
+    results: list[dict[str, Any]] = []
+    try:
+        for key in target.keys:
+            entry = await store.read_entry(key)
+            if args.command == "get":
+                results.append(describe_entry(entry, key, time.time_ns()))
+            elif entry is None:
+                results.append({"group": key, "reset": False, "written": False})
+            else:
+                await store.reset(key)
+                results.append({"group": key, "reset": True})
+    finally:
+        await store.aclose()
+    human = _format_entry if args.command == "get" else _format_reset
+    if args.json:
+        shown: Any = results[0] if len(results) == 1 else results
+        out.write(json.dumps(shown, indent=2, default=str) + "\n")
+    else:
+        out.write(("\n\n" if args.command == "get" else "\n").join(map(human, results)) + "\n")
+    if any(result.get("written", True) for result in results):
+        return 0
+    if target.hint:
+        sys.stderr.write(f"ratesync:{target.hint}\n")
+    return 1
+
+
+def _format_reset(result: dict[str, Any]) -> str:
+    if result["reset"]:
+        return f"{result['group']}: reset"
+    return f"{result['group']}: never written (not found), nothing to reset"
 
 
 def _emit(out: TextIO, as_json: bool, value: Any, human: Callable[[Any], str]) -> None:

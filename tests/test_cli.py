@@ -200,10 +200,11 @@ def test_options_go_before_or_after_the_command(
         == bucket_name
     )
     assert json.loads(ratesync("--config", config, "status", "--json")[1])["keys"] == 0
-    assert ratesync("--config", config, "--store", "prod", "reset", "api_external")[0] == 0
+    # A group never written: said so, exit 1 (nothing to show, nothing to reset).
+    assert ratesync("--config", config, "--store", "prod", "reset", "api_external")[0] == 1
     status, output = ratesync("--config", config, "--json", "get", "api_external")
-    assert status == 0
-    assert json.loads(output)["exists"] is False
+    assert status == 1
+    assert json.loads(output)["written"] is False
     assert ratesync("--store", "nope", "get", "api_external", "--config", config)[0] == 2
 
 

@@ -830,6 +830,7 @@ class NatsStore:
             written_at=message.time,
             deleted=headers.get(KV_OPERATION) in ("DEL", "PURGE"),
             value=decode_value(message.data),
+            data=message.data,
         )
 
     async def read_entry(self, key: str) -> StoredEntry | None:
