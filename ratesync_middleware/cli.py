@@ -4,6 +4,8 @@
     ratesync status                                  bucket settings, key count, bytes
     ratesync get|reset LIMITER [--key IDENTITY]      one group's decoded state; refill it
     ratesync watch                                   live decoded updates
+    ratesync override|ban|unban LIMITER --key ID     live rules for one group, in every process
+    ratesync overrides                               the overrides and bans in force
 
 The shared options (`--config`, `--store`, `--json`) go before or after the command alike.
 Human-readable by default, `--json` for scripts. Exit status 0 on success (a check's warnings
@@ -20,6 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -45,10 +48,13 @@ from .errors import (
     StoreError,
 )
 from .keys import group_key, join_identity, slots_key
+from .limiter import AsyncRateLimiter
+from .rules import Override, override_policy
 from .slots import live_holders
 from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
 from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
+from .stores.nats.control import open_rules, reset_subject, rules_bucket
 from .stores.nats.wire import decode_slots, decode_state
 from .window import SlidingWindow
 
@@ -138,9 +144,52 @@ async def check_store(
             step("bucket creatable", True, f"{config.bucket_name} created (auto_create = true)")
         step(*_settings_step(config, info, bucket_ttl_seconds(windows_ns)))
         steps.append(Step(config.name, *_limits_step(config, info)))
+        step(*await _control_step(store, nc))
+        step(*await _rules_step(config, js))
     finally:
         await store._close_client(nc)
     return steps
+
+
+async def _control_step(store: NatsStore, nc: Any) -> tuple[str, bool, str]:
+    """Resets are announced on `ratesync.<bucket>.reset`: every process subscribes to it."""
+    subject = reset_subject(store.config.bucket_name)
+    store._permission_denied = False
+    subscription = await nc.subscribe(subject)
+    await nc.publish(subject, b"")  # an empty key: nobody forgets anything
+    await nc.flush(timeout=store.config.connect_timeout)
+    await asyncio.sleep(0.1)  # a permissions violation arrives as an asynchronous -ERR
+    with suppress(Exception):
+        await subscription.unsubscribe()
+    if store._permission_denied:
+        return (
+            "control subject",
+            False,
+            f"these credentials may not subscribe to or publish on {subject}: grant "
+            f"ratesync.{store.config.bucket_name}.> (without it, resets reach other processes "
+            "only through the one-second re-check of cached denials)",
+        )
+    return "control subject", True, f"{subject}: subscribe and publish allowed"
+
+
+async def _rules_step(config: StoreConfig, js: Any) -> tuple[str, bool, str]:
+    """Overrides and bans live in `<bucket>_rules`: processes watch it, operators write it."""
+    name = rules_bucket(config.bucket_name)
+    existed = await _bucket_exists(js, name)
+    try:
+        kv = await open_rules(js, config)
+        await kv.keys()
+    except nats.js.errors.NoKeysError:
+        pass
+    except Exception as error:
+        return (
+            "rules bucket",
+            False,
+            f"{name}: {type(error).__name__}; overrides and bans need it: pre-create it with "
+            f"`nats kv add {name} --history=1` and grant the permissions of "
+            "docs/setup/nats-setup.md, Operating a fleet",
+        )
+    return "rules bucket", True, name if existed else f"{name} created (auto_create = true)"
 
 
 def _auth_form(config: StoreConfig) -> str:
@@ -368,24 +417,30 @@ def resolve_target(
             f"{config.source}: limiter {name!r} uses the memory store {store.name!r}: its state "
             "lives inside each application process"
         )
-    if limiter.is_global:
-        if identity:
-            raise ConfigError(
-                f'{config.source}: limiter {name!r} is global (key = "global"): one group for '
-                "everybody, no --key"
-            )
-        group = group_key(name, None)
-    elif not identity:
-        raise ConfigError(
-            f"{config.source}: limiter {name!r} has key = {list(limiter.key)}: give --key "
-            "IDENTITY (an IP, a user id, a header value, as the application sees it)"
-        )
-    else:
-        group = group_key(name, operator_identity(config, limiter, identity))
+    group = group_key(name, limiter_identity(config, limiter, identity))
     keys = [group] if limiter.policy is not None else []
     if limiter.slots is not None:
         keys.append(slots_key(group))
     return Target(store, keys)
+
+
+def limiter_identity(
+    config: Config, limiter: LimiterConfig, identity: Sequence[str] | None
+) -> str | None:
+    """The identity `--key` names for `limiter` (None for a global limiter, which takes none)."""
+    if limiter.is_global:
+        if identity:
+            raise ConfigError(
+                f'{config.source}: limiter {limiter.name!r} is global (key = "global"): one '
+                "group for everybody, no --key"
+            )
+        return None
+    if not identity:
+        raise ConfigError(
+            f"{config.source}: limiter {limiter.name!r} has key = {list(limiter.key)}: give "
+            "--key IDENTITY (an IP, a user id, a header value, as the application sees it)"
+        )
+    return operator_identity(config, limiter, identity)
 
 
 def _raw_key_hint(config: Config, key: str) -> str:
@@ -628,6 +683,18 @@ def _parser() -> argparse.ArgumentParser:
             "a composite key, in order",
         )
     commands.add_parser("watch", parents=[common], help="live decoded updates until Ctrl-C")
+    override = commands.add_parser("override", parents=[common], help="another rate, live")
+    ban = commands.add_parser("ban", parents=[common], help="refuse one group (403), live")
+    unban = commands.add_parser("unban", parents=[common], help="lift a ban")
+    for ruling in (override, ban, unban):
+        ruling.add_argument("limiter")
+        ruling.add_argument("--key", dest="identity", action="append", help="as for get")
+    override.add_argument("--limit", help='the rate from now on, e.g. "100/second"')
+    override.add_argument("--burst", type=int, help="its capacity (default: the count)")
+    override.add_argument("--clear", action="store_true", help="remove the override")
+    for lasting in (override, ban):
+        lasting.add_argument("--ttl", type=float, help="seconds until it ends (default: never)")
+    commands.add_parser("overrides", parents=[common], help="the overrides and bans in force")
     return parser
 
 
@@ -703,6 +770,10 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.command in ("get", "reset"):
         return await _get_or_reset(config, args, out)
+    if args.command in ("override", "ban", "unban"):
+        return await _set_rule(config, args, out)
+    if args.command == "overrides":
+        return await _list_rules(config, args, out)
     store = NatsStore(_one_nats_store(config, args.store))
     try:
         if args.command == "status":
@@ -747,6 +818,77 @@ async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -
     if target.hint:
         sys.stderr.write(f"ratesync:{target.hint}\n")
     return 1
+
+
+async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`override` / `ban` / `unban`: stored in the rules bucket, applied by every process."""
+    limiter = config.limiters.get(args.limiter)
+    if limiter is None:
+        known = ", ".join(sorted(config.limiters)) or "none"
+        raise ConfigError(f"{config.source}: no limiter {args.limiter!r} (defined: {known})")
+    if config.stores[limiter.store].engine != "nats":
+        raise ConfigError(
+            f"{config.source}: limiter {limiter.name!r} uses a memory store: its rules live "
+            "inside each application process (use the limiter's methods there)"
+        )
+    identity = limiter_identity(config, limiter, args.identity)
+    group = group_key(limiter.name, identity)
+    ttl = getattr(args, "ttl", None)
+    result: dict[str, Any] = {"group": group, "command": args.command, "ttl_seconds": ttl}
+    async with AsyncRateLimiter(config) as rate_limiter:
+        try:
+            if args.command == "ban":
+                await rate_limiter.ban(limiter.name, identity, ttl)
+            elif args.command == "unban":
+                await rate_limiter.unban(limiter.name, identity)
+            elif args.clear:
+                await rate_limiter.override(limiter.name, identity, None)
+                result["command"] = "override removed"
+            elif args.limit is None:
+                raise ConfigError("override: give --limit RATE (e.g. 100/second), or --clear")
+            else:
+                await rate_limiter.override(limiter.name, identity, args.limit, args.burst, ttl)
+                result["policy"] = override_policy(limiter.name, args.limit, args.burst).name
+        except ValueError as error:
+            raise ConfigError(f"{args.command}: {error}") from None
+    done = {"ban": "banned", "unban": "unbanned", "override": "overridden"}.get(
+        result["command"], result["command"]
+    )
+    until = f" for {ttl:g}s" if ttl else "" if args.command == "unban" else " until removed"
+    _emit(out, args.json, result, lambda r: f"{group}: {done}{until}")
+    return 0
+
+
+async def _list_rules(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`overrides`: the rules in force in every NATS store (expired ones left out)."""
+    now = time.time_ns()
+    rows: list[dict[str, Any]] = []
+    for store_config in _nats_stores(config, args.store):
+        store = NatsStore(store_config)
+        try:
+            for kind, group, rule in await store.read_rules():
+                if rule.until_ns and rule.until_ns <= now:
+                    continue
+                row: dict[str, Any] = {"store": store_config.name, "kind": kind, "group": group}
+                if isinstance(rule, Override):
+                    row.update(policy=rule.policy.name, burst=rule.policy.burst)
+                row["expires_in_seconds"] = (
+                    round((rule.until_ns - now) / NS_PER_SECOND, 1) if rule.until_ns else None
+                )
+                rows.append(row)
+        finally:
+            await store.aclose()
+    if args.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    for row in rows:
+        what = f"{row['policy']} (burst {row['burst']})" if row["kind"] == "override" else ""
+        left = row["expires_in_seconds"]
+        until = f"{left:g}s left" if left is not None else "until removed"
+        out.write(f"{row['kind']:<9} {row['group']:<40} {what:<28} {until}\n")
+    if not rows:
+        out.write("no overrides or bans in force\n")
+    return 0
 
 
 def _format_reset(result: dict[str, Any]) -> str:

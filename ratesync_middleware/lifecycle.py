@@ -121,6 +121,7 @@ class RequestLimiter:
         )
         self.plans = PlanResolver(self.config)
         self.responses = RateLimitHeaders.for_config(self.config)
+        self.responses.extra_policy = self.limiter.override_policy  # live overrides' headers
         self.settles = any(limiter.slots is not None for limiter in self.config.limiters.values())
         """Whether any admission of this configuration can have work at `finish` (`settles`)."""
         # How each plan is decided (_NOW | _SLOTTED bits); plans come from the configuration

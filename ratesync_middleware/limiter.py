@@ -6,6 +6,7 @@ synchronous code, through the one sync driver of `sync.py` (one background loop 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -20,6 +21,7 @@ from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, RateLimitExceeded, StoreError
 from .keys import group_key, slots_key
 from .permits import Permit, SyncPermit
+from .rules import Ban, Override, Rules, expiry_ns, override_key, override_policy
 from .slots import Slot, Slots
 from .stores import create_store
 from .stores.base import Clock, DecidesNow, Store, wall_clock
@@ -79,6 +81,7 @@ class _Bound(NamedTuple):
     store: Store
     now: Callable[[str, Algorithm, int], Decision] | None  # the store's `hit_now`, if any
     is_global: bool  # one bucket for everybody: the key is ignored
+    rules: Rules  # the live overrides and bans of the store's groups (rules.py)
 
 
 class AsyncRateLimiter:
@@ -102,6 +105,7 @@ class AsyncRateLimiter:
         self._stores: dict[str, Store] = {}
         self._bound: dict[str, _Bound] = {}
         self._failures = _FailureLog()
+        self._local_rules: dict[str, Rules] = {}  # of stores that keep no rules themselves
         self._announce_stores()
 
     def fresh(self) -> AsyncRateLimiter:
@@ -149,8 +153,16 @@ class AsyncRateLimiter:
             config = self.limiter(limiter)
             store = self.store(config.store)
             now = store.hit_now if isinstance(store, DecidesNow) else None
-            bound = self._bound[limiter] = _Bound(config, store, now, config.is_global)
+            rules = self._rules(config.store, store)
+            bound = self._bound[limiter] = _Bound(config, store, now, config.is_global, rules)
         return bound
+
+    def _rules(self, name: str, store: Store) -> Rules:
+        """The rules of a store: its own (NATS, watched across the fleet), else this process's."""
+        rules = getattr(store, "rules", None)
+        if isinstance(rules, Rules):
+            return rules
+        return self._local_rules.setdefault(name, Rules())
 
     def decides_now(self, limiter: str) -> bool:
         """Whether `hit_now` can decide for `limiter`: its store answers without awaiting."""
@@ -167,8 +179,8 @@ class AsyncRateLimiter:
 
     def resolve(self, limiter: str, key: str | None) -> tuple[LimiterConfig, Store, str]:
         """The limiter's configuration, its store, and the store key of `key`'s group."""
-        config, store, _, is_global = self._bind(limiter)
-        return config, store, group_key(limiter, None if is_global else key)
+        bound = self._bind(limiter)
+        return bound.config, bound.store, group_key(limiter, None if bound.is_global else key)
 
     async def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
         """Spend `cost` from the bucket of `key` under `limiter` and say whether it was allowed.
@@ -188,6 +200,14 @@ class AsyncRateLimiter:
         store_key = group_key(limiter, None if bound.is_global else key)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
+        if not bound.rules.empty:
+            if not bound.rules.loaded:  # the store opens (and loads its rules) on first use
+                await self._open_rules(bound)
+            ruled = self._ruled(bound, store_key, policy)
+            if isinstance(ruled, Decision):  # banned
+                self.notify(config, key, ruled, started, None)
+                return ruled
+            policy, store_key = ruled
         try:
             decision = await bound.store.hit(store_key, policy, cost)
         except StoreError as error:
@@ -214,12 +234,91 @@ class AsyncRateLimiter:
         if policy is None:
             raise self._no_rate(config)
         store_key = group_key(limiter, None if bound.is_global else key)
+        if not bound.rules.empty:
+            ruled = self._ruled(bound, store_key, policy)
+            if isinstance(ruled, Decision):  # banned
+                self.notify(config, key, ruled, time.perf_counter(), None)
+                return ruled
+            policy, store_key = ruled
         if self.on_decision is None:
             return decide(store_key, policy, cost)
         started = time.perf_counter()
         decision = decide(store_key, policy, cost)
         self.notify(config, key, decision, started, None)
         return decision
+
+    async def _open_rules(self, bound: _Bound) -> None:
+        ready = getattr(bound.store, "ready", None)
+        if ready is not None:
+            timeout = self.config.stores[bound.config.store].timeout
+            with contextlib.suppress(StoreError):  # the decision then fails the same way
+                await ready(time.monotonic() + timeout)
+
+    def _ruled(
+        self, bound: _Bound, group: str, policy: Algorithm
+    ) -> tuple[Algorithm, str] | Decision:
+        """A group's ban (the refusal), or the policy and key to decide it by (an override's)."""
+        now = self._clock()
+        ban = bound.rules.ban(group, now)
+        if ban is not None:
+            return ban.decision(policy.burst, bound.config.name, now)
+        override = bound.rules.override(group, now)
+        if override is not None:
+            return override.policy, override_key(group)
+        return policy, group
+
+    # -- live overrides and bans (rules.py) ---------------------------------------------------
+
+    async def override(
+        self,
+        limiter: str,
+        key: str | None = None,
+        limit: str | None = None,
+        burst: int | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        """Judge `key`'s group by `limit` (`"100/second"`, capacity `burst`, default its
+        count) from now on, for `ttl` seconds (None: until removed); `limit=None` removes it.
+
+        Every process sharing the store applies it within a second (a NATS store's rules
+        bucket); the group starts from a full bucket under the new rate.
+        """
+        config, store, group = self.resolve(limiter, key)
+        if config.policy is None:
+            raise self._no_rate(config)
+        rule = None
+        if limit is not None:
+            rule = Override(override_policy(limiter, limit, burst), expiry_ns(ttl, self._clock()))
+        await self._set_rule(config.store, store, "override", group, rule)
+
+    async def ban(self, limiter: str, key: str | None = None, ttl: float | None = None) -> None:
+        """Refuse `key`'s group under `limiter` (403) for `ttl` seconds (None: until `unban`)."""
+        config, store, group = self.resolve(limiter, key)
+        await self._set_rule(config.store, store, "ban", group, Ban(expiry_ns(ttl, self._clock())))
+
+    async def unban(self, limiter: str, key: str | None = None) -> None:
+        """Lift the ban of `key`'s group under `limiter`."""
+        config, store, group = self.resolve(limiter, key)
+        await self._set_rule(config.store, store, "ban", group, None)
+
+    async def _set_rule(
+        self, name: str, store: Store, kind: str, group: str, rule: Ban | Override | None
+    ) -> None:
+        set_rule = getattr(store, "set_rule", None)
+        if set_rule is not None:  # kept in NATS, watched by every process
+            await set_rule(kind, group, rule)
+            return
+        if kind == "override":
+            await store.reset(override_key(group))
+        self._rules(name, store).set(kind, group, rule)
+
+    def override_policy(self, name: str) -> Algorithm | None:
+        """The policy of a live override called `name` (the rate-limit headers report it)."""
+        for bound in self._bound.values():
+            policy = bound.rules.policy(name)
+            if policy is not None:
+                return policy
+        return None
 
     # -- concurrency slots (`max_concurrent`) -------------------------------------------------
 
@@ -440,6 +539,25 @@ class RateLimiter:
     def reset(self, limiter: str, key: str | None = None) -> None:
         """See `AsyncRateLimiter.reset`."""
         self._driver.run(self.async_limiter.reset(limiter, key))
+
+    def override(
+        self,
+        limiter: str,
+        key: str | None = None,
+        limit: str | None = None,
+        burst: int | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        """See `AsyncRateLimiter.override`."""
+        self._driver.run(self.async_limiter.override(limiter, key, limit, burst, ttl))
+
+    def ban(self, limiter: str, key: str | None = None, ttl: float | None = None) -> None:
+        """See `AsyncRateLimiter.ban`."""
+        self._driver.run(self.async_limiter.ban(limiter, key, ttl))
+
+    def unban(self, limiter: str, key: str | None = None) -> None:
+        """See `AsyncRateLimiter.unban`."""
+        self._driver.run(self.async_limiter.unban(limiter, key))
 
     def close(self) -> None:
         """Close every store that was opened."""

@@ -139,3 +139,60 @@ def test_get_decodes_a_sliding_window_and_slots(config: Path) -> None:
     assert state["group"] == "upload.kim.=slots"
     assert (state["in_use"], state["limit"]) == (1, 3)
     assert state["holders"][0]["slots"] == 1
+
+
+def test_override_ban_unban_and_the_list_in_force(config: Path) -> None:
+    spend(config, "login", "127.0.0.1", times=3)
+    status, output = ratesync(
+        "override",
+        "login",
+        "--key",
+        "127.0.0.1",
+        "--limit",
+        "10/second",
+        "--ttl",
+        "60",
+        "--config",
+        config,
+    )
+    assert (status, output) == (0, "login.127_2E0_2E0_2E1: overridden for 60s\n")
+    assert ratesync("ban", "login", "--key", "10.0.0.9", "--config", config) == (
+        0,
+        "login.10_2E0_2E0_2E9: banned until removed\n",
+    )
+    rules = json.loads(ratesync("overrides", "--json", "--config", config)[1])
+    by_kind = {rule["kind"]: rule for rule in rules}
+    assert by_kind["override"]["group"] == "login.127_2E0_2E0_2E1"
+    assert by_kind["override"]["policy"] == "login:10/second"
+    assert 50 < by_kind["override"]["expires_in_seconds"] <= 60
+    assert by_kind["ban"]["expires_in_seconds"] is None
+
+    async def decide() -> tuple[bool, str]:
+        async with AsyncRateLimiter(str(config)) as limiter:
+            overridden = await limiter.hit("login", key="127.0.0.1")
+            return overridden.allowed, (await limiter.hit("login", key="10.0.0.9")).reason
+
+    assert asyncio.run(decide()) == (True, "banned")  # a process started later loads both
+
+    assert ratesync("unban", "login", "--key", "10.0.0.9", "--config", config)[0] == 0
+    assert (
+        ratesync("override", "login", "--key", "127.0.0.1", "--clear", "--config", config)[0] == 0
+    )
+    assert ratesync("overrides", "--config", config) == (0, "no overrides or bans in force\n")
+
+
+def test_rule_commands_refuse_bad_input(config: Path) -> None:
+    assert (
+        ratesync("override", "login", "--key", "x", "--limit", "fast", "--config", config)[0] == 2
+    )
+    assert ratesync("override", "login", "--key", "x", "--config", config)[0] == 2  # no --limit
+    assert ratesync("ban", "login", "--config", config)[0] == 2  # no --key
+    assert ratesync("ban", "nope", "--key", "x", "--config", config)[0] == 2
+    assert ratesync("ban", "login", "--key", "x", "--ttl", "-1", "--config", config)[0] == 2
+
+
+def test_check_verifies_the_control_subject_and_the_rules_bucket(config: Path) -> None:
+    status, output = ratesync("check", "--config", config)
+    assert status == 0, output
+    assert "ok    control subject" in output
+    assert "ok    rules bucket" in output

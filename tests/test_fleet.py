@@ -16,8 +16,13 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
-from ratesync_middleware import AsyncRateLimiter, Decision
+from ratesync_middleware import AsyncRateLimiter, Decision, RateLimiter, RateLimitMiddleware
 from tests.servers import uvicorn_servers
 from tests.tcpproxy import TcpProxy
 
@@ -53,14 +58,24 @@ async def exhaust(limiter: AsyncRateLimiter, key: str) -> None:
     assert not (await limiter.hit("login", key=key)).allowed
 
 
-async def eventually(hit: Callable[[], Any]) -> Decision:
-    """Hit until a real (not fail-open) admission; fails after `_PATIENCE` seconds."""
+def admitted(decision: Decision) -> bool:
+    return decision.allowed and not decision.degraded
+
+
+def refused(decision: Decision) -> bool:
+    return not decision.allowed
+
+
+async def eventually(
+    hit: Callable[[], Any], wanted: Callable[[Decision], bool] = admitted
+) -> Decision:
+    """Hit until a decision is `wanted` (a real admission); fails after `_PATIENCE` seconds."""
     deadline = time.monotonic() + _PATIENCE
     while True:
         decision: Decision = await hit()
-        if decision.allowed and not decision.degraded:
+        if wanted(decision):
             return decision
-        assert time.monotonic() < deadline, f"still refused: {decision}"
+        assert time.monotonic() < deadline, f"still: {decision}"
         await asyncio.sleep(0.01)
 
 
@@ -113,6 +128,115 @@ async def test_a_process_disconnected_during_a_reset_reads_again_on_reconnect(
         proxy.stop()
 
 
+async def test_a_ban_and_an_unban_reach_another_process(nats_url: str, bucket_name: str) -> None:
+    config = fleet_config(nats_url, bucket_name)
+    async with AsyncRateLimiter(config) as app, AsyncRateLimiter(config) as operator:
+        assert (await app.hit("login", key="kim")).allowed
+        await operator.ban("login", key="kim", ttl=600.0)
+        banned = await eventually(lambda: app.hit("login", key="kim"), refused)
+        assert banned.reason == "banned"
+        assert 590 < banned.retry_after <= 600
+        assert (await app.hit("login", key="someone-else")).allowed
+        await operator.unban("login", key="kim")
+        # (a hit admitted before the ban arrived may have spent the group: 2/hour)
+        await eventually(lambda: app.hit("login", key="kim"), lambda d: d.reason != "banned")
+
+
+async def test_a_process_started_later_loads_the_bans_in_force(
+    nats_url: str, bucket_name: str
+) -> None:
+    config = fleet_config(nats_url, bucket_name)
+    async with AsyncRateLimiter(config) as operator:
+        await operator.ban("login", key="kim")
+    async with AsyncRateLimiter(config) as app:
+        banned = await eventually(lambda: app.hit("login", key="kim"), refused)
+    assert banned.retry_after == float("inf")  # no ttl: until unbanned
+
+
+async def test_an_override_admits_an_exhausted_group_at_once_and_ends_with_its_ttl(
+    nats_url: str, bucket_name: str
+) -> None:
+    config = fleet_config(nats_url, bucket_name)
+    clock = FrozenClock()
+    async with AsyncRateLimiter(config, clock=clock) as app, AsyncRateLimiter(config) as op:
+        await exhaust(app, "kim")
+        await op.override("login", key="kim", limit="100/second", burst=50, ttl=30.0)
+        decision = await eventually(lambda: app.hit("login", key="kim"))
+        assert (decision.limit, decision.policy) == (50, "login:100/second:burst=50")
+        clock.advance(31.0)  # the override's ttl has passed: the TOML rule again, still spent
+        assert not (await app.hit("login", key="kim")).allowed
+
+
+async def test_overrides_and_bans_on_a_memory_store() -> None:
+    async with AsyncRateLimiter({"limiters": {"login": {"limit": "1/hour"}}}) as limiter:
+        assert (await limiter.hit("login", key="kim")).allowed
+        assert not (await limiter.hit("login", key="kim")).allowed
+        await limiter.override("login", key="kim", limit="5/minute")
+        assert (await limiter.hit("login", key="kim")).remaining == 4
+        await limiter.override("login", key="kim", limit=None)
+        assert not (await limiter.hit("login", key="kim")).allowed
+        await limiter.ban("login", key="ann", ttl=60.0)
+        assert (await limiter.hit("login", key="ann")).reason == "banned"
+        with pytest.raises(ValueError, match="limit must be"):
+            await limiter.override("login", key="kim", limit="fast")
+
+
+def poll(client: TestClient, status: int) -> Any:
+    """GET / until it answers `status`; fails after `_PATIENCE` seconds."""
+    deadline = time.monotonic() + _PATIENCE
+    while (response := client.get("/")).status_code != status:
+        assert time.monotonic() < deadline, f"still {response.status_code}, not {status}"
+        time.sleep(0.01)
+    return response
+
+
+def test_a_banned_client_gets_a_403_problem_and_an_override_its_own_headers(
+    nats_url: str, bucket_name: str
+) -> None:
+    config = {**fleet_config(nats_url, bucket_name), "middleware": {"default": "login"}}
+    app = Starlette(
+        routes=[Route("/", lambda request: PlainTextResponse("ok"))],
+        middleware=[Middleware(RateLimitMiddleware, config=config)],
+    )
+    operator = RateLimiter(config)
+    with TestClient(app) as client, operator:
+        assert client.get("/").status_code == 200
+        operator.ban("login", key="testclient", ttl=120.0)
+        banned = poll(client, 403)
+        assert banned.headers["content-type"] == "application/problem+json"
+        assert banned.json()["type"].endswith("banned")
+        assert banned.json()["status"] == 403
+        assert 110 <= int(banned.headers["retry-after"]) <= 120
+        operator.unban("login", key="testclient")
+        poll(client, 200)
+        poll(client, 429)  # 2/hour spent
+        operator.override("login", key="testclient", limit="10/second")
+        response = poll(client, 200)
+    assert response.headers["ratelimit-policy"] == '"login:10/second";q=10;w=1'
+    assert response.headers["ratelimit"].startswith('"login:10/second";r=9;')
+
+
+def test_flask_answers_a_ban_with_its_403_and_retry_after(nats_url: str, bucket_name: str) -> None:
+    from flask import Flask
+
+    from ratesync_middleware.flask import RateLimit
+
+    config = {**fleet_config(nats_url, bucket_name), "middleware": {"default": "login"}}
+    app = Flask(__name__)
+    app.add_url_rule("/", "index", lambda: "ok")
+    RateLimit(app, config=config)
+    client = app.test_client()
+    with RateLimiter(config) as operator:
+        operator.ban("login", key="127.0.0.1", ttl=30.0)
+        deadline = time.monotonic() + _PATIENCE
+        while (response := client.get("/")).status_code != 403:
+            assert time.monotonic() < deadline, response.status_code
+            time.sleep(0.01)
+    assert response.json is not None
+    assert response.json["type"].endswith("banned")
+    assert 20 <= int(response.headers["Retry-After"]) <= 30
+
+
 # -- real app processes -----------------------------------------------------------------------
 
 
@@ -137,50 +261,75 @@ default = "login"
     return path
 
 
-async def until_admitted(client: httpx.AsyncClient, url: str, since: float) -> float:
-    """Seconds from `since` until `url` admits a request (a 200 that the bucket counted)."""
+Answer = Callable[[httpx.Response], bool]
+
+
+def status(code: int) -> Answer:
+    """A response with this status (a 200 counted by the bucket: it has a RateLimit header)."""
+    return lambda r: r.status_code == code and (code != 200 or "ratelimit" in r.headers)
+
+
+def overridden(response: httpx.Response) -> bool:
+    return "1000/second" in response.headers.get("ratelimit-policy", "")
+
+
+def not_overridden(response: httpx.Response) -> bool:
+    return "ratelimit-policy" in response.headers and not overridden(response)
+
+
+async def until(client: httpx.AsyncClient, url: str, since: float, shows: Answer) -> float:
+    """Seconds from `since` until `url` gives an answer that `shows` the change."""
     deadline = time.monotonic() + _PATIENCE
-    while True:
-        response = await client.get(url)
-        if response.status_code == 200 and "ratelimit" in response.headers:
-            return time.monotonic() - since
+    while not shows(response := await client.get(url)):
         assert time.monotonic() < deadline, f"{url} still answers {response.status_code}"
         await asyncio.sleep(0.005)
+    return time.monotonic() - since
 
 
-async def reset_latencies(urls: list[str], config: Path, rounds: int) -> list[float]:
-    """For each round: exhaust the group, have every process refuse it, reset it from another
-    process, and time how long each app process takes to admit it again."""
-    latencies: list[float] = []
+async def propagation(urls: list[str], config: Path, rounds: int) -> dict[str, list[float]]:
+    """Per operation, how long each app process takes to apply it: from the start of the call
+    made by another process to the first answer that shows it."""
+    seconds: dict[str, list[float]] = {}
     async with (
         httpx.AsyncClient(timeout=5.0) as client,
         AsyncRateLimiter(str(config)) as operator,
     ):
+
+        async def timed(name: str, change: Any, shows: Answer) -> None:
+            started = time.monotonic()
+            await change
+            answers = [until(client, url + "/", started, shows) for url in urls]
+            seconds.setdefault(name, []).extend(await asyncio.gather(*answers))
+
+        ip = "127.0.0.1"
         for _ in range(rounds):
             while (await client.get(urls[0] + "/")).status_code == 200:
                 pass
             for url in urls:  # each process now holds the group as empty in its cache
                 assert (await client.get(url + "/")).status_code == 429
-            started = time.monotonic()
-            await operator.reset("login", key="127.0.0.1")
-            latencies += await asyncio.gather(
-                *(until_admitted(client, url + "/", started) for url in urls)
-            )
-    return latencies
+            await timed("reset", operator.reset("login", key=ip), status(200))
+            await timed("ban", operator.ban("login", key=ip, ttl=60.0), status(403))
+            await timed("unban", operator.unban("login", key=ip), status(200))
+            override = operator.override("login", key=ip, limit="1000/second")
+            await timed("override", override, overridden)
+            await timed("override removed", operator.override("login", key=ip), not_overridden)
+    return seconds
 
 
 @pytest.mark.slow
-def test_a_reset_reaches_three_uvicorn_processes_within_a_second(
+def test_operations_reach_three_uvicorn_processes_within_a_second(
     nats_url: str, bucket_name: str, tmp_path: Path
 ) -> None:
-    config = write_app_config(tmp_path / "rate-sync.toml", nats_url, bucket_name, burst=6)
+    config = write_app_config(tmp_path / "rate-sync.toml", nats_url, bucket_name, burst=40)
     with uvicorn_servers(
         "tests.apps.starlette_app:app", 3, {"RATE_SYNC_CONFIG": str(config)}
     ) as urls:
-        latencies = sorted(asyncio.run(reset_latencies(urls, config, rounds=20)))
-    p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
-    print(
-        f"reset -> admitted, {len(latencies)} samples: p50 {p50 * 1000:.0f} ms, "
-        f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
-    )
-    assert p99 < 1.0
+        measured = asyncio.run(propagation(urls, config, rounds=10))
+    for operation, latencies in measured.items():
+        latencies.sort()
+        p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+        print(
+            f"{operation}: {len(latencies)} samples, p50 {p50 * 1000:.0f} ms, "
+            f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+        )
+        assert p99 < 1.0, operation

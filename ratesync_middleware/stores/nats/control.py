@@ -1,5 +1,8 @@
 """The fleet's control plane on NATS: what one process or an operator changes, every process hears.
 
+Overrides and bans live in a KV bucket of their own, `<bucket>_rules` (no TTL: a rule without
+one stays until removed), which every process watches into memory (`RulesWatcher`).
+
 Resets (docs/engines/nats.md, "The control plane"): whoever resets a group deletes its key and
 then publishes the key on the bucket's control subject `ratesync.<bucket>.reset` (core NATS, no
 JetStream); every process sharing the bucket subscribes to it and forgets its cached state of
@@ -12,12 +15,40 @@ NATS again once it is older than `RECHECK_NS` (a plain `nats kv del` publishes n
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 from collections.abc import Callable
+from contextlib import suppress
+from typing import Any, Literal
 
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, KeyValueConfig
+from nats.js.kv import KeyValue
 
-__all__ = ["RECHECK_NS", "ResetListener", "reset_subject"]
+from ...bucket import Policy
+from ...config import StoreConfig
+from ...rules import Ban, Override, Rules, override_key
+from .wire import KV_OPERATION
+
+__all__ = [
+    "RECHECK_NS",
+    "ResetListener",
+    "RulesWatcher",
+    "decode_rule",
+    "encode_rule",
+    "open_rules",
+    "reset_subject",
+    "rule_key",
+    "rules_bucket",
+]
+
+logger = logging.getLogger("ratesync_middleware.nats")
+
+_RULES_RETRY_SECONDS = 5.0
 
 RECHECK_NS = 1_000_000_000
 """A denial answered from a cached state older than this reads the key first (DESIGN.md: 1 s)."""
@@ -49,3 +80,139 @@ class ResetListener:
         """Tell every process sharing the bucket that `key` was reset (after it was deleted)."""
         await nc.publish(self.subject, key.encode("ascii"))
         await nc.flush()
+
+
+# -- overrides and bans: the rules bucket ----------------------------------------------------------
+
+
+def rules_bucket(bucket: str) -> str:
+    """The KV bucket holding the overrides and bans of `bucket`'s groups (no TTL, history 1)."""
+    return f"{bucket}_rules"
+
+
+def rule_key(kind: RuleKind, group: str) -> str:
+    """The rules bucket's key of one group's ban or override: `ban.<group>`, `override.<group>`."""
+    return f"{kind}.{group}"
+
+
+RuleKind = Literal["ban", "override"]
+Rule = Ban | Override
+
+
+def encode_rule(rule: Rule) -> bytes:
+    """A rule as the rules bucket stores it (docs/engines/nats.md, "Overrides and bans")."""
+    if isinstance(rule, Ban):
+        return f'{{"v":1,"kind":"ban","until_ns":{rule.until_ns}}}'.encode()
+    policy = rule.policy
+    return (
+        f'{{"v":1,"kind":"override","name":{json.dumps(policy.name)},'
+        f'"interval_ns":{policy.interval_ns},"burst":{policy.burst},"until_ns":{rule.until_ns}}}'
+    ).encode()
+
+
+def decode_rule(data: bytes | None) -> Rule | None:
+    """The rule of a stored value; None for anything else (it is ignored)."""
+    try:
+        value = json.loads(data or b"")
+        until = value["until_ns"]
+        if not isinstance(until, int) or until < 0:
+            return None
+        if value["kind"] == "ban":
+            return Ban(until)
+        if value["kind"] == "override":
+            policy = Policy(str(value["name"]), value["interval_ns"], value["burst"])
+            if isinstance(policy.interval_ns, int) and isinstance(policy.burst, int):
+                return Override(policy, until)
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+async def open_rules(js: JetStreamContext, config: StoreConfig) -> KeyValue:
+    """The rules bucket of `config`'s bucket, created when missing and `auto_create` allows."""
+    name = rules_bucket(config.bucket_name)
+    try:
+        return await js.key_value(name)
+    except nats.js.errors.BucketNotFoundError:
+        if not config.auto_create:
+            raise
+    return await js.create_key_value(
+        KeyValueConfig(bucket=name, history=1, replicas=config.replicas, direct=True)
+    )
+
+
+class RulesWatcher:
+    """Keeps a `Rules` equal to the rules bucket: every value at start, every change after.
+
+    An ordered consumer of the last value of each key (`$KV.<bucket>_rules.>`): operator
+    traffic only, a few messages a day, whatever the request rate. Started again after each
+    reconnect; a missing bucket is looked for again every few seconds.
+    """
+
+    def __init__(self, config: StoreConfig, rules: Rules, forget: Callable[[str], None]) -> None:
+        self._config = config
+        self._rules = rules
+        self._forget = forget
+        self._prefix = f"$KV.{rules_bucket(config.bucket_name)}."
+        self._subscription: Any = None
+        self._missing_logged = False
+        self.settled = asyncio.Event()
+        """Set once the rules in force are loaded, or the first attempt to watch them failed."""
+
+    def restart(self) -> None:
+        """Before `run` on a new connection: the rules are to be loaded again."""
+        self.settled = asyncio.Event()
+
+    async def run(self, js: JetStreamContext) -> None:
+        """Subscribe (retrying while the bucket is missing or the call fails); then return."""
+        await self.stop()
+        settled = self.settled
+        while True:
+            try:
+                await open_rules(js, self._config)
+                self._subscription = subscription = await js.subscribe(
+                    self._prefix + ">",
+                    cb=self._on_update,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                    inactive_threshold=300.0,
+                )
+                info = await subscription.consumer_info()
+                if info.num_pending == 0 and subscription.delivered == 0:
+                    settled.set()  # no rule at all (else the last one delivered sets it)
+                return
+            except Exception as error:  # no bucket yet, no permission, a failing call
+                settled.set()
+                if not self._missing_logged:
+                    self._missing_logged = True
+                    logger.info(
+                        "store %r: no overrides or bans (rules bucket %r: %s); looking again "
+                        "every %gs",
+                        self._config.name,
+                        rules_bucket(self._config.bucket_name),
+                        type(error).__name__,
+                        _RULES_RETRY_SECONDS,
+                    )
+            await asyncio.sleep(_RULES_RETRY_SECONDS)
+
+    async def stop(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            with suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def _on_update(self, message: Msg) -> None:
+        self._apply(message)
+        with suppress(Exception):
+            if message.metadata.num_pending == 0:
+                self.settled.set()
+
+    def _apply(self, message: Msg) -> None:
+        kind, _, group = message.subject[len(self._prefix) :].partition(".")
+        headers = message.headers or {}
+        removed = KV_OPERATION in headers or "Nats-Marker-Reason" in headers
+        rule = None if removed else decode_rule(message.data)
+        if kind == "override":
+            self._forget(override_key(group))  # an override starts from a full bucket
+        if kind in ("ban", "override"):
+            self._rules.set(kind, group, rule)

@@ -39,10 +39,22 @@ from ...algorithms import Algorithm
 from ...bucket import Decision
 from ...config import StoreConfig
 from ...errors import StoreError, StoreUnavailableError
+from ...rules import Rules, override_key
 from ...slots import Slots
 from ..base import Clock, wall_clock
 from .bucket import BucketOpener, precreate_command
-from .control import RECHECK_NS, ResetListener
+from .control import (
+    RECHECK_NS,
+    ResetListener,
+    Rule,
+    RuleKind,
+    RulesWatcher,
+    decode_rule,
+    encode_rule,
+    open_rules,
+    rule_key,
+    rules_bucket,
+)
 from .errors import (
     BucketGoneError,
     DeadlineError,
@@ -158,6 +170,9 @@ class NatsStore:
         self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
         self._slots = SlotKeeper(self)
         self._resets = ResetListener(config.bucket_name, self.forget)
+        self.rules = Rules(loaded=False)  # this bucket's overrides and bans, watched
+        self._rules_watch = RulesWatcher(config, self.rules, self.forget)
+        self._rules_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -229,7 +244,7 @@ class NatsStore:
         self._slots.forget_revisions()
         current = asyncio.current_task()
         on_own_loop = self._loop is asyncio.get_running_loop()
-        for task in (self._probe, self._watcher):
+        for task in (self._probe, self._watcher, self._rules_task):
             if task is not None and task is not current and not task.done() and on_own_loop:
                 task.cancel()
 
@@ -263,6 +278,12 @@ class NatsStore:
         self._highest_ack = 0
         self._stream_created = info.created
         self._watcher = self._loop.create_task(self._watch_stream(nc, setup))
+        self._rules_watch.restart()
+        self._rules_task = self._loop.create_task(self._rules_watch.run(setup))
+        # The bans in force apply from the first decision on: wait for them, briefly.
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._rules_watch.settled.wait(), self.config.connect_timeout)
+        self.rules.mark_loaded()
 
     async def connect(self) -> NatsClient:
         """Connect within `connect_timeout` over all URLs, failing early on a rejected login."""
@@ -307,6 +328,7 @@ class NatsStore:
             self._cache.clear()
             self._slots.forget_revisions()
             self._check_stream_soon()  # the server may have lost, or re-created, the bucket
+            self._watch_rules_again()  # its consumer may be gone with the server
 
         options: dict[str, Any] = {
             "servers": list(config.servers),
@@ -392,6 +414,15 @@ class NatsStore:
         )
         self._failed(StalledError(f"store {self.config.name!r}: the connection to NATS hangs"))
         self._drop_connection()
+
+    def _watch_rules_again(self) -> None:
+        task, nc = self._rules_task, self._nc
+        if task is not None and not task.done():
+            task.cancel()
+        if nc is not None:
+            setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+            self._rules_watch.restart()
+            self._rules_task = asyncio.get_running_loop().create_task(self._rules_watch.run(setup))
 
     def _check_stream_soon(self) -> None:
         watcher = self._watcher
@@ -858,6 +889,46 @@ class NatsStore:
             nc = self._nc
             if nc is not None:
                 await asyncio.wait_for(self._resets.announce(nc, key), self.config.timeout)
+
+    async def set_rule(self, kind: RuleKind, group: str, rule: Rule | None) -> None:
+        """Store (None: remove) the ban or override of `group`; every process applies it.
+
+        An override's own state is reset first, so it starts from a full bucket everywhere.
+        """
+        await self.ready()
+        if kind == "override":
+            await self.reset(override_key(group))
+        nc = self._nc
+        assert nc is not None
+        setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+        with self._errors.calls("rules"):
+            kv = await open_rules(setup, self.config)
+            if rule is None:
+                await kv.delete(rule_key(kind, group))
+            else:
+                await kv.put(rule_key(kind, group), encode_rule(rule))
+        self.rules.set(kind, group, rule)
+
+    async def read_rules(self) -> list[tuple[RuleKind, str, Rule]]:
+        """Every rule stored now, expired ones included (`ratesync overrides`)."""
+        await self.ready()
+        nc = self._nc
+        assert nc is not None
+        setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+        found: list[tuple[RuleKind, str, Rule]] = []
+        with self._errors.calls("rules"):
+            try:
+                kv = await setup.key_value(rules_bucket(self.config.bucket_name))
+                keys = await kv.keys()
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+                return found
+            for key in keys:
+                kind, _, group = key.partition(".")
+                entry = await kv.get(key)
+                rule = decode_rule(entry.value)
+                if rule is not None and kind in ("ban", "override"):
+                    found.append(("ban" if kind == "ban" else "override", group, rule))
+        return found
 
     def forget(self, key: str) -> None:
         """Drop the cached state of `key` (a reset): the next decision reads it first."""
