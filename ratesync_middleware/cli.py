@@ -6,6 +6,7 @@
     ratesync watch                                   live decoded updates
     ratesync override|ban|unban LIMITER --key ID     live rules for one group, in every process
     ratesync overrides                               the overrides and bans in force
+    ratesync fleet                                   the processes sharing each bucket
 
 The shared options (`--config`, `--store`, `--json`) go before or after the command alike.
 Human-readable by default, `--json` for scripts. Exit status 0 on success (a check's warnings
@@ -54,7 +55,7 @@ from .slots import live_holders
 from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
 from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
-from .stores.nats.control import open_rules, reset_subject, rules_bucket
+from .stores.nats.control import fleet, open_rules, reset_subject, rules_bucket
 from .stores.nats.wire import decode_slots, decode_state
 from .window import SlidingWindow
 
@@ -695,6 +696,7 @@ def _parser() -> argparse.ArgumentParser:
     for lasting in (override, ban):
         lasting.add_argument("--ttl", type=float, help="seconds until it ends (default: never)")
     commands.add_parser("overrides", parents=[common], help="the overrides and bans in force")
+    commands.add_parser("fleet", parents=[common], help="the processes sharing each bucket")
     return parser
 
 
@@ -774,6 +776,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
         return await _set_rule(config, args, out)
     if args.command == "overrides":
         return await _list_rules(config, args, out)
+    if args.command == "fleet":
+        return await _fleet(config, args, out)
     store = NatsStore(_one_nats_store(config, args.store))
     try:
         if args.command == "status":
@@ -888,6 +892,33 @@ async def _list_rules(config: Config, args: argparse.Namespace, out: TextIO) -> 
         out.write(f"{row['kind']:<9} {row['group']:<40} {what:<28} {until}\n")
     if not rows:
         out.write("no overrides or bans in force\n")
+    return 0
+
+
+async def _fleet(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`fleet`: every process that answers its bucket's presence call within a second."""
+    rows: list[dict[str, Any]] = []
+    for store_config in _nats_stores(config, args.store):
+        store = NatsStore(store_config)
+        nc = await store.connect()
+        try:
+            for peer in await fleet(nc, store_config.bucket_name):
+                rows.append(
+                    {"store": store_config.name, "bucket": store_config.bucket_name, **peer}
+                )
+        finally:
+            await store._close_client(nc)
+    if args.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    for row in rows:
+        limiters = ",".join(row.get("limiters", []))
+        out.write(
+            f"pid {row.get('pid'):<8} {row.get('host')!s:<24} ratesync {row.get('version')!s:<8} "
+            f"bucket {row['bucket']}  limiters {limiters}\n"
+        )
+    if not rows:
+        out.write("no process answered (none running, or none may publish on its bucket)\n")
     return 0
 
 

@@ -8,6 +8,9 @@ from firing, so a process can only learn of a reset through the control plane.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +28,7 @@ from starlette.testclient import TestClient
 from ratesync_middleware import AsyncRateLimiter, Decision, RateLimiter, RateLimitMiddleware
 from tests.servers import uvicorn_servers
 from tests.tcpproxy import TcpProxy
+from tests.test_cli import ratesync
 
 pytestmark = pytest.mark.nats
 
@@ -333,3 +337,49 @@ def test_operations_reach_three_uvicorn_processes_within_a_second(
             f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
         )
         assert p99 < 1.0, operation
+
+
+def fleet_pids(config: Path) -> set[int]:
+    status, output = ratesync("fleet", "--json", "--config", config)
+    assert status == 0
+    return {peer["pid"] for peer in json.loads(output)}
+
+
+@pytest.mark.slow
+def test_fleet_lists_the_processes_and_forgets_a_stopped_one(
+    nats_url: str, bucket_name: str, tmp_path: Path
+) -> None:
+    config = write_app_config(tmp_path / "rate-sync.toml", nats_url, bucket_name, burst=5)
+    with uvicorn_servers(
+        "tests.apps.starlette_app:app", 3, {"RATE_SYNC_CONFIG": str(config)}
+    ) as urls:
+        deadline = time.monotonic() + _PATIENCE
+        while len(pids := fleet_pids(config)) < 3:
+            assert time.monotonic() < deadline, pids
+        output = ratesync("fleet", "--config", config)[1]
+        assert len(output.splitlines()) == 3
+        assert all(f"bucket {bucket_name}  limiters login" in line for line in output.splitlines())
+        crashed, stopped, alive = sorted(pids)
+        os.kill(crashed, signal.SIGKILL)
+        os.kill(stopped, signal.SIGTERM)
+        deadline = time.monotonic() + _PATIENCE
+        while (pids := fleet_pids(config)) != {alive}:
+            assert time.monotonic() < deadline, pids
+        assert len(urls) == 3
+
+
+async def test_each_process_counts_its_live_peers(nats_url: str, bucket_name: str) -> None:
+    config = fleet_config(nats_url, bucket_name)
+    async with AsyncRateLimiter(config) as a:
+        store: Any = a.store("prod")
+        await store.ready()
+        async with AsyncRateLimiter(config) as b:
+            await b.store("prod").ready()  # type: ignore[attr-defined]
+            deadline = time.monotonic() + _PATIENCE
+            while store.live_processes() != 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        deadline = time.monotonic() + _PATIENCE
+        while store.live_processes() != 1:  # b said goodbye as it closed
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)

@@ -18,6 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Literal
@@ -32,14 +35,18 @@ from nats.js.kv import KeyValue
 from ...bucket import Policy
 from ...config import StoreConfig
 from ...rules import Ban, Override, Rules, override_key
+from .slots import holder_id
 from .wire import KV_OPERATION
 
 __all__ = [
+    "HEARTBEAT_SECONDS",
     "RECHECK_NS",
+    "Presence",
     "ResetListener",
     "RulesWatcher",
     "decode_rule",
     "encode_rule",
+    "fleet",
     "open_rules",
     "reset_subject",
     "rule_key",
@@ -216,3 +223,105 @@ class RulesWatcher:
             self._forget(override_key(group))  # an override starts from a full bucket
         if kind in ("ban", "override"):
             self._rules.set(kind, group, rule)
+
+
+# -- presence: who shares the bucket ---------------------------------------------------------------
+
+HEARTBEAT_SECONDS = 5.0
+"""How often a process announces itself; a peer not heard for three of them is gone."""
+
+
+def presence_subject(bucket: str) -> str:
+    """Where processes sharing `bucket` announce themselves (`.who`: asks all of them at once)."""
+    return f"ratesync.{bucket}.presence"
+
+
+class Presence:
+    """This process's heartbeat on its bucket's presence subject, and the peers it hears.
+
+    One small message per `HEARTBEAT_SECONDS` per process, whatever the traffic; a process that
+    closes its store says goodbye, one that crashed is forgotten after three missed beats.
+    `ratesync fleet` publishes on `<subject>.who` and every process answers at once.
+    """
+
+    def __init__(self, bucket: str, limiters: list[str]) -> None:
+        self.subject = presence_subject(bucket)
+        self.identity = {
+            "id": holder_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": _version(),
+            "limiters": sorted(limiters),
+            "heartbeat_seconds": HEARTBEAT_SECONDS,
+        }
+        self.peers: dict[str, tuple[dict[str, Any], float]] = {}  # id -> (identity, heard at)
+        self._nc: NatsClient | None = None
+
+    def live(self) -> int:
+        """Processes heard within three heartbeats, this one included (at least 1)."""
+        horizon = time.monotonic() - 3 * HEARTBEAT_SECONDS
+        return 1 + sum(1 for _, heard in self.peers.values() if heard >= horizon)
+
+    async def run(self, nc: NatsClient) -> None:
+        """Announce this process now and every heartbeat, until cancelled."""
+        self._nc = nc
+        await nc.subscribe(self.subject, cb=self._on_peer)
+        await nc.subscribe(self.subject + ".who", cb=self._on_who)
+        with suppress(Exception):  # the others answer at once: this process knows them now
+            await nc.publish(self.subject + ".who", b"")
+        while True:
+            await self._announce(nc)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _announce(self, nc: NatsClient, state: str = "up") -> None:
+        with suppress(Exception):
+            await nc.publish(self.subject, json.dumps({**self.identity, "state": state}).encode())
+
+    async def _on_who(self, message: Msg) -> None:
+        if self._nc is not None:
+            await self._announce(self._nc)
+
+    async def goodbye(self, nc: NatsClient) -> None:
+        await self._announce(nc, "down")
+
+    async def _on_peer(self, message: Msg) -> None:
+        try:
+            peer = json.loads(message.data)
+            peer_id = str(peer["id"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if peer_id == self.identity["id"]:
+            return
+        if peer.get("state") == "down":
+            self.peers.pop(peer_id, None)
+        else:
+            self.peers[peer_id] = (peer, time.monotonic())
+
+
+async def fleet(nc: NatsClient, bucket: str, listen: float = 1.0) -> list[dict[str, Any]]:
+    """The processes sharing `bucket` now: each answers a `.who` within `listen` seconds."""
+    subject = presence_subject(bucket)
+    heard: dict[str, dict[str, Any]] = {}
+
+    async def on_peer(message: Msg) -> None:
+        with suppress(ValueError, KeyError, TypeError):
+            peer = json.loads(message.data)
+            if peer.get("state") == "down":
+                heard.pop(str(peer["id"]), None)
+            else:
+                heard[str(peer["id"])] = peer
+
+    subscription = await nc.subscribe(subject, cb=on_peer)
+    try:
+        await nc.publish(subject + ".who", b"")
+        await nc.flush()
+        await asyncio.sleep(listen)
+    finally:
+        await subscription.unsubscribe()
+    return sorted(heard.values(), key=lambda peer: (str(peer.get("host")), int(peer.get("pid", 0))))
+
+
+def _version() -> str:
+    from ... import __version__
+
+    return __version__

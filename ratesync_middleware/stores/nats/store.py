@@ -45,6 +45,7 @@ from ..base import Clock, wall_clock
 from .bucket import BucketOpener, precreate_command
 from .control import (
     RECHECK_NS,
+    Presence,
     ResetListener,
     Rule,
     RuleKind,
@@ -173,6 +174,8 @@ class NatsStore:
         self.rules = Rules(loaded=False)  # this bucket's overrides and bans, watched
         self._rules_watch = RulesWatcher(config, self.rules, self.forget)
         self._rules_task: asyncio.Task[None] | None = None
+        self._presence = Presence(config.bucket_name, list(windows_ns or {}))
+        self._presence_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -244,7 +247,7 @@ class NatsStore:
         self._slots.forget_revisions()
         current = asyncio.current_task()
         on_own_loop = self._loop is asyncio.get_running_loop()
-        for task in (self._probe, self._watcher, self._rules_task):
+        for task in (self._probe, self._watcher, self._rules_task, self._presence_task):
             if task is not None and task is not current and not task.done() and on_own_loop:
                 task.cancel()
 
@@ -278,6 +281,7 @@ class NatsStore:
         self._highest_ack = 0
         self._stream_created = info.created
         self._watcher = self._loop.create_task(self._watch_stream(nc, setup))
+        self._presence_task = self._loop.create_task(self._presence.run(nc))
         self._rules_watch.restart()
         self._rules_task = self._loop.create_task(self._rules_watch.run(setup))
         # The bans in force apply from the first decision on: wait for them, briefly.
@@ -504,6 +508,9 @@ class NatsStore:
             if state.flusher is not None:
                 state.flusher.cancel()
         if nc is not None and not nc.is_closed and self._loop is asyncio.get_running_loop():
+            if nc.is_connected:  # peers forget this process at once, not after 3 heartbeats
+                with suppress(Exception):
+                    await asyncio.wait_for(self._presence.goodbye(nc), self.config.timeout)
             await self._close_client(nc)
 
     # -- what the slots (slots.py) use of the store ---------------------------------------------
@@ -929,6 +936,10 @@ class NatsStore:
                 if rule is not None and kind in ("ban", "override"):
                     found.append(("ban" if kind == "ban" else "override", group, rule))
         return found
+
+    def live_processes(self) -> int:
+        """The processes sharing the bucket, this one included, as presence last heard them."""
+        return self._presence.live()
 
     def forget(self, key: str) -> None:
         """Drop the cached state of `key` (a reset): the next decision reads it first."""
