@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from .algorithms import Algorithm
+from .algorithms import Algorithm, Policy, Rates, SlidingWindow
 from .bucket import Decision
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, RateLimitExceeded, StoreError
@@ -25,6 +25,7 @@ from .rules import Ban, Override, Rules, expiry_ns, override_key, override_polic
 from .slots import Slot, Slots
 from .stores import create_store
 from .stores.base import Clock, DecidesNow, Store, wall_clock
+from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from .sync import SyncRequestLimiter
@@ -106,6 +107,7 @@ class AsyncRateLimiter:
         self._bound: dict[str, _Bound] = {}
         self._failures = _FailureLog()
         self._local_rules: dict[str, Rules] = {}  # of stores that keep no rules themselves
+        self._fallbacks: dict[str, MemoryStore] = {}  # fail_mode = "local": while a store fails
         self._announce_stores()
 
     def fresh(self) -> AsyncRateLimiter:
@@ -211,7 +213,10 @@ class AsyncRateLimiter:
         try:
             decision = await bound.store.hit(store_key, policy, cost)
         except StoreError as error:
-            decision = self.degraded(config, error)
+            if config.fail_mode == "local":
+                decision = self._decide_locally(bound, store_key, policy, cost, error)
+            else:
+                decision = self.degraded(config, error)
             self.notify(config, key, decision, started, error)
             return decision
         if hook is not None:
@@ -246,6 +251,19 @@ class AsyncRateLimiter:
         decision = decide(store_key, policy, cost)
         self.notify(config, key, decision, started, None)
         return decision
+
+    def _decide_locally(
+        self, bound: _Bound, group: str, policy: Algorithm, cost: int, error: StoreError
+    ) -> Decision:
+        """`fail_mode = "local"`: this process's own state, at its share of the rate (1/N of
+        the rate and burst, N the processes presence last saw sharing the store)."""
+        self._failures.report(bound.config.store, error)
+        live = getattr(bound.store, "live_processes", None)
+        share = max(1, live()) if live is not None else 1
+        local = self._fallbacks.get(bound.config.store)
+        if local is None:
+            local = self._fallbacks[bound.config.store] = MemoryStore(clock=self._clock)
+        return local.hit_now(group, share_of(policy, share), cost)
 
     async def _open_rules(self, bound: _Bound) -> None:
         ready = getattr(bound.store, "ready", None)
@@ -478,6 +496,21 @@ def _check_timeout(timeout: float | None) -> None:
             f"acquire(timeout={timeout!r}): waiting for a slot or a token is not supported yet;"
             " pass timeout=None or 0 (refuse at once)"
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def share_of(policy: Algorithm, processes: int) -> Algorithm:
+    """One process's share of `policy` among `processes`: rate and burst (or limit) / N."""
+    if processes <= 1:
+        return policy
+    if isinstance(policy, Policy):
+        return Policy(
+            policy.name, policy.interval_ns * processes, max(1, policy.burst // processes)
+        )
+    if isinstance(policy, Rates):
+        rates = tuple(share_of(rate, processes) for rate in policy.rates)
+        return Rates(policy.name, rates)  # type: ignore[arg-type]
+    return SlidingWindow(policy.name, max(1, policy.limit // processes), policy.window_ns)
 
 
 def check_cost(cost: object) -> None:

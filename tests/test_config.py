@@ -471,7 +471,7 @@ def test_unknown_key_suggests_the_close_one() -> None:
     message = load_error("[limiters.api]\nrate_per_second = 1\nbrust = 5\n")
     assert message.startswith("rate-sync.toml: [limiters.api] brust: unknown key")
     assert "did you mean 'burst'?" in message
-    assert "known keys are: algorithm, burst, fail_closed, key, lease_seconds, limit" in message
+    assert "known keys are: algorithm, burst, fail_closed, fail_mode, key, lease_seconds" in message
 
 
 def test_unknown_key_without_a_close_match() -> None:

@@ -26,6 +26,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from ratesync_middleware import AsyncRateLimiter, Decision, RateLimiter, RateLimitMiddleware
+from ratesync_middleware.config import load_config
+from ratesync_middleware.errors import ConfigError
+from tests.conftest import start_server
 from tests.servers import uvicorn_servers
 from tests.tcpproxy import TcpProxy
 from tests.test_cli import ratesync
@@ -383,3 +386,84 @@ async def test_each_process_counts_its_live_peers(nats_url: str, bucket_name: st
         while store.live_processes() != 1:  # b said goodbye as it closed
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
+
+
+# -- fail_mode = "local" ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_fail_local_keeps_three_processes_near_the_shared_bound_during_an_outage(
+    bucket_name: str,
+) -> None:
+    server = start_server()
+    rate, burst, outage = 20, 20, 6.0
+    config = {
+        "stores": {
+            "prod": {
+                "engine": "nats",
+                "url": server.url,
+                "bucket_name": bucket_name,
+                "timeout": 0.25,
+                "backoff": 0.5,
+            }
+        },
+        "limiters": {
+            "api": {
+                "store": "prod",
+                "limit": f"{rate}/second",
+                "burst": burst,
+                "key": "global",
+                "fail_mode": "local",
+            }
+        },
+    }
+    shared: list[bool] = []  # per decision after the restart: made by the shared bucket
+    limiters = [AsyncRateLimiter(config) for _ in range(3)]
+    limiters[0].on_decision = lambda event: shared.append(event.error is None)
+    try:
+        for limiter in limiters:
+            await limiter.store("prod").ready()  # type: ignore[attr-defined]
+        store: Any = limiters[0].store("prod")
+        deadline = time.monotonic() + _PATIENCE
+        while store.live_processes() != 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        server.kill()
+        ends = time.monotonic() + outage
+
+        async def demand(limiter: AsyncRateLimiter) -> int:
+            admitted = 0
+            while time.monotonic() < ends:
+                admitted += (await limiter.hit("api")).allowed
+                await asyncio.sleep(0.002)  # far more demand than 20/s, and the others run
+            return admitted
+
+        admitted = sum(await asyncio.gather(*(demand(limiter) for limiter in limiters)))
+        bound = rate * outage + burst
+        print(f"fail-local: {admitted} admitted in a {outage:g} s outage, bound {bound:g}")
+        assert 0.4 * bound <= admitted <= 1.3 * bound
+        server.start()
+        deadline = time.monotonic() + 15
+        shared.clear()
+        while not shared or not shared[-1]:
+            assert time.monotonic() < deadline, "the shared bucket did not come back"
+            await limiters[0].hit("api")
+            await asyncio.sleep(0.05)
+    finally:
+        for limiter in limiters:
+            await limiter.aclose()
+        server.cleanup()
+
+
+def test_fail_mode_takes_open_closed_local_and_fail_closed_stays_its_alias() -> None:
+    def limiter(**options: object) -> Any:
+        return load_config({"limiters": {"api": {"limit": "1/second", **options}}}).limiters["api"]
+
+    assert limiter().fail_mode == "open"
+    assert limiter(fail_mode="local").fail_mode == "local"
+    assert limiter(fail_closed=True).fail_mode == "closed"
+    assert limiter(fail_mode="closed").fail_closed is True
+    with pytest.raises(ConfigError, match="contradicts"):
+        limiter(fail_mode="local", fail_closed=True)
+    with pytest.raises(ConfigError, match="fail_mode"):
+        limiter(fail_mode="sometimes")

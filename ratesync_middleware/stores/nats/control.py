@@ -256,10 +256,14 @@ class Presence:
         }
         self.peers: dict[str, tuple[dict[str, Any], float]] = {}  # id -> (identity, heard at)
         self._nc: NatsClient | None = None
+        self._last_beat = time.monotonic()  # of the last heartbeat sent while connected
 
     def live(self) -> int:
-        """Processes heard within three heartbeats, this one included (at least 1)."""
-        horizon = time.monotonic() - 3 * HEARTBEAT_SECONDS
+        """Processes heard within three heartbeats of this one's last, this one included.
+
+        While this process cannot reach NATS it hears nobody: the count from before holds.
+        """
+        horizon = self._last_beat - 3 * HEARTBEAT_SECONDS
         return 1 + sum(1 for _, heard in self.peers.values() if heard >= horizon)
 
     async def run(self, nc: NatsClient) -> None:
@@ -270,6 +274,8 @@ class Presence:
         with suppress(Exception):  # the others answer at once: this process knows them now
             await nc.publish(self.subject + ".who", b"")
         while True:
+            if nc.is_connected:
+                self._last_beat = time.monotonic()
             await self._announce(nc)
             await asyncio.sleep(HEARTBEAT_SECONDS)
 

@@ -938,7 +938,8 @@ class NatsStore:
         return found
 
     def live_processes(self) -> int:
-        """The processes sharing the bucket, this one included, as presence last heard them."""
+        """The processes sharing the bucket, this one included, as presence last heard them
+        while connected (during an outage nobody is heard: the count from before it holds)."""
         return self._presence.live()
 
     def forget(self, key: str) -> None:
