@@ -31,7 +31,7 @@ from ratesync_middleware.errors import ConfigError
 from tests.conftest import start_server
 from tests.servers import uvicorn_servers
 from tests.tcpproxy import TcpProxy
-from tests.test_cli import ratesync
+from tests.test_cli import ratesync, write_config
 
 pytestmark = pytest.mark.nats
 
@@ -467,3 +467,70 @@ def test_fail_mode_takes_open_closed_local_and_fail_closed_stays_its_alias() -> 
         limiter(fail_mode="local", fail_closed=True)
     with pytest.raises(ConfigError, match="fail_mode"):
         limiter(fail_mode="sometimes")
+
+
+# -- the permissions docs/setup/nats-setup.md lists ------------------------------------------------
+
+
+def test_an_app_user_with_the_documented_permissions_gets_the_whole_control_plane(
+    bucket_name: str, tmp_path: Path
+) -> None:
+    b = bucket_name
+    app_publish = [
+        "$JS.API.INFO",
+        "$JS.API.STREAM.INFO.>",
+        "$JS.API.DIRECT.GET.>",
+        f"$KV.{b}.>",
+        "_INBOX.>",
+        f"$JS.API.CONSUMER.CREATE.KV_{b}_rules",
+        f"$JS.API.CONSUMER.CREATE.KV_{b}_rules.>",
+        f"$JS.API.CONSUMER.INFO.KV_{b}_rules.>",
+        "$JS.FC.>",
+        f"ratesync.{b}.>",
+    ]
+    subscribe = ["_INBOX.>", f"ratesync.{b}.>"]
+    server = start_server(
+        jetstream=False,
+        config=f"""
+        jetstream {{ store_dir: "{{store_dir}}" }}
+        authorization {{
+          users = [
+            {{ user: admin, password: "adm1n-pw" }}
+            {{ user: app, password: "app-pw", permissions: {{
+                publish: {{ allow: {json.dumps(app_publish)} }},
+                subscribe: {{ allow: {json.dumps(subscribe)} }} }} }}
+          ]
+        }}
+        """,
+        login="admin:adm1n-pw",
+    )
+    try:
+        admin = fleet_config(server.url.replace("://", "://admin:adm1n-pw@"), b)
+        app = fleet_config(server.url.replace("://", "://app:app-pw@"), b)
+        app["stores"]["prod"]["auto_create"] = False
+
+        async def run() -> None:
+            async with AsyncRateLimiter(admin) as operator:
+                await operator.ban("login", key="someone")  # creates both buckets
+                async with AsyncRateLimiter(app) as process:
+                    await exhaust(process, "kim")
+                    await operator.reset("login", key="kim")
+                    await eventually(lambda: process.hit("login", key="kim"))
+                    await operator.ban("login", key="kim", ttl=60.0)
+                    await eventually(lambda: process.hit("login", key="kim"), refused)
+                    assert (await process.hit("login", key="someone")).reason == "banned"
+                    store: Any = process.store("prod")
+                    deadline = time.monotonic() + _PATIENCE
+                    while store.live_processes() != 2:  # presence: heard each other
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.01)
+
+        asyncio.run(run())
+        url = server.url.replace("://", "://app:app-pw@")
+        config = write_config(tmp_path, url, b, auto_create=False)
+        status, output = ratesync("check", "--config", config)
+        assert "ok    control subject" in output
+        assert "ok    rules bucket" in output
+        assert status == 0, output
+    finally:
+        server.cleanup()

@@ -179,6 +179,7 @@ class RulesWatcher:
                 await open_rules(js, self._config)
                 self._subscription = subscription = await js.subscribe(
                     self._prefix + ">",
+                    stream=f"KV_{rules_bucket(self._config.bucket_name)}",  # no name lookup
                     cb=self._on_update,
                     ordered_consumer=True,
                     deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,

@@ -380,7 +380,9 @@ class NatsStore:
     def _on_runtime_error(self, error: Exception) -> None:
         if is_permission_violation(error):
             self._permission_denied = True
-        self._warn("store %r: NATS reported %s", self.config.name, type(error).__name__)
+        # A permissions violation names the subject refused (what to grant); nothing secret.
+        shown = str(error) if is_permission_violation(error) else type(error).__name__
+        self._warn("store %r: NATS reported %s", self.config.name, shown)
 
     def _warn(self, message: str, *args: object) -> None:
         now = time.monotonic()
