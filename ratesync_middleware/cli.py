@@ -7,6 +7,8 @@
     ratesync override|ban|unban LIMITER --key ID     live rules for one group, in every process
     ratesync overrides                               the overrides and bans in force
     ratesync fleet                                   the processes sharing each bucket
+    ratesync top [--interval S] [--once]             the busiest and most refused groups
+    ratesync watch --events                          denials, bans and overrides, live
 
 The shared options (`--config`, `--store`, `--json`) go before or after the command alike.
 Human-readable by default, `--json` for scripts. Exit status 0 on success (a check's warnings
@@ -55,7 +57,13 @@ from .slots import live_holders
 from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
 from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
-from .stores.nats.control import fleet, open_rules, reset_subject, rules_bucket
+from .stores.nats.control import (
+    events_subject,
+    fleet,
+    open_rules,
+    reset_subject,
+    rules_bucket,
+)
 from .stores.nats.wire import decode_slots, decode_state
 from .window import SlidingWindow
 
@@ -633,6 +641,93 @@ async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Even
         await watcher.stop()
 
 
+async def watch_events(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Event) -> None:
+    """Print the events of the bucket (docs/engines/nats.md, "Events") until `stop` is set."""
+
+    async def show(message: Any) -> None:
+        try:
+            event = json.loads(message.data)
+        except ValueError:
+            return
+        if as_json:
+            out.write(json.dumps(event) + "\n")
+        else:
+            detail = event.get("count", event.get("policy", ""))
+            out.write(
+                f"{event.get('type', '?'):<17} {event.get('group', '')} {detail} "
+                f"(pid {event.get('pid')} on {event.get('host')})\n"
+            )
+        out.flush()
+
+    subscription = await store.subscribe(events_subject(store.config.bucket_name), show)
+    try:
+        await stop.wait()
+    finally:
+        with suppress(Exception):
+            await subscription.unsubscribe()
+
+
+async def top(store: NatsStore, out: TextIO, interval: float, once: bool, as_json: bool) -> None:
+    """Writes (admissions, coalesced) and refusals per group, one table per `interval`.
+
+    Writes are the bucket's own messages (`$KV.<bucket>.>`, seen as they are stored: nothing
+    is asked of the application); refusals come from the processes' denial summaries.
+    """
+    await store.ready()
+    bucket = store.config.bucket_name
+    prefix = f"$KV.{bucket}."
+    writes: dict[str, int] = {}
+    refused: dict[str, int] = {}
+
+    async def on_write(message: Any) -> None:
+        group = message.subject[len(prefix) :]
+        writes[group] = writes.get(group, 0) + 1
+
+    async def on_event(message: Any) -> None:
+        with suppress(ValueError, KeyError, TypeError, AttributeError):
+            event = json.loads(message.data)
+            if event.get("type") == "denied" and "group" in event:
+                refused[event["group"]] = refused.get(event["group"], 0) + int(event["count"])
+
+    subscriptions = [
+        await store.subscribe(prefix + ">", on_write),
+        await store.subscribe(events_subject(bucket), on_event),
+    ]
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            rows: list[dict[str, Any]] = [
+                {
+                    "limiter": group.split(".", 1)[0],
+                    "group": group,
+                    "writes_per_second": round(writes.get(group, 0) / interval, 1),
+                    "refused_per_second": round(refused.get(group, 0) / interval, 1),
+                }
+                for group in {*writes, *refused}
+            ]
+            rows.sort(key=lambda r: (-r["refused_per_second"], -r["writes_per_second"], r["group"]))
+            writes.clear()
+            refused.clear()
+            if as_json:
+                out.write(json.dumps(rows[:20]) + "\n")
+            else:
+                out.write(f"{'limiter':<16} {'group':<48} {'writes/s':>9} {'refused/s':>10}\n")
+                for row in rows[:20]:
+                    out.write(
+                        f"{row['limiter']:<16} {row['group']:<48} "
+                        f"{row['writes_per_second']:>9} {row['refused_per_second']:>10}\n"
+                    )
+                if not rows:
+                    out.write("(no writes and no refusals in this interval)\n")
+            out.flush()
+            if once:
+                return
+    finally:
+        for subscription in subscriptions:
+            with suppress(Exception):
+                await subscription.unsubscribe()
+
+
 # -- command line -------------------------------------------------------------------------------
 
 
@@ -683,7 +778,11 @@ def _parser() -> argparse.ArgumentParser:
             help="the identity as the application sees it (an IP, a user id); once per part of "
             "a composite key, in order",
         )
-    commands.add_parser("watch", parents=[common], help="live decoded updates until Ctrl-C")
+    watching = commands.add_parser("watch", parents=[common], help="live updates until Ctrl-C")
+    watching.add_argument("--events", action="store_true", help="denials, bans and overrides")
+    top = commands.add_parser("top", parents=[common], help="the busiest and most refused groups")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds per table (default 2)")
+    top.add_argument("--once", action="store_true", help="one table after one interval, then exit")
     override = commands.add_parser("override", parents=[common], help="another rate, live")
     ban = commands.add_parser("ban", parents=[common], help="refuse one group (403), live")
     unban = commands.add_parser("unban", parents=[common], help="lift a ban")
@@ -783,10 +882,15 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
         if args.command == "status":
             status = await bucket_status(store)
             _emit(out, args.json, status, lambda s: "\n".join(f"{k:<12} {v}" for k, v in s.items()))
+        elif args.command == "top":
+            await top(store, out, args.interval, args.once, args.json)
         elif args.command == "watch":
             stop = asyncio.Event()
             try:
-                await watch(store, out, args.json, stop)
+                if args.events:
+                    await watch_events(store, out, args.json, stop)
+                else:
+                    await watch(store, out, args.json, stop)
             except asyncio.CancelledError:
                 stop.set()
     finally:

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .algorithms import Algorithm, Policy, Rates, SlidingWindow
 from .bucket import Decision
@@ -83,6 +83,7 @@ class _Bound(NamedTuple):
     now: Callable[[str, Algorithm, int], Decision] | None  # the store's `hit_now`, if any
     is_global: bool  # one bucket for everybody: the key is ignored
     rules: Rules  # the live overrides and bans of the store's groups (rules.py)
+    events: Any  # the store's event publisher (`denied(limiter, group)`), None for none
 
 
 class AsyncRateLimiter:
@@ -156,7 +157,10 @@ class AsyncRateLimiter:
             store = self.store(config.store)
             now = store.hit_now if isinstance(store, DecidesNow) else None
             rules = self._rules(config.store, store)
-            bound = self._bound[limiter] = _Bound(config, store, now, config.is_global, rules)
+            events = getattr(store, "events", None)
+            bound = self._bound[limiter] = _Bound(
+                config, store, now, config.is_global, rules, events
+            )
         return bound
 
     def _rules(self, name: str, store: Store) -> Rules:
@@ -219,6 +223,8 @@ class AsyncRateLimiter:
                 decision = self.degraded(config, error)
             self.notify(config, key, decision, started, error)
             return decision
+        if not decision.allowed and bound.events is not None:
+            bound.events.denied(limiter, store_key)  # summed, published once a second
         if hook is not None:
             self.notify(config, key, decision, started, None)
         return decision

@@ -11,6 +11,9 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -534,3 +537,92 @@ def test_an_app_user_with_the_documented_permissions_gets_the_whole_control_plan
         assert status == 0, output
     finally:
         server.cleanup()
+
+
+# -- events and `ratesync top` ----------------------------------------------------------------------
+
+
+async def test_denials_are_summed_once_a_second_and_bans_are_events(
+    nats_url: str, bucket_name: str
+) -> None:
+    events: list[dict[str, Any]] = []
+    nc = await nats.connect(nats_url)
+
+    async def record(message: Any) -> None:
+        events.append(json.loads(message.data))
+
+    await nc.subscribe(f"ratesync.{bucket_name}.events", cb=record)
+    try:
+        async with AsyncRateLimiter(fleet_config(nats_url, bucket_name)) as limiter:
+            await exhaust(limiter, "kim")  # one denial
+            started = time.monotonic()
+            for _ in range(99):
+                assert not (await limiter.hit("login", key="kim")).allowed
+            await limiter.ban("login", key="ann", ttl=30.0)
+            deadline = time.monotonic() + _PATIENCE
+            while sum(e.get("count", 0) for e in events) < 100:
+                assert time.monotonic() < deadline, events
+                await asyncio.sleep(0.05)
+            seconds = time.monotonic() - started
+    finally:
+        await nc.close()
+    summaries = [e for e in events if e["type"] == "denied"]
+    assert {(e["limiter"], e["group"]) for e in summaries} == {("login", "login.kim")}
+    assert len(summaries) <= seconds + 1  # at most one per group per second
+    assert summaries[0]["pid"] == os.getpid()
+    (ban,) = [e for e in events if e["type"] == "ban"]
+    assert ban["group"] == "login.ann"
+    assert ban["until_ns"] > time.time_ns()
+
+
+def test_top_once_shows_the_busiest_and_most_refused_groups(
+    nats_url: str, bucket_name: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "rate-sync.toml"
+    config.write_text(
+        f'[stores.prod]\nengine = "nats"\nurl = "{nats_url}"\nbucket_name = "{bucket_name}"\n'
+        '[limiters.login]\nstore = "prod"\nlimit = "2/hour"\n'
+    )
+
+    async def traffic() -> tuple[int, str]:
+        async with AsyncRateLimiter(str(config)) as limiter:
+            await limiter.hit("login", key="warm-up")  # the bucket exists before top watches
+            command = ("top", "--once", "--interval", "2", "--json", "--config", config)
+            table = asyncio.create_task(asyncio.to_thread(ratesync, *command))
+            await asyncio.sleep(0.5)  # top is listening
+            for _ in range(30):
+                await limiter.hit("login", key="kim")
+                await limiter.hit("login", key=f"user-{_}")
+            return await table
+
+    status, output = asyncio.run(traffic())
+    assert status == 0
+    rows = {row["group"]: row for row in json.loads(output)}
+    assert rows["login.kim"]["refused_per_second"] > 0
+    assert rows["login.kim"]["writes_per_second"] > 0
+    assert rows["login.user-0"]["refused_per_second"] == 0  # (20 rows at most: the first)
+    assert next(iter(rows)) == "login.kim"  # the most refused first
+
+
+def test_watch_events_prints_a_ban(nats_url: str, bucket_name: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path, nats_url, bucket_name)
+    command = [sys.executable, "-m", "ratesync_middleware.cli", "watch", "--events", "--json"]
+    process = subprocess.Popen(
+        [*command, "--config", str(config)], stdout=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + _PATIENCE
+        with RateLimiter(config) as operator:
+            while not lines:  # until the watcher listens, ban again
+                assert time.monotonic() < deadline, "no event printed"
+                operator.ban("api_external", ttl=5.0)
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(10)
+        reader.join(5)
+    event = json.loads(lines[0])
+    assert (event["type"], event["group"]) == ("ban", "api_external")

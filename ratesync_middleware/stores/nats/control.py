@@ -39,13 +39,16 @@ from .slots import holder_id
 from .wire import KV_OPERATION
 
 __all__ = [
+    "EVENT_INTERVAL",
     "HEARTBEAT_SECONDS",
     "RECHECK_NS",
+    "Events",
     "Presence",
     "ResetListener",
     "RulesWatcher",
     "decode_rule",
     "encode_rule",
+    "events_subject",
     "fleet",
     "open_rules",
     "reset_subject",
@@ -332,3 +335,88 @@ def _version() -> str:
     from ... import __version__
 
     return __version__
+
+
+# -- events: denials, bans and overrides -----------------------------------------------------------
+
+EVENT_INTERVAL = 1.0  # seconds: at most one denial summary per group per process per interval
+_MAX_EVENT_GROUPS = 10_000  # groups summed per interval; more are counted as `other_groups`
+
+
+def events_subject(bucket: str) -> str:
+    """Where the processes sharing `bucket` publish their events (docs/engines/nats.md)."""
+    return f"ratesync.{bucket}.events"
+
+
+class Events:
+    """Denials counted in memory and published once a second as one summary per group.
+
+    The request path only adds to a dict; publishing is a background task that ends when a
+    second passes without a denial. Bans and overrides are published as they are set.
+    """
+
+    def __init__(self, bucket: str, source: dict[str, Any]) -> None:
+        self.subject = events_subject(bucket)
+        self._source = {"host": source["host"], "pid": source["pid"]}
+        self._denied: dict[tuple[str, str], int] = {}
+        self._other = 0
+        self._nc: NatsClient | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, nc: NatsClient) -> None:
+        self._nc = nc
+
+    def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = None
+        self._nc = None
+
+    def denied(self, limiter: str, group: str) -> None:
+        """Count one denial of `group` (under `limiter`); from the store's event loop."""
+        counts = self._denied
+        key = (limiter, group)
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < _MAX_EVENT_GROUPS:
+            counts[key] = 1
+        else:
+            self._other += 1
+        if self._task is None and self._nc is not None:
+            self._task = asyncio.get_running_loop().create_task(self._publish_summaries())
+
+    async def _publish_summaries(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(EVENT_INTERVAL)
+                counts, self._denied, other, self._other = self._denied, {}, self._other, 0
+                nc = self._nc
+                if not counts or nc is None or not nc.is_connected:
+                    return  # idle (or cut off: these counts are dropped)
+                for (limiter, group), denied in counts.items():
+                    await self._publish(
+                        nc,
+                        {"type": "denied", "limiter": limiter, "group": group, "count": denied},
+                    )
+                if other:
+                    await self._publish(nc, {"type": "denied", "other_groups": other})
+        finally:
+            self._task = None
+
+    async def rule(self, kind: str, group: str, rule: Rule | None) -> None:
+        """Publish a ban, unban, override or the end of an override as it is set."""
+        nc = self._nc
+        if nc is None:
+            return
+        event: dict[str, Any] = {"type": kind if rule is not None else f"{kind}_removed"}
+        event["group"] = group
+        if rule is not None:
+            event["until_ns"] = rule.until_ns
+            if isinstance(rule, Override):
+                event["policy"] = rule.policy.name
+        await self._publish(nc, event)
+
+    async def _publish(self, nc: NatsClient, event: dict[str, Any]) -> None:
+        event = {"v": 1, **event, **self._source, "at_ns": time.time_ns()}
+        with suppress(Exception):
+            await nc.publish(self.subject, json.dumps(event).encode())

@@ -45,6 +45,7 @@ from ..base import Clock, wall_clock
 from .bucket import BucketOpener, precreate_command
 from .control import (
     RECHECK_NS,
+    Events,
     Presence,
     ResetListener,
     Rule,
@@ -176,6 +177,7 @@ class NatsStore:
         self._rules_task: asyncio.Task[None] | None = None
         self._presence = Presence(config.bucket_name, list(windows_ns or {}))
         self._presence_task: asyncio.Task[None] | None = None
+        self.events = Events(config.bucket_name, self._presence.identity)
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -243,6 +245,7 @@ class NatsStore:
 
     def _forget_connection(self) -> None:
         self._nc = self._js = self._replies = None
+        self.events.stop()
         self._cache.clear()
         self._slots.forget_revisions()
         current = asyncio.current_task()
@@ -282,6 +285,7 @@ class NatsStore:
         self._stream_created = info.created
         self._watcher = self._loop.create_task(self._watch_stream(nc, setup))
         self._presence_task = self._loop.create_task(self._presence.run(nc))
+        self.events.start(nc)
         self._rules_watch.restart()
         self._rules_task = self._loop.create_task(self._rules_watch.run(setup))
         # The bans in force apply from the first decision on: wait for them, briefly.
@@ -917,6 +921,7 @@ class NatsStore:
             else:
                 await kv.put(rule_key(kind, group), encode_rule(rule))
         self.rules.set(kind, group, rule)
+        await self.events.rule(kind, group, rule)
 
     async def read_rules(self) -> list[tuple[RuleKind, str, Rule]]:
         """Every rule stored now, expired ones included (`ratesync overrides`)."""
@@ -938,6 +943,13 @@ class NatsStore:
                 if rule is not None and kind in ("ban", "override"):
                     found.append(("ban" if kind == "ban" else "override", group, rule))
         return found
+
+    async def subscribe(self, subject: str, callback: Any) -> Any:
+        """A core NATS subscription on this store's connection (`ratesync top` and `watch`)."""
+        await self.ready()
+        nc = self._nc
+        assert nc is not None
+        return await nc.subscribe(subject, cb=callback)
 
     def live_processes(self) -> int:
         """The processes sharing the bucket, this one included, as presence last heard them
