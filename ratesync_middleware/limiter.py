@@ -224,7 +224,7 @@ class AsyncRateLimiter:
             self.notify(config, key, decision, started, error)
             return decision
         if not decision.allowed and bound.events is not None:
-            bound.events.denied(limiter, store_key)  # summed, published once a second
+            bound.events.denied(store_key)  # summed, published once a second
         if hook is not None:
             self.notify(config, key, decision, started, None)
         return decision

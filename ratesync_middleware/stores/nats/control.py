@@ -358,7 +358,7 @@ class Events:
     def __init__(self, bucket: str, source: dict[str, Any]) -> None:
         self.subject = events_subject(bucket)
         self._source = {"host": source["host"], "pid": source["pid"]}
-        self._denied: dict[tuple[str, str], int] = {}
+        self._denied: dict[str, int] = {}  # store key of a group -> its denials
         self._other = 0
         self._nc: NatsClient | None = None
         self._task: asyncio.Task[None] | None = None
@@ -371,15 +371,17 @@ class Events:
             self._task.cancel()
         self._task = None
         self._nc = None
+        self._denied = {}  # (a group counted here would never start the publisher again)
 
-    def denied(self, limiter: str, group: str) -> None:
-        """Count one denial of `group` (under `limiter`); from the store's event loop."""
+    def denied(self, group: str) -> None:
+        """Count one denial of `group` (its store key); from the store's event loop."""
         counts = self._denied
-        key = (limiter, group)
-        if key in counts:
-            counts[key] += 1
-        elif len(counts) < _MAX_EVENT_GROUPS:
-            counts[key] = 1
+        count = counts.get(group)
+        if count is not None:
+            counts[group] = count + 1
+            return  # the publisher runs: it was started with the group's first denial
+        if len(counts) < _MAX_EVENT_GROUPS:
+            counts[group] = 1
         else:
             self._other += 1
         if self._task is None and self._nc is not None:
@@ -393,7 +395,8 @@ class Events:
                 nc = self._nc
                 if not counts or nc is None or not nc.is_connected:
                     return  # idle (or cut off: these counts are dropped)
-                for (limiter, group), denied in counts.items():
+                for group, denied in counts.items():
+                    limiter = group.split(".", 1)[0]  # a limiter name has no dot
                     await self._publish(
                         nc,
                         {"type": "denied", "limiter": limiter, "group": group, "count": denied},
