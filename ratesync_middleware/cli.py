@@ -2,7 +2,13 @@
 
     ratesync check  [--config PATH] [--store NAME]   the setup guide's verification steps
     ratesync status                                  bucket settings, key count, bytes
-    ratesync get GROUP | reset GROUP | watch         one group's decoded state; delete it; live
+    ratesync get|reset LIMITER [--key IDENTITY]      one group's decoded state; refill it
+    ratesync watch                                   live decoded updates
+    ratesync override|ban|unban LIMITER --key ID     live rules for one group, in every process
+    ratesync overrides                               the overrides and bans in force
+    ratesync fleet                                   the processes sharing each bucket
+    ratesync top [--interval S] [--once]             the busiest and most refused groups
+    ratesync watch --events                          denials, bans and overrides, live
 
 The shared options (`--config`, `--store`, `--json`) go before or after the command alike.
 Human-readable by default, `--json` for scripts. Exit status 0 on success (a check's warnings
@@ -15,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,17 +33,39 @@ from typing import Any, TextIO
 import nats.js.errors
 
 from . import __version__
-from .bucket import peek
-from .config import ENV_CONFIG, SEARCH_PATHS, Config, StoreConfig, discover_config_path, load_config
+from .bucket import NS_PER_SECOND, Policy, Rates, peek
+from .client_ip import ClientAddress
+from .config import (
+    ENV_CONFIG,
+    SEARCH_PATHS,
+    Config,
+    LimiterConfig,
+    StoreConfig,
+    discover_config_path,
+    load_config,
+)
 from .errors import (
     AuthenticationError,
     ConfigError,
     RateSyncError,
     StoreError,
 )
+from .keys import group_key, join_identity, slots_key
+from .limiter import AsyncRateLimiter
+from .rules import Override, override_policy
+from .slots import live_holders
 from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
 from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
+from .stores.nats.control import (
+    events_subject,
+    fleet,
+    open_rules,
+    reset_subject,
+    rules_bucket,
+)
+from .stores.nats.wire import decode_slots, decode_state
+from .window import SlidingWindow
 
 
 @dataclass
@@ -123,9 +153,52 @@ async def check_store(
             step("bucket creatable", True, f"{config.bucket_name} created (auto_create = true)")
         step(*_settings_step(config, info, bucket_ttl_seconds(windows_ns)))
         steps.append(Step(config.name, *_limits_step(config, info)))
+        step(*await _control_step(store, nc))
+        step(*await _rules_step(config, js))
     finally:
         await store._close_client(nc)
     return steps
+
+
+async def _control_step(store: NatsStore, nc: Any) -> tuple[str, bool, str]:
+    """Resets are announced on `ratesync.<bucket>.reset`: every process subscribes to it."""
+    subject = reset_subject(store.config.bucket_name)
+    store._permission_denied = False
+    subscription = await nc.subscribe(subject)
+    await nc.publish(subject, b"")  # an empty key: nobody forgets anything
+    await nc.flush(timeout=store.config.connect_timeout)
+    await asyncio.sleep(0.1)  # a permissions violation arrives as an asynchronous -ERR
+    with suppress(Exception):
+        await subscription.unsubscribe()
+    if store._permission_denied:
+        return (
+            "control subject",
+            False,
+            f"these credentials may not subscribe to or publish on {subject}: grant "
+            f"ratesync.{store.config.bucket_name}.> (without it, resets reach other processes "
+            "only through the one-second re-check of cached denials)",
+        )
+    return "control subject", True, f"{subject}: subscribe and publish allowed"
+
+
+async def _rules_step(config: StoreConfig, js: Any) -> tuple[str, bool, str]:
+    """Overrides and bans live in `<bucket>_rules`: processes watch it, operators write it."""
+    name = rules_bucket(config.bucket_name)
+    existed = await _bucket_exists(js, name)
+    try:
+        kv = await open_rules(js, config)
+        await kv.keys()
+    except nats.js.errors.NoKeysError:
+        pass
+    except Exception as error:
+        return (
+            "rules bucket",
+            False,
+            f"{name}: {type(error).__name__}; overrides and bans need it: pre-create it with "
+            f"`nats kv add {name} --history=1` and grant the permissions of "
+            "docs/setup/nats-setup.md, Operating a fleet",
+        )
+    return "rules bucket", True, name if existed else f"{name} created (auto_create = true)"
 
 
 def _auth_form(config: StoreConfig) -> str:
@@ -288,50 +361,245 @@ async def bucket_status(store: NatsStore) -> dict[str, Any]:
     }
 
 
+# -- groups named by limiter and identity ---------------------------------------------------------
+
+_VALID_KEY = re.compile(r"[-/_=A-Za-z0-9]+(\.[-/_=A-Za-z0-9]+)*")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The KV keys a command acts on: a group's rate and/or concurrency slots, or one raw key."""
+
+    store: StoreConfig
+    keys: list[str]
+    hint: str = ""  # for a raw key that looks like an identity the middleware would encode
+
+
+def operator_identity(config: Config, limiter: LimiterConfig, parts: Sequence[str]) -> str:
+    """The identity the middleware computes for a request with these key parts.
+
+    One value per part of the limiter's `key`, in order (`key = ["ip", "header:X-User"]`:
+    `--key 1.2.3.4 --key kim`). An IPv6 address of an `ip` part is grouped by network as the
+    middleware groups it (`ipv6_prefix`).
+    """
+    specs = [spec for spec in limiter.key if spec != "global"]
+    if len(parts) != len(specs):
+        raise ConfigError(
+            f"{config.source}: limiter {limiter.name!r} has key = {list(specs)}: give --key once "
+            f"per part, in that order ({len(parts)} given)"
+        )
+    address = ClientAddress((), config.middleware.ipv6_prefix)
+    values = [
+        address(part, lambda _: None) if spec == "ip" and part else part
+        for spec, part in zip(specs, parts, strict=True)
+    ]
+    return join_identity(values)
+
+
+def resolve_target(
+    config: Config, name: str, identity: Sequence[str] | None, store_name: str | None
+) -> Target:
+    """`LIMITER [--key IDENTITY]...` or a raw KV key, as the keys of the store that holds them."""
+    limiter = config.limiters.get(name)
+    if limiter is None:
+        if identity:
+            known = ", ".join(sorted(config.limiters)) or "none"
+            raise ConfigError(f"{config.source}: no limiter {name!r} for --key (defined: {known})")
+        if not _VALID_KEY.fullmatch(name):
+            raise ConfigError(
+                f"{name!r} is neither a limiter of {config.source} nor a valid KV key; for an "
+                "identity as the application sees it, give LIMITER --key IDENTITY"
+            )
+        owner = config.limiters.get(name.split(".", 1)[0])
+        if owner is not None and store_name is None and config.stores[owner.store].engine == "nats":
+            store = config.stores[owner.store]
+        else:
+            store = _one_nats_store(config, store_name)
+        return Target(store, [name], _raw_key_hint(config, name))
+    if store_name is not None and _nats_stores(config, store_name)[0].name != limiter.store:
+        raise ConfigError(
+            f"{config.source}: limiter {name!r} uses store {limiter.store!r}, not {store_name!r}"
+        )
+    store = config.stores[limiter.store]
+    if store.engine != "nats":
+        raise ConfigError(
+            f"{config.source}: limiter {name!r} uses the memory store {store.name!r}: its state "
+            "lives inside each application process"
+        )
+    group = group_key(name, limiter_identity(config, limiter, identity))
+    keys = [group] if limiter.policy is not None else []
+    if limiter.slots is not None:
+        keys.append(slots_key(group))
+    return Target(store, keys)
+
+
+def limiter_identity(
+    config: Config, limiter: LimiterConfig, identity: Sequence[str] | None
+) -> str | None:
+    """The identity `--key` names for `limiter` (None for a global limiter, which takes none)."""
+    if limiter.is_global:
+        if identity:
+            raise ConfigError(
+                f'{config.source}: limiter {limiter.name!r} is global (key = "global"): one '
+                "group for everybody, no --key"
+            )
+        return None
+    if not identity:
+        raise ConfigError(
+            f"{config.source}: limiter {limiter.name!r} has key = {list(limiter.key)}: give "
+            "--key IDENTITY (an IP, a user id, a header value, as the application sees it)"
+        )
+    return operator_identity(config, limiter, identity)
+
+
+def _raw_key_hint(config: Config, key: str) -> str:
+    """For `api.127.0.0.1`: the command that names that identity (its key is api.127_2E0...)."""
+    first, _, rest = key.partition(".")
+    limiter = config.limiters.get(first)
+    if limiter is None or limiter.is_global or not rest or len(limiter.key) != 1:
+        return ""
+    encoded = group_key(first, operator_identity(config, limiter, [rest]))
+    if encoded == key:
+        return ""
+    return f" For identity {rest!r} of limiter {first!r} (key {encoded}): --key {rest}"
+
+
 def describe_entry(entry: StoredEntry | None, group: str, now_ns: int) -> dict[str, Any]:
-    """A group's decoded state: tokens available now, time to full, last update, revision."""
+    """A group's decoded state, for every kind of value the store writes (docs/engines/nats.md)."""
     if entry is None:
-        return {"group": group, "exists": False}
+        return {"group": group, "exists": False, "written": False}
     result: dict[str, Any] = {
         "group": group,
         "exists": not entry.deleted,
+        "written": True,
         "revision": entry.revision,
         "updated": entry.written_at.isoformat() if entry.written_at else None,
     }
-    policy = entry.policy()
-    if entry.deleted or policy is None:
-        result["state"] = "deleted (a full bucket)" if entry.deleted else "not a ratesync value"
+    if entry.deleted:
+        result["state"] = "deleted (a full bucket)"
         return result
-    state = peek(policy, entry.tat_ns, now_ns)
-    result.update(
-        burst=policy.burst,
-        rate_per_second=round(policy.rate, 6),
-        available=state.remaining,
-        full_in_seconds=round(state.reset_after, 3),
-        tat_ns=entry.tat_ns,
-    )
+    result.update(describe_value(entry.data, group, now_ns))
     return result
 
 
-def _format_entry(described: dict[str, Any]) -> str:
-    if not described.get("exists") and "revision" not in described:
-        return f"{described['group']}: no state (a full bucket, or idle for longer than the TTL)"
-    lines = [f"{'group':<12} {described['group']}"]
-    labels = {
-        "revision": "revision",
-        "updated": "updated",
-        "state": "state",
-        "available": "available",
-        "burst": "burst",
-        "rate_per_second": "rate/s",
-        "full_in_seconds": "full in (s)",
+def describe_value(data: bytes | None, group: str, now_ns: int) -> dict[str, Any]:
+    """A stored value's meaning now: units available, time to full, slots held."""
+    try:
+        value = json.loads(data or b"")
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        return {"state": "not a ratesync value"}
+    kind = value.get("kind")
+    try:
+        if kind is None:
+            fields = decode_value(data)
+            if fields is None:
+                return {"state": "not a ratesync value"}
+            policy = Policy(group, fields["interval_ns"], fields["burst"])
+            return {"kind": "token_bucket", **_bucket(policy, fields["tat_ns"], now_ns)}
+        if kind == "rates":
+            rates = tuple(
+                Policy(f"{group}:{index}", interval, burst)
+                for index, (interval, burst) in enumerate(value["rates"])
+            )
+            tats, problem = decode_state(Rates(group, rates), data)
+            per_rate = [
+                _bucket(rate, tat, now_ns)
+                for rate, tat in zip(rates, tats or (0,) * len(rates), strict=True)
+            ]
+            return {
+                "kind": "rates",
+                "available": min(rate["available"] for rate in per_rate),
+                "rates": per_rate,
+                **({"problem": problem} if problem else {}),
+            }
+        if kind == "window":
+            window = SlidingWindow(group, value["limit"], value["window_ns"])
+            log, problem = decode_state(window, data)
+            state = window.peek(log, now_ns)
+            return {
+                "kind": "sliding_window",
+                "available": state.remaining,
+                "limit": window.limit,
+                "window_seconds": window.window_ns / NS_PER_SECOND,
+                "full_in_seconds": round(state.reset_after, 3),
+                **({"problem": problem} if problem else {}),
+            }
+        if kind == "slots":
+            holders, problem = decode_slots(data)
+            live = live_holders(holders, now_ns, "")
+            return {
+                "kind": "slots",
+                "in_use": sum(count for count, _ in live.values()),
+                "limit": value["limit"],
+                "lease_seconds": value["lease_ns"] / NS_PER_SECOND,
+                "holders": [
+                    {
+                        "holder": holder,
+                        "slots": count,
+                        "lease_left_seconds": round((until - now_ns) / NS_PER_SECOND, 3),
+                    }
+                    for holder, (count, until) in live.items()
+                ],
+                **({"problem": problem} if problem else {}),
+            }
+    except (KeyError, TypeError, ValueError):
+        pass
+    return {"state": f"not a ratesync value (kind {kind!r})"}
+
+
+def _bucket(policy: Policy, tat: int, now_ns: int) -> dict[str, Any]:
+    state = peek(policy, tat, now_ns)
+    return {
+        "available": state.remaining,
+        "burst": policy.burst,
+        "rate_per_second": round(policy.rate, 6),
+        "full_in_seconds": round(state.reset_after, 3),
+        "tat_ns": tat,
     }
-    for key, label in labels.items():
-        if key in described and described[key] is not None:
-            value = described[key]
-            if key == "available":
-                value = f"{value} of {described['burst']}"
-            lines.append(f"{label:<12} {value}")
+
+
+_LABELS = {
+    "revision": "revision",
+    "updated": "updated",
+    "state": "state",
+    "kind": "kind",
+    "available": "available",
+    "in_use": "in use",
+    "rate_per_second": "rate/s",
+    "window_seconds": "window (s)",
+    "lease_seconds": "lease (s)",
+    "full_in_seconds": "full in (s)",
+    "problem": "problem",
+}
+
+
+def _format_entry(described: dict[str, Any]) -> str:
+    if not described.get("written", True):
+        return (
+            f"{described['group']}: never written (not found: no request has been counted in this "
+            "group, or it was idle for longer than the bucket's TTL)"
+        )
+    lines = [f"{'group':<12} {described['group']}"]
+    of = described.get("burst", described.get("limit"))
+    for key, label in _LABELS.items():
+        value = described.get(key)
+        if value is None:
+            continue
+        if key in ("available", "in_use") and of is not None:
+            value = f"{value} of {of}"
+        lines.append(f"{label:<12} {value}")
+    for index, rate in enumerate(described.get("rates", ()), 1):
+        lines.append(
+            f"{f'rate {index}':<12} {rate['available']} of {rate['burst']} available, "
+            f"{rate['rate_per_second']}/s, full in {rate['full_in_seconds']} s"
+        )
+    for holder in described.get("holders", ()):
+        lines.append(
+            f"{'holder':<12} {holder['holder']}: {holder['slots']} slots, lease "
+            f"{holder['lease_left_seconds']} s left"
+        )
     return "\n".join(lines)
 
 
@@ -355,6 +623,7 @@ async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Even
                 written_at=update.created,
                 deleted=deleted,
                 value=None if deleted else decode_value(update.value),
+                data=None if deleted else update.value,
             )
             described = describe_entry(entry, update.key, time.time_ns())
             if as_json:
@@ -370,6 +639,93 @@ async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Even
             out.flush()
     finally:
         await watcher.stop()
+
+
+async def watch_events(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Event) -> None:
+    """Print the events of the bucket (docs/engines/nats.md, "Events") until `stop` is set."""
+
+    async def show(message: Any) -> None:
+        try:
+            event = json.loads(message.data)
+        except ValueError:
+            return
+        if as_json:
+            out.write(json.dumps(event) + "\n")
+        else:
+            detail = event.get("count", event.get("policy", ""))
+            out.write(
+                f"{event.get('type', '?'):<17} {event.get('group', '')} {detail} "
+                f"(pid {event.get('pid')} on {event.get('host')})\n"
+            )
+        out.flush()
+
+    subscription = await store.subscribe(events_subject(store.config.bucket_name), show)
+    try:
+        await stop.wait()
+    finally:
+        with suppress(Exception):
+            await subscription.unsubscribe()
+
+
+async def top(store: NatsStore, out: TextIO, interval: float, once: bool, as_json: bool) -> None:
+    """Writes (admissions, coalesced) and refusals per group, one table per `interval`.
+
+    Writes are the bucket's own messages (`$KV.<bucket>.>`, seen as they are stored: nothing
+    is asked of the application); refusals come from the processes' denial summaries.
+    """
+    await store.ready()
+    bucket = store.config.bucket_name
+    prefix = f"$KV.{bucket}."
+    writes: dict[str, int] = {}
+    refused: dict[str, int] = {}
+
+    async def on_write(message: Any) -> None:
+        group = message.subject[len(prefix) :]
+        writes[group] = writes.get(group, 0) + 1
+
+    async def on_event(message: Any) -> None:
+        with suppress(ValueError, KeyError, TypeError, AttributeError):
+            event = json.loads(message.data)
+            if event.get("type") == "denied" and "group" in event:
+                refused[event["group"]] = refused.get(event["group"], 0) + int(event["count"])
+
+    subscriptions = [
+        await store.subscribe(prefix + ">", on_write),
+        await store.subscribe(events_subject(bucket), on_event),
+    ]
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            rows: list[dict[str, Any]] = [
+                {
+                    "limiter": group.split(".", 1)[0],
+                    "group": group,
+                    "writes_per_second": round(writes.get(group, 0) / interval, 1),
+                    "refused_per_second": round(refused.get(group, 0) / interval, 1),
+                }
+                for group in {*writes, *refused}
+            ]
+            rows.sort(key=lambda r: (-r["refused_per_second"], -r["writes_per_second"], r["group"]))
+            writes.clear()
+            refused.clear()
+            if as_json:
+                out.write(json.dumps(rows[:20]) + "\n")
+            else:
+                out.write(f"{'limiter':<16} {'group':<48} {'writes/s':>9} {'refused/s':>10}\n")
+                for row in rows[:20]:
+                    out.write(
+                        f"{row['limiter']:<16} {row['group']:<48} "
+                        f"{row['writes_per_second']:>9} {row['refused_per_second']:>10}\n"
+                    )
+                if not rows:
+                    out.write("(no writes and no refusals in this interval)\n")
+            out.flush()
+            if once:
+                return
+    finally:
+        for subscription in subscriptions:
+            with suppress(Exception):
+                await subscription.unsubscribe()
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -412,11 +768,34 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", parents=[common], help="verify NATS set-up as the guide does")
     commands.add_parser("status", parents=[common], help="bucket settings, key count, bytes")
-    get = commands.add_parser("get", parents=[common], help="one group's decoded state")
-    get.add_argument("group", help="the KV key, e.g. api_external or api.user-42")
-    reset = commands.add_parser("reset", parents=[common], help="delete one group's state")
-    reset.add_argument("group")
-    commands.add_parser("watch", parents=[common], help="live decoded updates until Ctrl-C")
+    for command, what in (("get", "one group's decoded state"), ("reset", "refill one group")):
+        group = commands.add_parser(command, parents=[common], help=what)
+        group.add_argument("limiter", help="a limiter (give --key for its identity) or a KV key")
+        group.add_argument(
+            "--key",
+            dest="identity",
+            action="append",
+            help="the identity as the application sees it (an IP, a user id); once per part of "
+            "a composite key, in order",
+        )
+    watching = commands.add_parser("watch", parents=[common], help="live updates until Ctrl-C")
+    watching.add_argument("--events", action="store_true", help="denials, bans and overrides")
+    top = commands.add_parser("top", parents=[common], help="the busiest and most refused groups")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds per table (default 2)")
+    top.add_argument("--once", action="store_true", help="one table after one interval, then exit")
+    override = commands.add_parser("override", parents=[common], help="another rate, live")
+    ban = commands.add_parser("ban", parents=[common], help="refuse one group (403), live")
+    unban = commands.add_parser("unban", parents=[common], help="lift a ban")
+    for ruling in (override, ban, unban):
+        ruling.add_argument("limiter")
+        ruling.add_argument("--key", dest="identity", action="append", help="as for get")
+    override.add_argument("--limit", help='the rate from now on, e.g. "100/second"')
+    override.add_argument("--burst", type=int, help="its capacity (default: the count)")
+    override.add_argument("--clear", action="store_true", help="remove the override")
+    for lasting in (override, ban):
+        lasting.add_argument("--ttl", type=float, help="seconds until it ends (default: never)")
+    commands.add_parser("overrides", parents=[common], help="the overrides and bans in force")
+    commands.add_parser("fleet", parents=[common], help="the processes sharing each bucket")
     return parser
 
 
@@ -490,31 +869,167 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                 )
         return 0 if all(step.ok for step in steps) else 1
 
+    if args.command in ("get", "reset"):
+        return await _get_or_reset(config, args, out)
+    if args.command in ("override", "ban", "unban"):
+        return await _set_rule(config, args, out)
+    if args.command == "overrides":
+        return await _list_rules(config, args, out)
+    if args.command == "fleet":
+        return await _fleet(config, args, out)
     store = NatsStore(_one_nats_store(config, args.store))
     try:
         if args.command == "status":
             status = await bucket_status(store)
             _emit(out, args.json, status, lambda s: "\n".join(f"{k:<12} {v}" for k, v in s.items()))
-        elif args.command == "get":
-            entry = await store.read_entry(args.group)
-            _emit(out, args.json, describe_entry(entry, args.group, time.time_ns()), _format_entry)
-        elif args.command == "reset":
-            await store.reset(args.group)
-            _emit(
-                out,
-                args.json,
-                {"group": args.group, "reset": True},
-                lambda r: f"{args.group}: reset",
-            )
+        elif args.command == "top":
+            await top(store, out, args.interval, args.once, args.json)
         elif args.command == "watch":
             stop = asyncio.Event()
             try:
-                await watch(store, out, args.json, stop)
+                if args.events:
+                    await watch_events(store, out, args.json, stop)
+                else:
+                    await watch(store, out, args.json, stop)
             except asyncio.CancelledError:
                 stop.set()
     finally:
         await store.aclose()
     return 0
+
+
+async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`get` / `reset`: exit 1 when no key of the group was ever written (nothing to show)."""
+    target = resolve_target(config, args.limiter, args.identity, args.store)
+    store = NatsStore(target.store)
+    results: list[dict[str, Any]] = []
+    try:
+        for key in target.keys:
+            entry = await store.read_entry(key)
+            if args.command == "get":
+                results.append(describe_entry(entry, key, time.time_ns()))
+            elif entry is None:
+                results.append({"group": key, "reset": False, "written": False})
+            else:
+                await store.reset(key)
+                results.append({"group": key, "reset": True})
+    finally:
+        await store.aclose()
+    human = _format_entry if args.command == "get" else _format_reset
+    if args.json:
+        shown: Any = results[0] if len(results) == 1 else results
+        out.write(json.dumps(shown, indent=2, default=str) + "\n")
+    else:
+        out.write(("\n\n" if args.command == "get" else "\n").join(map(human, results)) + "\n")
+    if any(result.get("written", True) for result in results):
+        return 0
+    if target.hint:
+        sys.stderr.write(f"ratesync:{target.hint}\n")
+    return 1
+
+
+async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`override` / `ban` / `unban`: stored in the rules bucket, applied by every process."""
+    limiter = config.limiters.get(args.limiter)
+    if limiter is None:
+        known = ", ".join(sorted(config.limiters)) or "none"
+        raise ConfigError(f"{config.source}: no limiter {args.limiter!r} (defined: {known})")
+    if config.stores[limiter.store].engine != "nats":
+        raise ConfigError(
+            f"{config.source}: limiter {limiter.name!r} uses a memory store: its rules live "
+            "inside each application process (use the limiter's methods there)"
+        )
+    identity = limiter_identity(config, limiter, args.identity)
+    group = group_key(limiter.name, identity)
+    ttl = getattr(args, "ttl", None)
+    result: dict[str, Any] = {"group": group, "command": args.command, "ttl_seconds": ttl}
+    async with AsyncRateLimiter(config) as rate_limiter:
+        try:
+            if args.command == "ban":
+                await rate_limiter.ban(limiter.name, identity, ttl)
+            elif args.command == "unban":
+                await rate_limiter.unban(limiter.name, identity)
+            elif args.clear:
+                await rate_limiter.override(limiter.name, identity, None)
+                result["command"] = "override removed"
+            elif args.limit is None:
+                raise ConfigError("override: give --limit RATE (e.g. 100/second), or --clear")
+            else:
+                await rate_limiter.override(limiter.name, identity, args.limit, args.burst, ttl)
+                result["policy"] = override_policy(limiter.name, args.limit, args.burst).name
+        except ValueError as error:
+            raise ConfigError(f"{args.command}: {error}") from None
+    done = {"ban": "banned", "unban": "unbanned", "override": "overridden"}.get(
+        result["command"], result["command"]
+    )
+    until = f" for {ttl:g}s" if ttl else "" if args.command == "unban" else " until removed"
+    _emit(out, args.json, result, lambda r: f"{group}: {done}{until}")
+    return 0
+
+
+async def _list_rules(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`overrides`: the rules in force in every NATS store (expired ones left out)."""
+    now = time.time_ns()
+    rows: list[dict[str, Any]] = []
+    for store_config in _nats_stores(config, args.store):
+        store = NatsStore(store_config)
+        try:
+            for kind, group, rule in await store.read_rules():
+                if rule.until_ns and rule.until_ns <= now:
+                    continue
+                row: dict[str, Any] = {"store": store_config.name, "kind": kind, "group": group}
+                if isinstance(rule, Override):
+                    row.update(policy=rule.policy.name, burst=rule.policy.burst)
+                row["expires_in_seconds"] = (
+                    round((rule.until_ns - now) / NS_PER_SECOND, 1) if rule.until_ns else None
+                )
+                rows.append(row)
+        finally:
+            await store.aclose()
+    if args.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    for row in rows:
+        what = f"{row['policy']} (burst {row['burst']})" if row["kind"] == "override" else ""
+        left = row["expires_in_seconds"]
+        until = f"{left:g}s left" if left is not None else "until removed"
+        out.write(f"{row['kind']:<9} {row['group']:<40} {what:<28} {until}\n")
+    if not rows:
+        out.write("no overrides or bans in force\n")
+    return 0
+
+
+async def _fleet(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`fleet`: every process that answers its bucket's presence call within a second."""
+    rows: list[dict[str, Any]] = []
+    for store_config in _nats_stores(config, args.store):
+        store = NatsStore(store_config)
+        nc = await store.connect()
+        try:
+            for peer in await fleet(nc, store_config.bucket_name):
+                rows.append(
+                    {"store": store_config.name, "bucket": store_config.bucket_name, **peer}
+                )
+        finally:
+            await store._close_client(nc)
+    if args.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    for row in rows:
+        limiters = ",".join(row.get("limiters", []))
+        out.write(
+            f"pid {row.get('pid'):<8} {row.get('host')!s:<24} ratesync {row.get('version')!s:<8} "
+            f"bucket {row['bucket']}  limiters {limiters}\n"
+        )
+    if not rows:
+        out.write("no process answered (none running, or none may publish on its bucket)\n")
+    return 0
+
+
+def _format_reset(result: dict[str, Any]) -> str:
+    if result["reset"]:
+        return f"{result['group']}: reset"
+    return f"{result['group']}: never written (not found), nothing to reset"
 
 
 def _emit(out: TextIO, as_json: bool, value: Any, human: Callable[[Any], str]) -> None:

@@ -34,6 +34,7 @@ else:  # pragma: no cover
 
 Engine = Literal["nats", "memory"]
 HeadersMode = Literal["draft", "legacy", "none"]
+FailMode = Literal["open", "closed", "local"]
 ForwardedHeader = Literal["x-forwarded-for", "forwarded"]
 Mode = Literal["enforce", "shadow"]
 
@@ -101,6 +102,9 @@ class LimiterConfig:
     cost: int | str = 1  # what a request spends: a whole number, or "pkg.mod:func" (request -> int)
     exempt_when: str | None = None  # "pkg.mod:func" (request -> bool): true, this limiter skips it
     shadow: bool = False  # mode = "shadow": decide and report, never refuse
+    # While the store fails: "open" lets requests through, "closed" refuses them (503), "local"
+    # limits from this process's own state at its share of the rate (`fail_closed` = "closed").
+    fail_mode: FailMode = "open"
 
     @property
     def limit(self) -> int:
@@ -573,6 +577,7 @@ _LIMITER_KEYS: dict[str, Check] = {
     "burst": _integer(1, MAX_COUNT, range_in_every_message=False),
     "key": _keys,
     "fail_closed": _boolean,
+    "fail_mode": _choice("open", "closed", "local"),
     "algorithm": _choice("token_bucket", "sliding_window"),
     "max_concurrent": _integer(1, MAX_CONCURRENT),
     "lease_seconds": _positive(MAX_LEASE_SECONDS),
@@ -918,17 +923,25 @@ def _limiter(
         raise _undefined(where, "store", store, "store", stores)
     slots = _slots(where, name, values)
     rated = slots is None or any(key in values for key in _RATE_KEYS)
+    fail_mode: FailMode = values.get("fail_mode") or (
+        "closed" if values.get("fail_closed") else "open"
+    )
+    if "fail_closed" in values and (fail_mode == "closed") != values["fail_closed"]:
+        raise where.error(
+            "fail_closed", f'contradicts fail_mode = "{fail_mode}" (keep one)', kind="conflict"
+        )
     return LimiterConfig(
         name=name,
         store=store,
         policy=_policy(where, name, values) if rated else None,
         key=values.get("key", ("ip",)),
-        fail_closed=values.get("fail_closed", False),
+        fail_closed=fail_mode == "closed",
         slots=slots,
         timeout=values.get("timeout", 0.0),
         cost=values.get("cost", 1),
         exempt_when=values.get("exempt_when"),
         shadow=values.get("mode") == "shadow",
+        fail_mode=fail_mode,
     )
 
 

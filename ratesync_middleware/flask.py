@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from flask import Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
+from werkzeug.exceptions import Forbidden, HTTPException, ServiceUnavailable, TooManyRequests
 
 from .bucket import Decision
 from .client_ip import ClientAddress
@@ -44,6 +44,7 @@ __all__ = [
     "EXTENSION",
     "FlaskFacts",
     "RateLimit",
+    "RateLimitBanned",
     "RateLimitExceeded",
     "RateLimitUnavailable",
     "exempt",
@@ -105,6 +106,23 @@ class RateLimitUnavailable(_Refusal, ServiceUnavailable):
     Handled like `RateLimitExceeded` (`@app.errorhandler(503)` or this class); `decision` is
     degraded and `Retry-After` is the store's back-off.
     """
+
+
+class RateLimitBanned(_Refusal, Forbidden):
+    """403: an operator banned this client (`ratesync ban`); `Retry-After` when the ban ends."""
+
+    def __init__(self, decision: Decision, denial: Denial) -> None:
+        Forbidden.__init__(
+            self, denial.detail
+        )  # takes no retry_after: the denial's headers have it
+        self.decision = decision
+        self.denial = denial
+
+
+_REFUSALS: dict[int, type[RateLimitExceeded | RateLimitUnavailable | RateLimitBanned]] = {
+    503: RateLimitUnavailable,
+    403: RateLimitBanned,
+}
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -228,7 +246,7 @@ class _AppState:
         if admission.allowed:
             return None
         denial = admission.denial()
-        refusal = (RateLimitUnavailable if denial.status == 503 else RateLimitExceeded)(
+        refusal = _REFUSALS.get(denial.status, RateLimitExceeded)(
             cast(Decision, admission.decision), denial
         )
         if self.app_handles(refusal):

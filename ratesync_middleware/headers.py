@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
 from .algorithms import Algorithm
 from .bucket import NS_PER_SECOND, Decision, Policy, Rates
 from .config import Config, HeadersMode
+from .rules import BANNED
 from .slots import Slots
 
 __all__ = [
@@ -47,6 +48,7 @@ Header = tuple[bytes, bytes]
 
 PROBLEM_CONTENT_TYPE: Final = b"application/problem+json"
 QUOTA_EXCEEDED: Final = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+BANNED_TYPE: Final = "https://ratesync.github.io/ratesync-middleware/problems/banned"
 
 
 # The names headers.py produces, spelt as people write them (HTTP does not care; logs do).
@@ -161,6 +163,8 @@ class RateLimitHeaders:
             raise ValueError(f"headers mode must be 'draft', 'legacy' or 'none', not {mode!r}")
         self.mode = mode
         self._by_name: dict[str, _Precomputed] = {}
+        self.extra_policy: Callable[[str], Algorithm | None] | None = None
+        """Where the policies of live overrides are found (`AsyncRateLimiter.override_policy`)."""
         for policy in policies:
             if isinstance(policy, Rates):
                 # One policy item per rate (draft-11 allows a list); a decision names the
@@ -240,7 +244,10 @@ class RateLimitHeaders:
     def _entry(self, decision: Decision) -> _Precomputed:
         entry = self._by_name.get(decision.policy)
         if entry is None:  # a decision from a policy this object was not built with
-            policy = Policy(decision.policy, NS_PER_SECOND, max(1, decision.limit))
+            extra = self.extra_policy
+            policy = extra(decision.policy) if extra is not None else None
+            if policy is None:
+                policy = Policy(decision.policy, NS_PER_SECOND, max(1, decision.limit))
             entry = self._by_name[decision.policy] = self._precompute(policy)
         return entry
 
@@ -275,7 +282,9 @@ class RateLimitHeaders:
         return [] if seconds is None else [(b"retry-after", str(seconds).encode())]
 
     def denial(self, decision: Decision) -> Denial:
-        """The 429 (or, for a fail-closed store failure, 503) for a refused request."""
+        """The 429 (or, for a fail-closed store failure, 503; for a ban, 403) for a refused request."""
+        if decision.reason == BANNED:
+            return self._banned(decision)
         entry = self._entry(decision)
         if decision.degraded:
             status, problem = 503, entry.unavailable
@@ -289,3 +298,15 @@ class RateLimitHeaders:
             headers.append((b"retry-after", b"%d" % max(1, math.ceil(retry_after))))
         headers += self.headers(decision)
         return Denial(status, headers, problem.body, problem.detail)
+
+    def _banned(self, decision: Decision) -> Denial:
+        """403: an operator banned this group (`ratesync ban`); `Retry-After` when it ends."""
+        problem = _problem(
+            403,
+            "Forbidden",
+            f"This client is banned from {decision.policy!r}.",
+            BANNED_TYPE,
+            **{"violated-policies": [decision.policy]},
+        )
+        headers = [*problem.content_headers, *self.retry_after(decision)]
+        return Denial(403, headers, problem.body, problem.detail)

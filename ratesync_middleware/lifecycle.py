@@ -34,6 +34,7 @@ from .facts import RequestFacts
 from .headers import Denial, Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
 from .plans import NOT_LIMITED, Limit, Plan, PlanResolver
+from .rules import BANNED
 from .slots import Slot
 
 __all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
@@ -137,6 +138,7 @@ class RequestLimiter:
         )
         self.plans = PlanResolver(self.config)
         self.responses = RateLimitHeaders.for_config(self.config)
+        self.responses.extra_policy = self.limiter.override_policy  # live overrides' headers
         self.settles = any(limiter.slots is not None for limiter in self.config.limiters.values())
         """Whether any admission of this configuration can have work at `finish` (`settles`)."""
         # How each plan is decided (_NOW | _SLOTTED bits); plans come from the configuration
@@ -334,8 +336,9 @@ class RequestLimiter:
 
     def _refuses(self, item: Limit, decision: Decision) -> bool:
         """Whether a refusing `decision` refuses the request: a shadow limiter's never does
-        (it is reported: the `on_decision` event, a metric, a throttled log line)."""
-        if item.shadow:
+        (it is reported: the `on_decision` event, a metric, a throttled log line), except an
+        operator's ban, which holds in every mode."""
+        if item.shadow and decision.reason != BANNED:
             self.limiter.shadowed(item.name, decision)
             return False
         return True

@@ -7,23 +7,26 @@ synchronous code, through the one sync driver of `sync.py` (one background loop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .algorithms import Algorithm
+from .algorithms import Algorithm, Policy, Rates, SlidingWindow
 from .bucket import NS_PER_SECOND, Decision
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, RateLimitExceeded, RequestFunctionError, StoreError
 from .keys import group_key, slots_key
 from .permits import Permit, SyncPermit
+from .rules import BANNED, Ban, Override, Rules, expiry_ns, override_key, override_policy
 from .slots import Slot, Slots
 from .stores import create_store
 from .stores.base import Clock, DecidesNow, Store, wall_clock
+from .stores.memory import MemoryStore
 
 if TYPE_CHECKING:
     from .sync import SyncRequestLimiter
@@ -103,6 +106,8 @@ class _Bound(NamedTuple):
     store: Store
     now: Callable[[str, Algorithm, int, int], Decision] | None  # the store's `hit_now`, if any
     is_global: bool  # one bucket for everybody: the key is ignored
+    rules: Rules  # the live overrides and bans of the store's groups (rules.py)
+    events: Any  # the store's event publisher (`denied(limiter, group)`), None for none
 
 
 class AsyncRateLimiter:
@@ -126,6 +131,8 @@ class AsyncRateLimiter:
         self._stores: dict[str, Store] = {}
         self._bound: dict[str, _Bound] = {}
         self._failures = _FailureLog()
+        self._local_rules: dict[str, Rules] = {}  # of stores that keep no rules themselves
+        self._fallbacks: dict[str, MemoryStore] = {}  # fail_mode = "local": while a store fails
         self._announce_stores()
 
     def fresh(self) -> AsyncRateLimiter:
@@ -173,8 +180,19 @@ class AsyncRateLimiter:
             config = self.limiter(limiter)
             store = self.store(config.store)
             now = store.hit_now if isinstance(store, DecidesNow) else None
-            bound = self._bound[limiter] = _Bound(config, store, now, config.is_global)
+            rules = self._rules(config.store, store)
+            events = getattr(store, "events", None)
+            bound = self._bound[limiter] = _Bound(
+                config, store, now, config.is_global, rules, events
+            )
         return bound
+
+    def _rules(self, name: str, store: Store) -> Rules:
+        """The rules of a store: its own (NATS, watched across the fleet), else this process's."""
+        rules = getattr(store, "rules", None)
+        if isinstance(rules, Rules):
+            return rules
+        return self._local_rules.setdefault(name, Rules())
 
     def decides_now(self, limiter: str) -> bool:
         """Whether `hit_now` can decide for `limiter`: its store answers without awaiting."""
@@ -191,8 +209,8 @@ class AsyncRateLimiter:
 
     def resolve(self, limiter: str, key: str | None) -> tuple[LimiterConfig, Store, str]:
         """The limiter's configuration, its store, and the store key of `key`'s group."""
-        config, store, _, is_global = self._bind(limiter)
-        return config, store, group_key(limiter, None if is_global else key)
+        bound = self._bind(limiter)
+        return bound.config, bound.store, group_key(limiter, None if bound.is_global else key)
 
     async def hit(
         self, limiter: str, key: str | None = None, cost: int = 1, *, timeout: float = 0.0
@@ -220,12 +238,25 @@ class AsyncRateLimiter:
         store_key = group_key(limiter, None if bound.is_global else key)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
+        if not bound.rules.empty:
+            if not bound.rules.loaded:  # the store opens (and loads its rules) on first use
+                await self._open_rules(bound)
+            ruled = self._ruled(bound, store_key, policy)
+            if isinstance(ruled, Decision):  # banned
+                self.notify(config, key, ruled, started, None)
+                return ruled
+            policy, store_key = ruled
         try:
             decision = await bound.store.hit(store_key, policy, cost, _ns(timeout))
         except StoreError as error:
-            decision = self.degraded(config, error)
+            if config.fail_mode == "local":
+                decision = self._decide_locally(bound, store_key, policy, cost, error)
+            else:
+                decision = self.degraded(config, error)
             self.notify(config, key, decision, started, error)
             return decision
+        if not decision.allowed and bound.events is not None:
+            bound.events.denied(store_key)  # summed, published once a second
         if hook is not None:
             self.notify(config, key, decision, started, None)
         if decision.wait:  # admitted for later: the store's deadline covered the round trip only
@@ -252,12 +283,104 @@ class AsyncRateLimiter:
             raise self._no_rate(config)
         store_key = group_key(limiter, None if bound.is_global else key)
         max_wait = _ns(timeout) if timeout else 0
+        if not bound.rules.empty:
+            ruled = self._ruled(bound, store_key, policy)
+            if isinstance(ruled, Decision):  # banned
+                self.notify(config, key, ruled, time.perf_counter(), None)
+                return ruled
+            policy, store_key = ruled
         if self.on_decision is None:
             return decide(store_key, policy, cost, max_wait)
         started = time.perf_counter()
         decision = decide(store_key, policy, cost, max_wait)
         self.notify(config, key, decision, started, None)
         return decision
+
+    def _decide_locally(
+        self, bound: _Bound, group: str, policy: Algorithm, cost: int, error: StoreError
+    ) -> Decision:
+        """`fail_mode = "local"`: this process's own state, at its share of the rate (1/N of
+        the rate and burst, N the processes presence last saw sharing the store)."""
+        self._failures.report(bound.config.store, error)
+        live = getattr(bound.store, "live_processes", None)
+        share = max(1, live()) if live is not None else 1
+        local = self._fallbacks.get(bound.config.store)
+        if local is None:
+            local = self._fallbacks[bound.config.store] = MemoryStore(clock=self._clock)
+        return local.hit_now(group, share_of(policy, share), cost)
+
+    async def _open_rules(self, bound: _Bound) -> None:
+        ready = getattr(bound.store, "ready", None)
+        if ready is not None:
+            timeout = self.config.stores[bound.config.store].timeout
+            with contextlib.suppress(StoreError):  # the decision then fails the same way
+                await ready(time.monotonic() + timeout)
+
+    def _ruled(
+        self, bound: _Bound, group: str, policy: Algorithm
+    ) -> tuple[Algorithm, str] | Decision:
+        """A group's ban (the refusal), or the policy and key to decide it by (an override's)."""
+        now = self._clock()
+        ban = bound.rules.ban(group, now)
+        if ban is not None:
+            return ban.decision(policy.burst, bound.config.name, now)
+        override = bound.rules.override(group, now)
+        if override is not None:
+            return override.policy, override_key(group)
+        return policy, group
+
+    # -- live overrides and bans (rules.py) ---------------------------------------------------
+
+    async def override(
+        self,
+        limiter: str,
+        key: str | None = None,
+        limit: str | None = None,
+        burst: int | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        """Judge `key`'s group by `limit` (`"100/second"`, capacity `burst`, default its
+        count) from now on, for `ttl` seconds (None: until removed); `limit=None` removes it.
+
+        Every process sharing the store applies it within a second (a NATS store's rules
+        bucket); the group starts from a full bucket under the new rate.
+        """
+        config, store, group = self.resolve(limiter, key)
+        if config.policy is None:
+            raise self._no_rate(config)
+        rule = None
+        if limit is not None:
+            rule = Override(override_policy(limiter, limit, burst), expiry_ns(ttl, self._clock()))
+        await self._set_rule(config.store, store, "override", group, rule)
+
+    async def ban(self, limiter: str, key: str | None = None, ttl: float | None = None) -> None:
+        """Refuse `key`'s group under `limiter` (403) for `ttl` seconds (None: until `unban`)."""
+        config, store, group = self.resolve(limiter, key)
+        await self._set_rule(config.store, store, "ban", group, Ban(expiry_ns(ttl, self._clock())))
+
+    async def unban(self, limiter: str, key: str | None = None) -> None:
+        """Lift the ban of `key`'s group under `limiter`."""
+        config, store, group = self.resolve(limiter, key)
+        await self._set_rule(config.store, store, "ban", group, None)
+
+    async def _set_rule(
+        self, name: str, store: Store, kind: str, group: str, rule: Ban | Override | None
+    ) -> None:
+        set_rule = getattr(store, "set_rule", None)
+        if set_rule is not None:  # kept in NATS, watched by every process
+            await set_rule(kind, group, rule)
+            return
+        if kind == "override":
+            await store.reset(override_key(group))
+        self._rules(name, store).set(kind, group, rule)
+
+    def override_policy(self, name: str) -> Algorithm | None:
+        """The policy of a live override called `name` (the rate-limit headers report it)."""
+        for bound in self._bound.values():
+            policy = bound.rules.policy(name)
+            if policy is not None:
+                return policy
+        return None
 
     # -- concurrency slots (`max_concurrent`) -------------------------------------------------
 
@@ -394,7 +517,7 @@ class AsyncRateLimiter:
         await store.reset(store_key)
 
     def _enforces(self, config: LimiterConfig, refusal: Decision) -> bool:
-        if config.shadow:
+        if config.shadow and refusal.reason != BANNED:
             self.shadowed(config.name, refusal)
             return False
         return True
@@ -453,6 +576,21 @@ def check_timeout(timeout: object) -> float:
 
 def _ns(seconds: float) -> int:
     return round(seconds * NS_PER_SECOND)
+
+
+@functools.lru_cache(maxsize=1024)
+def share_of(policy: Algorithm, processes: int) -> Algorithm:
+    """One process's share of `policy` among `processes`: rate and burst (or limit) / N."""
+    if processes <= 1:
+        return policy
+    if isinstance(policy, Policy):
+        return Policy(
+            policy.name, policy.interval_ns * processes, max(1, policy.burst // processes)
+        )
+    if isinstance(policy, Rates):
+        rates = tuple(share_of(rate, processes) for rate in policy.rates)
+        return Rates(policy.name, rates)  # type: ignore[arg-type]
+    return SlidingWindow(policy.name, max(1, policy.limit // processes), policy.window_ns)
 
 
 def check_cost(cost: object) -> None:
@@ -517,6 +655,25 @@ class RateLimiter:
     def reset(self, limiter: str, key: str | None = None) -> None:
         """See `AsyncRateLimiter.reset`."""
         self._driver.run(self.async_limiter.reset(limiter, key))
+
+    def override(
+        self,
+        limiter: str,
+        key: str | None = None,
+        limit: str | None = None,
+        burst: int | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        """See `AsyncRateLimiter.override`."""
+        self._driver.run(self.async_limiter.override(limiter, key, limit, burst, ttl))
+
+    def ban(self, limiter: str, key: str | None = None, ttl: float | None = None) -> None:
+        """See `AsyncRateLimiter.ban`."""
+        self._driver.run(self.async_limiter.ban(limiter, key, ttl))
+
+    def unban(self, limiter: str, key: str | None = None) -> None:
+        """See `AsyncRateLimiter.unban`."""
+        self._driver.run(self.async_limiter.unban(limiter, key))
 
     def close(self) -> None:
         """Close every store that was opened."""

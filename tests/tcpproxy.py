@@ -21,10 +21,10 @@ _RECEIVE_BUFFER = 64 * 1024  # a black hole as a real one behaves: small kernel 
 class TcpProxy:
     """Listens on 127.0.0.1 (a port chosen by the OS) and forwards each connection to `target_port`."""
 
-    def __init__(self, target_port: int, delay: float = 0.0) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0, port: int = 0) -> None:
         self.target_port = target_port
         self.delay = delay
-        self.port = 0
+        self.port = port  # 0: chosen by the OS; another proxy's port: it comes back (a restart)
         self._flowing = threading.Event()
         self._flowing.set()
         self._loop = asyncio.new_event_loop()
@@ -71,7 +71,8 @@ class TcpProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # Set before listen(), so accepted sockets inherit it and advertise a small window.
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
-        listener.bind(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
         self._server = await asyncio.start_server(self._serve, sock=listener)
         self.port = listener.getsockname()[1]
 

@@ -200,10 +200,11 @@ def test_options_go_before_or_after_the_command(
         == bucket_name
     )
     assert json.loads(ratesync("--config", config, "status", "--json")[1])["keys"] == 0
-    assert ratesync("--config", config, "--store", "prod", "reset", "api_external")[0] == 0
+    # A group never written: said so, exit 1 (nothing to show, nothing to reset).
+    assert ratesync("--config", config, "--store", "prod", "reset", "api_external")[0] == 1
     status, output = ratesync("--config", config, "--json", "get", "api_external")
-    assert status == 0
-    assert json.loads(output)["exists"] is False
+    assert status == 1
+    assert json.loads(output)["written"] is False
     assert ratesync("--store", "nope", "get", "api_external", "--config", config)[0] == 2
 
 
@@ -326,9 +327,9 @@ def test_check_warns_about_a_bucket_that_holds_few_keys(
     assert "once full, writes of new keys are refused" in output
     assert f"`nats stream edit KV_{bucket_name} --max-bytes=-1 --max-msgs=-1`" in output
     steps = json.loads(ratesync("check", "--json", "--config", tmp_path / "rate-sync.toml")[1])
-    assert steps[-1]["name"] == "bucket limits"
-    assert steps[-1]["ok"] is True
-    assert steps[-1]["warning"] is True
+    limits = next(step for step in steps if step["name"] == "bucket limits")
+    assert limits["ok"] is True
+    assert limits["warning"] is True
 
 
 def test_check_fails_a_full_bucket(nats_url: str, bucket_name: str, tmp_path: Path) -> None:

@@ -41,9 +41,24 @@ from ...algorithms import Algorithm
 from ...bucket import Decision
 from ...config import StoreConfig
 from ...errors import StoreError, StoreUnavailableError
+from ...rules import Rules, override_key
 from ...slots import Slots
 from ..base import Clock, wall_clock
 from .bucket import BucketOpener, precreate_command
+from .control import (
+    RECHECK_NS,
+    Events,
+    Presence,
+    ResetListener,
+    Rule,
+    RuleKind,
+    RulesWatcher,
+    decode_rule,
+    encode_rule,
+    open_rules,
+    rule_key,
+    rules_bucket,
+)
 from .errors import (
     BucketGoneError,
     DeadlineError,
@@ -92,6 +107,7 @@ class _KeyState:
     lost: bool = False  # a failure left it unknown (a write may have landed): read before writing
     busy: bool = False  # a write to this key is under way; new decisions queue in `waiters`
     contended_until: float = 0.0  # monotonic time until which other processes race for it
+    checked_ns: int = 0  # when `state` was last read or written (the clock's time)
     waiters: list[Waiter] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
     asked: int = 0  # units asked since the last write (how hot the key is: lease.py)
@@ -161,6 +177,13 @@ class NatsStore:
         self._round_trip = 0.0005  # seconds, a moving average of successful writes
         self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
         self._slots = SlotKeeper(self)
+        self._resets = ResetListener(config.bucket_name, self.forget)
+        self.rules = Rules(loaded=False)  # this bucket's overrides and bans, watched
+        self._rules_watch = RulesWatcher(config, self.rules, self.forget)
+        self._rules_task: asyncio.Task[None] | None = None
+        self._presence = Presence(config.bucket_name, list(windows_ns or {}))
+        self._presence_task: asyncio.Task[None] | None = None
+        self.events = Events(config.bucket_name, self._presence.identity)
 
     def __repr__(self) -> str:
         servers = ", ".join(self.config.redacted_servers)
@@ -228,11 +251,12 @@ class NatsStore:
 
     def _forget_connection(self) -> None:
         self._nc = self._js = self._replies = None
+        self.events.stop()
         self._cache.clear()
         self._slots.forget_revisions()
         current = asyncio.current_task()
         on_own_loop = self._loop is asyncio.get_running_loop()
-        for task in (self._probe, self._watcher):
+        for task in (self._probe, self._watcher, self._rules_task, self._presence_task):
             if task is not None and task is not current and not task.done() and on_own_loop:
                 task.cancel()
 
@@ -253,6 +277,7 @@ class NatsStore:
             info = await self.open_bucket(setup)
             replies = Replies(nc)
             await replies.start()
+            await self._resets.start(nc)
         except BaseException:
             await self._close_client(nc)
             raise
@@ -265,6 +290,14 @@ class NatsStore:
         self._highest_ack = 0
         self._stream_created = info.created
         self._watcher = self._loop.create_task(self._watch_stream(nc, setup))
+        self._presence_task = self._loop.create_task(self._presence.run(nc))
+        self.events.start(nc)
+        self._rules_watch.restart()
+        self._rules_task = self._loop.create_task(self._rules_watch.run(setup))
+        # The bans in force apply from the first decision on: wait for them, briefly.
+        with suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._rules_watch.settled.wait(), self.config.connect_timeout)
+        self.rules.mark_loaded()
 
     async def connect(self) -> NatsClient:
         """Connect within `connect_timeout` over all URLs, failing early on a rejected login."""
@@ -309,6 +342,7 @@ class NatsStore:
             self._cache.clear()
             self._slots.forget_revisions()
             self._check_stream_soon()  # the server may have lost, or re-created, the bucket
+            self._watch_rules_again()  # its consumer may be gone with the server
 
         options: dict[str, Any] = {
             "servers": list(config.servers),
@@ -356,7 +390,9 @@ class NatsStore:
     def _on_runtime_error(self, error: Exception) -> None:
         if is_permission_violation(error):
             self._permission_denied = True
-        self._warn("store %r: NATS reported %s", self.config.name, type(error).__name__)
+        # A permissions violation names the subject refused (what to grant); nothing secret.
+        shown = str(error) if is_permission_violation(error) else type(error).__name__
+        self._warn("store %r: NATS reported %s", self.config.name, shown)
 
     def _warn(self, message: str, *args: object) -> None:
         now = time.monotonic()
@@ -394,6 +430,15 @@ class NatsStore:
         )
         self._failed(StalledError(f"store {self.config.name!r}: the connection to NATS hangs"))
         self._drop_connection()
+
+    def _watch_rules_again(self) -> None:
+        task, nc = self._rules_task, self._nc
+        if task is not None and not task.done():
+            task.cancel()
+        if nc is not None:
+            setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+            self._rules_watch.restart()
+            self._rules_task = asyncio.get_running_loop().create_task(self._rules_watch.run(setup))
 
     def _check_stream_soon(self) -> None:
         watcher = self._watcher
@@ -477,6 +522,9 @@ class NatsStore:
             if state.flusher is not None:
                 state.flusher.cancel()
         if nc is not None and not nc.is_closed and self._loop is asyncio.get_running_loop():
+            if nc.is_connected:  # peers forget this process at once, not after 3 heartbeats
+                with suppress(Exception):
+                    await asyncio.wait_for(self._presence.goodbye(nc), self.config.timeout)
             await self._close_client(nc)
 
     # -- what the slots (slots.py) use of the store ---------------------------------------------
@@ -569,9 +617,12 @@ class NatsStore:
                 admitted, decision = policy.consume(state.state, clock_now, cost, max_wait_ns)
                 if admitted is None:
                     # The cache proves the bucket empty (for longer than the request may wait:
-                    # the real state can only make it wait longer): no round trip.
-                    return decision
-                if lease is not None and lease.holding and not max_wait_ns:
+                    # the real state can only make it wait longer): no round trip; unless it was
+                    # cached long ago (a reset elsewhere?): then read it first.
+                    if clock_now - state.checked_ns < RECHECK_NS:
+                        return decision
+                    state.lost = True
+                elif lease is not None and lease.holding and not max_wait_ns:
                     held = lease.hold_back(state.state, clock_now, cost)
                     if held is not None:
                         return held  # a hot key at the limit: see `Lease.hold_back`
@@ -681,7 +732,7 @@ class NatsStore:
                     raise self._no_time_left(key)
                 try:
                     state.state, state.revision = await self._read(subject, remaining, algorithm)
-                    state.lost = False
+                    state.lost, state.checked_ns = False, self._clock()
                     self._last_reply = time.monotonic()
                 except NatsFailure as read_error:
                     raise self._call_failure(
@@ -730,6 +781,7 @@ class NatsStore:
             state.state, state.revision, state.lost = new_state, revision, False
             if run is not None and leasing is not None:
                 leasing.add(*run, self._round_trip)
+            state.checked_ns = now
             if revision <= self._highest_ack:
                 self._check_stream_soon()  # the stream's sequence went back: re-created?
             self._highest_ack = revision
@@ -970,6 +1022,7 @@ class NatsStore:
             written_at=message.time,
             deleted=headers.get(KV_OPERATION) in ("DEL", "PURGE"),
             value=decode_value(message.data),
+            data=message.data,
         )
 
     async def read_entry(self, key: str) -> StoredEntry | None:
@@ -986,12 +1039,73 @@ class NatsStore:
         return policy.peek(value, self._clock())
 
     async def reset(self, key: str) -> None:
+        """Delete `key` and tell every process sharing the bucket to forget its cached state."""
         js = await self.ready()
         with self._errors.calls("reset"):
             await asyncio.wait_for(
                 js.publish(self._prefix + key, b"", headers={KV_OPERATION: "DEL"}),
                 self.config.timeout,
             )
+            self.forget(key)
+            nc = self._nc
+            if nc is not None:
+                await asyncio.wait_for(self._resets.announce(nc, key), self.config.timeout)
+
+    async def set_rule(self, kind: RuleKind, group: str, rule: Rule | None) -> None:
+        """Store (None: remove) the ban or override of `group`; every process applies it.
+
+        An override's own state is reset first, so it starts from a full bucket everywhere.
+        """
+        await self.ready()
+        if kind == "override":
+            await self.reset(override_key(group))
+        nc = self._nc
+        assert nc is not None
+        setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+        with self._errors.calls("rules"):
+            kv = await open_rules(setup, self.config)
+            if rule is None:
+                await kv.delete(rule_key(kind, group))
+            else:
+                await kv.put(rule_key(kind, group), encode_rule(rule))
+        self.rules.set(kind, group, rule)
+        await self.events.rule(kind, group, rule)
+
+    async def read_rules(self) -> list[tuple[RuleKind, str, Rule]]:
+        """Every rule stored now, expired ones included (`ratesync overrides`)."""
+        await self.ready()
+        nc = self._nc
+        assert nc is not None
+        setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
+        found: list[tuple[RuleKind, str, Rule]] = []
+        with self._errors.calls("rules"):
+            try:
+                kv = await setup.key_value(rules_bucket(self.config.bucket_name))
+                keys = await kv.keys()
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+                return found
+            for key in keys:
+                kind, _, group = key.partition(".")
+                entry = await kv.get(key)
+                rule = decode_rule(entry.value)
+                if rule is not None and kind in ("ban", "override"):
+                    found.append(("ban" if kind == "ban" else "override", group, rule))
+        return found
+
+    async def subscribe(self, subject: str, callback: Any) -> Any:
+        """A core NATS subscription on this store's connection (`ratesync top` and `watch`)."""
+        await self.ready()
+        nc = self._nc
+        assert nc is not None
+        return await nc.subscribe(subject, cb=callback)
+
+    def live_processes(self) -> int:
+        """The processes sharing the bucket, this one included, as presence last heard them
+        while connected (during an outage nobody is heard: the count from before it holds)."""
+        return self._presence.live()
+
+    def forget(self, key: str) -> None:
+        """Drop the cached state of `key` (a reset): the next decision reads it first."""
         state = self._cache.get(key)
         if state is not None:
             state.revision, state.lost = None, True

@@ -184,6 +184,7 @@ class StoredEntry:
     written_at: datetime | None
     deleted: bool
     value: dict[str, int] | None
+    data: bytes | None = None  # the stored bytes, for values of any kind (`ratesync get`)
 
     def policy(self) -> Policy | None:
         """The policy the last writer used, when the value carries one."""
