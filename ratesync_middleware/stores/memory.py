@@ -114,7 +114,7 @@ class MemoryStore:
                 self._released.setdefault(key, []).append(waiter)
             try:
                 await asyncio.wait_for(asyncio.shield(released), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 pass
             except BaseException:  # cancelled: a wake-up it got goes to the next waiter
                 with self._lock:

@@ -123,7 +123,7 @@ class SlotKeeper:
                 left = until - time.monotonic()
                 if decision.allowed or left <= 0:
                     return decision
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(changed.wait(), min(left, self._next_lapse(key)))
         finally:
             with contextlib.suppress(Exception):
