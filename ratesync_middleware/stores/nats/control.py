@@ -190,6 +190,7 @@ class RulesWatcher:
         await self.stop()
         settled = self.settled
         while True:
+            self._nudged.clear()  # a nudge during this attempt makes the next one start at once
             try:
                 await open_rules(js, self._config, create=False)
                 self._subscription = subscription = await js.subscribe(
@@ -216,7 +217,6 @@ class RulesWatcher:
                         type(error).__name__,
                         _RULES_RETRY_SECONDS,
                     )
-            self._nudged.clear()
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), _RULES_RETRY_SECONDS)
 
