@@ -901,10 +901,13 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
 async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """`get` / `reset`: exit 1 when no key of the group was ever written (nothing to show)."""
     target = resolve_target(config, args.limiter, args.identity, args.store)
+    keys = target.keys
+    if args.command == "reset" and len(keys) > 1:
+        keys = keys[:1]  # the rate; slots held by requests in flight are theirs to give back
     store = NatsStore(target.store)
     results: list[dict[str, Any]] = []
     try:
-        for key in target.keys:
+        for key in keys:
             entry = await store.read_entry(key)
             if args.command == "get":
                 results.append(describe_entry(entry, key, time.time_ns()))

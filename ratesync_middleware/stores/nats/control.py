@@ -54,6 +54,7 @@ __all__ = [
     "reset_subject",
     "rule_key",
     "rules_bucket",
+    "rules_subject",
 ]
 
 logger = logging.getLogger("ratesync_middleware.nats")
@@ -100,6 +101,11 @@ def rules_bucket(bucket: str) -> str:
     return f"{bucket}_rules"
 
 
+def rules_subject(bucket: str) -> str:
+    """Where a writer of rules tells the processes to look for the rules bucket again."""
+    return f"ratesync.{bucket}.rules"
+
+
 def rule_key(kind: RuleKind, group: str) -> str:
     """The rules bucket's key of one group's ban or override: `ban.<group>`, `override.<group>`."""
     return f"{kind}.{group}"
@@ -138,13 +144,17 @@ def decode_rule(data: bytes | None) -> Rule | None:
     return None
 
 
-async def open_rules(js: JetStreamContext, config: StoreConfig) -> KeyValue:
-    """The rules bucket of `config`'s bucket, created when missing and `auto_create` allows."""
+async def open_rules(js: JetStreamContext, config: StoreConfig, *, create: bool = True) -> KeyValue:
+    """The rules bucket of `config`'s bucket, created when missing, `create` and `auto_create`.
+
+    Application processes only look for it (opening a store costs no stream creation); whoever
+    writes the first rule creates it and nudges them (`rules_subject`).
+    """
     name = rules_bucket(config.bucket_name)
     try:
         return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
-        if not config.auto_create:
+        if not (create and config.auto_create):
             raise
     return await js.create_key_value(
         KeyValueConfig(bucket=name, history=1, replicas=config.replicas, direct=True)
@@ -166,20 +176,23 @@ class RulesWatcher:
         self._prefix = f"$KV.{rules_bucket(config.bucket_name)}."
         self._subscription: Any = None
         self._missing_logged = False
+        self._nudged = asyncio.Event()
         self.settled = asyncio.Event()
         """Set once the rules in force are loaded, or the first attempt to watch them failed."""
 
     def restart(self) -> None:
         """Before `run` on a new connection: the rules are to be loaded again."""
         self.settled = asyncio.Event()
+        self._nudged = asyncio.Event()  # (on this loop: a forked child runs another)
 
     async def run(self, js: JetStreamContext) -> None:
         """Subscribe (retrying while the bucket is missing or the call fails); then return."""
         await self.stop()
         settled = self.settled
         while True:
+            self._nudged.clear()  # a nudge during this attempt makes the next one start at once
             try:
-                await open_rules(js, self._config)
+                await open_rules(js, self._config, create=False)
                 self._subscription = subscription = await js.subscribe(
                     self._prefix + ">",
                     stream=f"KV_{rules_bucket(self._config.bucket_name)}",  # no name lookup
@@ -198,13 +211,18 @@ class RulesWatcher:
                     self._missing_logged = True
                     logger.info(
                         "store %r: no overrides or bans (rules bucket %r: %s); looking again "
-                        "every %gs",
+                        "when a rule is written, and every %gs",
                         self._config.name,
                         rules_bucket(self._config.bucket_name),
                         type(error).__name__,
                         _RULES_RETRY_SECONDS,
                     )
-            await asyncio.sleep(_RULES_RETRY_SECONDS)
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._nudged.wait(), _RULES_RETRY_SECONDS)
+
+    async def nudge(self, message: Msg) -> None:
+        """A rule was written (maybe the bucket just created): look again now if not watching."""
+        self._nudged.set()
 
     async def stop(self) -> None:
         subscription, self._subscription = self._subscription, None

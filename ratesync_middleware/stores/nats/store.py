@@ -58,6 +58,7 @@ from .control import (
     open_rules,
     rule_key,
     rules_bucket,
+    rules_subject,
 )
 from .errors import (
     BucketGoneError,
@@ -278,6 +279,7 @@ class NatsStore:
             replies = Replies(nc)
             await replies.start()
             await self._resets.start(nc)
+            await nc.subscribe(rules_subject(self.config.bucket_name), cb=self._rules_watch.nudge)
         except BaseException:
             await self._close_client(nc)
             raise
@@ -1068,6 +1070,7 @@ class NatsStore:
                 await kv.delete(rule_key(kind, group))
             else:
                 await kv.put(rule_key(kind, group), encode_rule(rule))
+            await nc.publish(rules_subject(self.config.bucket_name), b"")  # processes not watching
         self.rules.set(kind, group, rule)
         await self.events.rule(kind, group, rule)
 
