@@ -472,7 +472,15 @@ async def test_a_burst_on_a_healthy_link_keeps_its_connection(
         print(f"{real} of 6000 answered by NATS, max {max(t for t, _ in burst):.3f}s")
         await asyncio.sleep(1.5)  # a probe, if any, has had its PONG
         assert store._nc is connection
-        assert not (await limiter.hit("api", key="after")).degraded
+        # Decisions that missed their deadline in the burst may have opened the back-off (1 s
+        # from the last of them): the store answers again once it ends, on the same connection.
+        deadline = time.monotonic() + 3.0
+        after = await limiter.hit("api", key="after")
+        while after.degraded and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            after = await limiter.hit("api", key="after")
+        assert not after.degraded, after.reason
+        assert store._nc is connection
 
 
 @pytest.mark.slow
