@@ -87,14 +87,8 @@ class _RequestFunction:
             )
         return function
 
-    def _call(self, request: Any) -> Any:
-        function = self._function or self.load()
-        try:
-            return function(request)
-        except Exception as error:  # the user's code: contained, reported without its text
-            raise RequestFunctionError(
-                f"{self.kind} {self.label!r} raised {type(error).__name__}"
-            ) from error
+    def _raised(self, error: Exception) -> RequestFunctionError:
+        return RequestFunctionError(f"{self.kind} {self.label!r} raised {type(error).__name__}")
 
 
 class RequestCost(_RequestFunction):
@@ -105,7 +99,10 @@ class RequestCost(_RequestFunction):
     kind = "cost function"
 
     def __call__(self, request: Any) -> int:
-        value = self._call(request)
+        try:  # one call per request: the user's function, then the checks
+            value = (self._function or self.load())(request)
+        except Exception as error:  # the user's code: contained, reported without its text
+            raise self._raised(error) from error
         if type(value) is not int or value < 1:  # bool is not a cost
             raise RequestFunctionError(
                 f"{self.kind} {self.label!r} returned {type(value).__name__} {_short(value)}"
@@ -122,7 +119,10 @@ class Exemption(_RequestFunction):
     kind = "exempt_when function"
 
     def __call__(self, request: Any) -> bool:
-        return bool(self._call(request))
+        try:
+            return bool((self._function or self.load())(request))
+        except Exception as error:  # the user's code: contained, reported without its text
+            raise self._raised(error) from error
 
 
 def _short(value: object) -> str:

@@ -235,7 +235,7 @@ class RequestLimiter:
                     continue
                 if item.request_cost is not None:
                     cost = item.request_cost(request)
-                    item = Limit(item.name, cost, item.identity, shadow=item.shadow)
+                    item = Limit(item.name, cost, item.identity, None, None, item.shadow)
             except RequestFunctionError as error:
                 decision = self.limiter.degraded(self.limiter.limiter(item.name), error)
                 if not decision.allowed and self._refuses(item, decision):
