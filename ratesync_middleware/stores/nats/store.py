@@ -730,7 +730,7 @@ class NatsStore:
         while True:
             if read_first:
                 remaining = deadline - time.monotonic()
-                if remaining < self._round_trip:
+                if not self._fits(remaining):
                     raise self._no_time_left(key)
                 try:
                     state.state, state.revision = await self._read(subject, remaining, algorithm)
@@ -758,7 +758,7 @@ class NatsStore:
                 return decisions  # nothing admitted: nothing to write
             started = time.monotonic()
             remaining = deadline - started
-            if remaining < self._round_trip:
+            if not self._fits(remaining):
                 raise self._no_time_left(key)
             try:
                 revision = await self._write(
@@ -883,6 +883,13 @@ class NatsStore:
             )
         if returns:
             await asyncio.gather(*returns, return_exceptions=True)  # best effort
+
+    def _fits(self, remaining: float) -> bool:
+        """Whether a round trip fits in `remaining` seconds, by the moving average of the last
+        ones. A decision with half its deadline left is always sent: a burst of slow round
+        trips could otherwise push the average past the deadline, and a store that sends
+        nothing would never measure it coming back down."""
+        return remaining >= min(self._round_trip, self.config.timeout / 2)
 
     def _no_time_left(self, key: str) -> _NoTimeLeftError:
         """A decision that queued behind other writes may have less time left than a round
