@@ -230,7 +230,8 @@ class AsyncRateLimiter:
             if decision.wait:
                 await asyncio.sleep(decision.wait)
             return decision
-        check_cost(cost)
+        if type(cost) is not int or cost < 1:  # bool is not int here: True is no cost
+            check_cost(cost)
         config = bound.config
         policy = config.policy
         if policy is None:
@@ -247,7 +248,9 @@ class AsyncRateLimiter:
                 return ruled
             policy, store_key = ruled
         try:
-            decision = await bound.store.hit(store_key, policy, cost, _ns(timeout))
+            decision = await bound.store.hit(
+                store_key, policy, cost, _ns(timeout) if timeout else 0
+            )
         except StoreError as error:
             if config.fail_mode == "local":
                 decision = self._decide_locally(bound, store_key, policy, cost, error)
