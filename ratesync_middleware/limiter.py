@@ -71,7 +71,7 @@ class _FailureLog:
         if more is not None:
             logger.error("limiter %r: %s; answered by its fail rule%s", limiter, error, more)
 
-    def _due(self, subject: str) -> str | None:
+    def _due(self, subject: str, what: str = "failures") -> str | None:
         """None while `subject` was reported less than an interval ago (counted), else what
         to append to its line: how many failures went unreported since the last one."""
         now = time.monotonic()
@@ -80,16 +80,16 @@ class _FailureLog:
             return None
         self._last[subject] = now
         suppressed = self._suppressed.pop(subject, 0)
-        return f" ({suppressed} more failures since the last report)" if suppressed else ""
+        return f" ({suppressed} more {what} since the last report)" if suppressed else ""
 
     def report_shadow(self, limiter: str, decision: Decision) -> None:
-        more = self._due(f"shadow:{limiter}")
+        more = self._due(f"shadow:{limiter}", "refusals")
         if more is not None:
             logger.warning(
                 "limiter %r (shadow mode) would have refused a request: %s%s",
                 limiter,
                 decision.reason,
-                more.replace("failures", "refusals"),
+                more,
             )
 
     def report_hook(self, limiter: str) -> None:
