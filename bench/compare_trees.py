@@ -15,7 +15,9 @@ when given a commit, or copied when given a directory holding `ratesync_middlewa
 Reported per framework: the median over repetitions of each overhead (time per request minus
 the bare app's in the same repetition), the median of the per-repetition difference
 after - before (negative: after is faster), and the median ratio. Frameworks: Starlette (ASGI),
-Flask, Django (WSGIHandler). The scenarios are `bench/overhead.py`'s: `allowed` (a limit never
+Flask, Django (WSGIHandler), and `nats`: `AsyncRateLimiter.hit` on a NATS store (a nats-server
+of its own) with no framework, its denials answered from the cache (the denial flood's path) or
+its admissions written. The scenarios are `bench/overhead.py`'s: `allowed` (a limit never
 reached) and `denied` (every request refused, 429). One memory-store limiter, default headers.
 """
 
@@ -106,6 +108,50 @@ def django(package: str | None, scenario: str, expected: int) -> Driver:
     return WsgiDriver(handler, expected, _use_urlconf("plain_sync"))
 
 
+class StoreDriver(Driver):
+    """`AsyncRateLimiter.hit` on a NATS store, back to back, without a framework: the store's
+    own path (`denied`: every decision answered from the cache, the denial flood's; `allowed`:
+    one compare-and-set each). Bare: an empty coroutine awaited as often."""
+
+    def __init__(self, package: str | None, scenario: str, url: str) -> None:
+        self.limiter: Any = None
+        self.allowed = scenario == "allowed"
+        if package is not None:
+            rate = {"rate_per_second": 1e6, "burst": 1_000_000} if self.allowed else {}
+            config = {
+                "stores": {"nats": {"engine": "nats", "url": url, "bucket_name": package}},
+                "limiters": {
+                    "api": {"store": "nats", "rate_per_second": 0.001, "burst": 10, **rate}
+                },
+            }
+            self.limiter = importlib.import_module(package).AsyncRateLimiter(config)
+
+    async def run(self, n: int) -> tuple[int, int]:
+        wrong = 0
+        if self.limiter is None:
+            for _ in range(n):
+                await _nothing()
+            return 0, 0
+        hit, expected = self.limiter.hit, self.allowed
+        for _ in range(n):
+            if (await hit("api", "client")).allowed is not expected:
+                wrong += 1
+        return 0, wrong
+
+    async def start(self) -> None:
+        if self.limiter is not None and not self.allowed:
+            for _ in range(10):  # the burst: the bucket is exhausted for 1,000 s after it
+                await self.limiter.hit("api", "client")
+
+    async def close(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.aclose()
+
+
+async def _nothing() -> None:
+    return None
+
+
 def compare(
     name: str,
     drivers: dict[str, Driver],
@@ -156,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("after", help="a commit of this repository, or a directory")
     parser.add_argument("--reps", type=int, default=41, help="repetitions (default 41)")
     parser.add_argument("--requests", type=int, default=2000, help="requests per sample")
-    parser.add_argument("--only", default="asgi,flask,django", help="asgi, flask, django")
+    parser.add_argument(
+        "--only", default="asgi,flask,django", help="asgi, flask, django, nats (the store alone)"
+    )
     parser.add_argument("--scenario", default="allowed,denied", help="allowed, denied")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -166,6 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     after = install(args.after, "rs_after", packages)
     loop = asyncio.new_event_loop()
     builders = {"asgi": starlette, "flask": flask, "django": django}
+    server: Any = None
+    if "nats" in args.only.split(","):
+        sys.path.insert(0, str(REPO))
+        from tests.natsserver import NatsServer
+
+        server = NatsServer().start()
+        builders["nats"] = lambda package, scenario, expected: StoreDriver(
+            package, scenario, server.url
+        )
     print(f"before = {args.before}, after = {args.after}; {args.reps} repetitions of ", end="")
     print(f"{args.requests} requests; overheads in us per request (median)\n")
     print("| framework | scenario | bare app | before | after | after - before | after/before |")
@@ -180,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 "before": build(before, scenario, expected),
                 "after": build(after, scenario, expected),
             }
-            if framework == "asgi":
+            if framework in ("asgi", "nats"):
                 for driver in drivers.values():
                     loop.run_until_complete(driver.start())  # type: ignore[attr-defined]
             line, wrong = compare(framework, drivers, loop, args.reps, args.requests, scenario)
@@ -191,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 if asyncio.iscoroutine(closed):
                     loop.run_until_complete(closed)
     shutil.rmtree(packages, ignore_errors=True)
+    if server is not None:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
     if failed:
         print(f"\n{failed} requests got an unexpected status", file=sys.stderr)
     return 1 if failed else 0

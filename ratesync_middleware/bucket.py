@@ -12,7 +12,7 @@ admission is reserved in the same write) and the decision says how long to `wait
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 NS_PER_SECOND = 1_000_000_000
@@ -27,12 +27,15 @@ class Policy:
     name: str
     interval_ns: int
     burst: int
+    exceeded: str = field(init=False, repr=False, compare=False)
+    """The reason of a denial, made once: every cached denial carries it."""
 
     def __post_init__(self) -> None:
         if self.interval_ns < 1:
             raise ValueError("interval_ns must be >= 1")
         if self.burst < 1:
             raise ValueError("burst must be >= 1")
+        object.__setattr__(self, "exceeded", f"rate limit {self.name!r} exceeded")
 
     @classmethod
     def per_second(cls, name: str, rate: float, burst: int) -> Policy:
@@ -64,8 +67,51 @@ class Policy:
     def consume(
         self, tat: int, now: int, cost: int = 1, max_wait: int = 0
     ) -> tuple[int | None, Decision]:
-        """See the module function `consume`."""
-        return consume(self, tat, now, cost, max_wait)
+        """Apply one request to a bucket whose state is `tat`; return the new state (None if denied).
+
+        A request that would be allowed within `max_wait` ns is admitted for then (`Decision.wait`).
+        """
+        interval = self.interval_ns
+        window = self.burst * interval
+        start = tat if tat > now else now
+        if cost > self.burst:
+            return None, Decision(
+                allowed=False,
+                limit=self.burst,
+                remaining=max(0, (window - (start - now)) // interval),
+                retry_after=math.inf,
+                reset_after=(start - now) / NS_PER_SECOND,
+                policy=self.name,
+                reason=f"cost {cost} exceeds the burst {self.burst} of limiter {self.name!r}",
+            )
+        new_tat = start + cost * interval
+        allow_at = new_tat - window
+        # The two answers of every request: fields in order (keywords cost a third more here).
+        if allow_at <= now:
+            # allowed, limit, remaining, retry_after, reset_after, policy
+            remaining = (now - allow_at) // interval
+            reset_after = (new_tat - now) / NS_PER_SECOND
+            return new_tat, Decision(True, self.burst, remaining, 0.0, reset_after, self.name)
+        if allow_at - now <= max_wait:
+            return new_tat, Decision(
+                True,
+                self.burst,
+                0,
+                0.0,
+                (new_tat - now) / NS_PER_SECOND,
+                self.name,
+                wait=(allow_at - now) / NS_PER_SECOND,
+            )
+        left = (window - (start - now)) // interval  # < 0 past a full window (waits reserved)
+        return None, Decision(
+            False,
+            self.burst,
+            left if left > 0 else 0,
+            (allow_at - now) / NS_PER_SECOND,
+            (start - now) / NS_PER_SECOND,
+            self.name,
+            self.exceeded,
+        )
 
     def peek(self, tat: int, now: int) -> Decision:
         """See the module function `peek`."""
@@ -100,53 +146,8 @@ class Decision(NamedTuple):
     wait: float = 0.0
 
 
-def consume(
-    policy: Policy, tat: int, now: int, cost: int = 1, max_wait: int = 0
-) -> tuple[int | None, Decision]:
-    """Apply one request to a bucket whose state is `tat`; return the new state (None if denied).
-
-    A request that would be allowed within `max_wait` ns is admitted for then (`Decision.wait`).
-    """
-    interval = policy.interval_ns
-    window = policy.burst * interval
-    start = tat if tat > now else now
-    if cost > policy.burst:
-        return None, Decision(
-            allowed=False,
-            limit=policy.burst,
-            remaining=max(0, (window - (start - now)) // interval),
-            retry_after=math.inf,
-            reset_after=(start - now) / NS_PER_SECOND,
-            policy=policy.name,
-            reason=f"cost {cost} exceeds the burst {policy.burst} of limiter {policy.name!r}",
-        )
-    new_tat = start + cost * interval
-    allow_at = new_tat - window
-    # The two answers of every request: fields in order (keywords cost a third more here).
-    if allow_at <= now:
-        # allowed, limit, remaining, retry_after, reset_after, policy
-        remaining = (now - allow_at) // interval
-        reset_after = (new_tat - now) / NS_PER_SECOND
-        return new_tat, Decision(True, policy.burst, remaining, 0.0, reset_after, policy.name)
-    if allow_at - now <= max_wait:
-        return new_tat, Decision(
-            True,
-            policy.burst,
-            0,
-            0.0,
-            (new_tat - now) / NS_PER_SECOND,
-            policy.name,
-            wait=(allow_at - now) / NS_PER_SECOND,
-        )
-    return None, Decision(
-        False,
-        policy.burst,
-        max(0, (window - (start - now)) // interval),
-        (allow_at - now) / NS_PER_SECOND,
-        (start - now) / NS_PER_SECOND,
-        policy.name,
-        f"rate limit {policy.name!r} exceeded",
-    )
+consume = Policy.consume
+"""`consume(policy, tat, now, cost, max_wait)`: `Policy.consume` as a function (the memory store's)."""
 
 
 def allowed_at(policy: Policy, tat: int, now: int, cost: int) -> int | float:

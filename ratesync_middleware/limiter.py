@@ -108,6 +108,7 @@ class _Bound(NamedTuple):
     is_global: bool  # one bucket for everybody: the key is ignored
     rules: Rules  # the live overrides and bans of the store's groups (rules.py)
     events: Any  # the store's event publisher (`denied(limiter, group)`), None for none
+    denials: dict[str, int] | None  # its count of denials per group (`events.denials`)
 
 
 class AsyncRateLimiter:
@@ -183,7 +184,13 @@ class AsyncRateLimiter:
             rules = self._rules(config.store, store)
             events = getattr(store, "events", None)
             bound = self._bound[limiter] = _Bound(
-                config, store, now, config.is_global, rules, events
+                config,
+                store,
+                now,
+                config.is_global,
+                rules,
+                events,
+                getattr(events, "denials", None),
             )
         return bound
 
@@ -225,22 +232,22 @@ class AsyncRateLimiter:
         is refused at once.
         """
         bound = self._bound.get(limiter) or self._bind(limiter)
-        if bound.now is not None:  # nothing to wait for: no coroutine chain
+        config, store, now, is_global, rules, events, denials = bound  # (one step, not six)
+        if now is not None:  # nothing to wait for: no coroutine chain
             decision = self.hit_now(limiter, key, cost, timeout=timeout)
             if decision.wait:
                 await asyncio.sleep(decision.wait)
             return decision
         if type(cost) is not int or cost < 1:  # bool is not int here: True is no cost
             check_cost(cost)
-        config = bound.config
         policy = config.policy
         if policy is None:
             raise self._no_rate(config)
-        store_key = group_key(limiter, None if bound.is_global else key)
+        store_key = group_key(limiter, None if is_global else key)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
-        if not bound.rules.empty:
-            if not bound.rules.loaded:  # the store opens (and loads its rules) on first use
+        if not rules.empty:
+            if not rules.loaded:  # the store opens (and loads its rules) on first use
                 await self._open_rules(bound)
             ruled = self._ruled(bound, store_key, policy)
             if isinstance(ruled, Decision):  # banned
@@ -248,9 +255,7 @@ class AsyncRateLimiter:
                 return ruled
             policy, store_key = ruled
         try:
-            decision = await bound.store.hit(
-                store_key, policy, cost, _ns(timeout) if timeout else 0
-            )
+            decision = await store.hit(store_key, policy, cost, _ns(timeout) if timeout else 0)
         except StoreError as error:
             if config.fail_mode == "local":
                 decision = self._decide_locally(bound, store_key, policy, cost, error)
@@ -258,12 +263,16 @@ class AsyncRateLimiter:
                 decision = self.degraded(config, error)
             self.notify(config, key, decision, started, error)
             return decision
-        if not decision.allowed and bound.events is not None:
-            bound.events.denied(store_key)  # summed, published once a second
         if hook is not None:
             self.notify(config, key, decision, started, None)
-        if decision.wait:  # admitted for later: the store's deadline covered the round trip only
-            await asyncio.sleep(decision.wait)
+        if decision.allowed:
+            if decision.wait:  # admitted for later: the store's deadline covered the round trip
+                await asyncio.sleep(decision.wait)
+        elif denials is not None:  # summed, published once a second
+            if store_key in denials:
+                denials[store_key] += 1
+            else:
+                events.denied(store_key)  # the group's first: may start the publisher
         return decision
 
     def hit_now(

@@ -376,7 +376,9 @@ class Events:
     def __init__(self, bucket: str, source: dict[str, Any]) -> None:
         self.subject = events_subject(bucket)
         self._source = {"host": source["host"], "pid": source["pid"]}
-        self._denied: dict[str, int] = {}  # store key of a group -> its denials
+        self.denials: dict[str, int] = {}
+        """Store key of a group -> its denials this second. Always this one dict (cleared,
+        never replaced): a limiter adds to a group already counted without a call."""
         self._other = 0
         self._nc: NatsClient | None = None
         self._task: asyncio.Task[None] | None = None
@@ -389,11 +391,11 @@ class Events:
             self._task.cancel()
         self._task = None
         self._nc = None
-        self._denied = {}  # (a group counted here would never start the publisher again)
+        self.denials.clear()  # (a group counted here would never start the publisher again)
 
     def denied(self, group: str) -> None:
         """Count one denial of `group` (its store key); from the store's event loop."""
-        counts = self._denied
+        counts = self.denials
         count = counts.get(group)
         if count is not None:
             counts[group] = count + 1
@@ -409,7 +411,8 @@ class Events:
         try:
             while True:
                 await asyncio.sleep(EVENT_INTERVAL)
-                counts, self._denied, other, self._other = self._denied, {}, self._other, 0
+                counts, other, self._other = dict(self.denials), self._other, 0
+                self.denials.clear()
                 nc = self._nc
                 if not counts or nc is None or not nc.is_connected:
                     return  # idle (or cut off: these counts are dropped)
