@@ -102,6 +102,10 @@ class LimiterConfig:
     cost: int | str = 1  # what a request spends: a whole number, or "pkg.mod:func" (request -> int)
     exempt_when: str | None = None  # "pkg.mod:func" (request -> bool): true, this limiter skips it
     shadow: bool = False  # mode = "shadow": decide and report, never refuse
+    tier: str | None = None  # "pkg.mod:func" (request -> tier name or None): which rate applies
+    # `[limiters.<name>.tiers]`: tier name -> its algorithm (a token bucket or several rates; a
+    # sliding window's tiers are sliding windows). A request without a known tier: `policy`.
+    tiers: Mapping[str, Algorithm] = field(default_factory=dict, hash=False)
     # While the store fails: "open" lets requests through, "closed" refuses them (503), "local"
     # limits from this process's own state at its share of the rate (`fail_closed` = "closed").
     fail_mode: FailMode = "open"
@@ -506,6 +510,13 @@ def _function(value: Any) -> str:
 _cost_count = _integer(1, MAX_COUNT, range_in_every_message=False)
 
 
+def _tier_table(value: Any) -> Mapping[Any, Any]:
+    """`[limiters.X.tiers]`: checked tier by tier by `_tiers` (each names its own key)."""
+    if not isinstance(value, Mapping) or not value:
+        raise _BadValueError('a table of tier names to rates, e.g. free = "100/hour"')
+    return value
+
+
 def _cost(value: Any) -> int | str:
     if isinstance(value, str):
         if _CALLABLE.fullmatch(value):
@@ -585,6 +596,8 @@ _LIMITER_KEYS: dict[str, Check] = {
     "cost": _cost,
     "exempt_when": _function,
     "mode": _choice("enforce", "shadow"),
+    "tier": _function,
+    "tiers": _tier_table,
 }
 # rate-sync keys that mean nothing to a middleware (docs/configuration.md says why, for each).
 _LIMITER_IGNORED = frozenset({"max_retries", "retry_interval"})
@@ -872,7 +885,11 @@ def _sliding_window(where: _Where, name: str, values: Mapping[str, Any]) -> Slid
 
 
 def _rates(
-    where: _Where, name: str, values: Mapping[str, Any], limits: tuple[tuple[int, int | None], ...]
+    where: _Where,
+    name: str,
+    values: Mapping[str, Any],
+    limits: tuple[tuple[int, int | None], ...],
+    key: str = "limit",
 ) -> Rates:
     """`limit = ["10/second", "1000/day"]`: each rate's N is its own capacity."""
     for conflicting in ("burst", "window_seconds"):
@@ -887,9 +904,9 @@ def _rates(
         assert period is not None  # a list holds "N/period" strings only
         unit = _PERIOD_NAMES.get(period, f"{period}s")
         rate = Policy.per_period(f"{name}:{count}/{unit}", count, period, count)
-        rates.append(_bounded(where, "limit", False, rate))
+        rates.append(_bounded(where, key, False, rate))
     if len({rate.name for rate in rates}) != len(rates):
-        raise where.error("limit", "the same rate is listed twice", kind="conflict")
+        raise where.error(key, "the same rate is listed twice", kind="conflict")
     return Rates(name, tuple(rates))
 
 
@@ -930,10 +947,12 @@ def _limiter(
         raise where.error(
             "fail_closed", f'contradicts fail_mode = "{fail_mode}" (keep one)', kind="conflict"
         )
+    policy = _policy(where, name, values) if rated else None
+    tiers = _tiers(where, name, values, policy)
     return LimiterConfig(
         name=name,
         store=store,
-        policy=_policy(where, name, values) if rated else None,
+        policy=policy,
         key=values.get("key", ("ip",)),
         fail_closed=fail_mode == "closed",
         slots=slots,
@@ -941,8 +960,78 @@ def _limiter(
         cost=values.get("cost", 1),
         exempt_when=values.get("exempt_when"),
         shadow=values.get("mode") == "shadow",
+        tier=values.get("tier"),
+        tiers=tiers,
         fail_mode=fail_mode,
     )
+
+
+_TIER_RATE = '"N/second", "N/minute", "N/hour" or "N/day", or a list of them'
+
+
+def _tiers(
+    where: _Where, name: str, values: Mapping[str, Any], policy: Algorithm | None
+) -> dict[str, Algorithm]:
+    """`[limiters.<name>.tiers]`: each tier's rate, or list of rates, compiled like `limit`.
+
+    A tier's policy is named `<limiter>:<tier>` (what RateLimit-Policy reports). The tiers of
+    a sliding-window limiter are sliding windows of their "N/period" (one rate each)."""
+    table: Mapping[Any, Any] | None = values.get("tiers")
+    if table is None:
+        if "tier" in values:
+            raise where.error(
+                "tiers",
+                f'tier needs a [limiters.{name}.tiers] table, e.g. pro = "1000/hour"',
+                kind="missing",
+            )
+        return {}
+    if "tier" not in values:
+        raise where.error(
+            "tier",
+            'missing: tiers need tier = "package.module:function" (request -> tier name)',
+            kind="missing",
+        )
+    if policy is None:
+        raise where.error(
+            "tiers",
+            "tiers need the limiter's own rate too (for requests without a tier)",
+            kind="missing",
+        )
+    inner = _Where(where.source, f"[limiters.{name}.tiers]")
+    sliding = isinstance(policy, SlidingWindow)
+    tiers: dict[str, Algorithm] = {}
+    for tier, raw in table.items():
+        if not (isinstance(tier, str) and _NAME.fullmatch(tier)):
+            raise inner.error(
+                tier, "tier names may only use letters, digits, '_' and '-'", kind="bad_value"
+            )
+        value = _expand(inner, tier, raw)
+        try:
+            limits = _check_limits(value)
+            if any(period is None for _, period in limits):
+                raise _BadValueError(_TIER_RATE)
+        except _BadValueError as exc:
+            what = exc.what if exc.what.startswith("N from") else _TIER_RATE
+            raise inner.error(
+                tier, f"expected {what}, got {exc.got or _show(value)}", kind="bad_value"
+            ) from None
+        tier_name = f"{name}:{tier}"
+        if sliding:
+            if len(limits) > 1:
+                raise inner.error(
+                    tier, "a sliding window's tier takes one rate, not a list", kind="conflict"
+                )
+            count, period = limits[0]
+            assert period is not None
+            tiers[tier] = SlidingWindow(tier_name, count, period * NS_PER_SECOND)
+        elif len(limits) > 1:
+            tiers[tier] = _rates(inner, tier_name, {}, limits, tier)
+        else:
+            count, period = limits[0]
+            assert period is not None
+            rate = Policy.per_period(tier_name, count, period, count)
+            tiers[tier] = _bounded(inner, tier, False, rate)
+    return tiers
 
 
 def _slots(where: _Where, name: str, values: Mapping[str, Any]) -> Slots | None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeVar
 
-from .callables import Exemption, RequestCost
+from .callables import Exemption, RequestCost, RequestTier
 from .config import Config, RouteRule
 from .errors import ConfigError
 from .identities import Identity
@@ -44,9 +44,10 @@ _V = TypeVar("_V")
 class Limit(NamedTuple):
     """One limiter that applies to a request: its name, the cost, how to find the identity.
 
-    `request_cost` (then `cost` is a placeholder) and `exempt_when` are the user's functions of
-    the request, resolved per request by the lifecycle before any store call (which builds a
-    `Limit` with the cost of each such request: a named tuple, a third of a frozen dataclass).
+    `request_cost` (then `cost` is a placeholder), `exempt_when` and `request_tier` are the
+    user's functions of the request, resolved per request by the lifecycle before any store
+    call (which builds a `Limit` with the cost and `tier` of each such request: a named tuple,
+    a third of a frozen dataclass).
     """
 
     name: str
@@ -55,6 +56,8 @@ class Limit(NamedTuple):
     request_cost: RequestCost | None = None
     exempt_when: Exemption | None = None
     shadow: bool = False  # `mode = "shadow"`: its refusals are reported, never enforced
+    tier: str | None = None  # the request's tier (resolved from `request_tier`, or given)
+    request_tier: RequestTier | None = None  # `tier = "pkg.mod:func"`, called per request
 
 
 Plan = tuple[Limit, ...]
@@ -147,9 +150,10 @@ class PlanResolver:
         }
         source = config.source
         # The user's functions named in the tables, compiled once (imported at `prepare`).
-        self._functions: list[RequestCost | Exemption] = []
+        self._functions: list[RequestCost | Exemption | RequestTier] = []
         self._costs: dict[str, int | RequestCost] = {}
         self._exemptions: dict[str, Exemption] = {}
+        self._tiers: dict[str, RequestTier] = {}
         for name, limiter in config.limiters.items():
             table = f"[limiters.{name}]"
             self._costs[name] = self._cost(limiter.cost, table)
@@ -159,6 +163,10 @@ class PlanResolver:
                 )
                 self._exemptions[name] = exemption
                 self._functions.append(exemption)
+            if limiter.tier is not None:
+                tier = RequestTier(limiter.tier, source=source, table=table, key="tier")
+                self._tiers[name] = tier
+                self._functions.append(tier)
         middleware = config.middleware
         default = ((name, None) for name in middleware.default)
         self._default = self._plan_of(default, "[middleware]")
@@ -208,6 +216,8 @@ class PlanResolver:
                     None if isinstance(cost, int) else cost,
                     self._exemptions.get(name),
                     self.config.limiters[name].shadow,
+                    None,
+                    self._tiers.get(name),
                 )
             )
         return tuple(plan)
