@@ -889,7 +889,7 @@ def _rates(
     name: str,
     values: Mapping[str, Any],
     limits: tuple[tuple[int, int | None], ...],
-    key: str = "limit",
+    key: str | None = "limit",
 ) -> Rates:
     """`limit = ["10/second", "1000/day"]`: each rate's N is its own capacity."""
     for conflicting in ("burst", "window_seconds"):
@@ -910,7 +910,7 @@ def _rates(
     return Rates(name, tuple(rates))
 
 
-def _bounded(where: _Where, rate_key: str, burst_given: bool, policy: Policy) -> Policy:
+def _bounded(where: _Where, rate_key: str | None, burst_given: bool, policy: Policy) -> Policy:
     """An empty bucket refills within MAX_REFILL_SECONDS, so `tat` stays far inside 64 bits."""
     limit_ns = MAX_REFILL_SECONDS * NS_PER_SECOND
     if policy.window_ns <= limit_ns:
@@ -1139,6 +1139,59 @@ def _validate(data: Mapping[Any, Any], source: str) -> Config:
         middleware=middleware,
         routes=_routes(source, data, limiters),
         source=source,
+    )
+
+
+# --- inline limiters: @limit("5/minute") -------------------------------------------------------
+
+
+def inline_limiter(
+    config: Config, name: str, endpoint: str, rates: tuple[str, ...], key: Any
+) -> LimiterConfig:
+    """The unnamed limiter of `@limit("5/minute", key=...)` on `endpoint`, called `name`: its
+    rates (several: all must allow, like `limit = [...]`) on the default store (the one called
+    "default", else the only one), keyed by `key` ("ip" for None). ConfigError, naming the
+    endpoint, for a malformed rate or key."""
+    where = _Where(endpoint, "@limit")
+    try:
+        limits = _check_limits(list(rates) if len(rates) > 1 else rates[0])
+        if any(period is None for _, period in limits):
+            raise _BadValueError(_TIER_RATE)
+    except _BadValueError as exc:
+        what = exc.what if exc.what.startswith("N from") else _TIER_RATE
+        shown = exc.got or _show(rates[0] if len(rates) == 1 else list(rates))
+        raise where.error(None, f"expected {what}, got {shown}", kind="bad_value") from None
+    try:
+        keys = ("ip",) if key is None else _keys(key)
+    except _BadValueError as exc:
+        raise where.error(
+            "key", f"expected {exc.what}, got {_show(key)}", kind="bad_value"
+        ) from None
+    stores = config.stores
+    store = DEFAULT_STORE_NAME if DEFAULT_STORE_NAME in stores else None
+    if store is None and len(stores) == 1:
+        store = next(iter(stores))
+    if store is None:
+        raise where.error(
+            None,
+            f"an inline rate lives on the default store, and none of the stores"
+            f" ({', '.join(stores)}) is called {DEFAULT_STORE_NAME!r}: add"
+            f" [stores.{DEFAULT_STORE_NAME}], or give the endpoint a [limiters.<name>] table",
+            kind="missing",
+        )
+    policy: Algorithm
+    if len(limits) > 1:
+        policy = _rates(where, name, {}, limits, None)
+    else:
+        count, period = limits[0]
+        assert period is not None
+        policy = _bounded(where, None, False, Policy.per_period(name, count, period, count))
+    return LimiterConfig(
+        name=name,
+        store=store,
+        policy=policy,
+        key=keys,
+        shadow=config.middleware.mode == "shadow",
     )
 
 

@@ -253,7 +253,10 @@ class RateLimitHeaders:
             policy = extra(decision.policy) if extra is not None else None
             if policy is None:
                 policy = Policy(decision.policy, NS_PER_SECOND, max(1, decision.limit))
-            entry = self._by_name[decision.policy] = self._precompute(policy)
+            if isinstance(policy, Rates):  # one of its rates: they are listed together
+                self.add(policy)
+            entry = self._by_name.get(decision.policy) or self._precompute(policy)
+            self._by_name[decision.policy] = entry
         return entry
 
     def headers(self, decision: Decision | None) -> list[Header]:

@@ -136,7 +136,7 @@ class RequestLimiter:
         self.client_address = ClientAddress(
             middleware.trusted_proxies, middleware.ipv6_prefix, middleware.forwarded_header
         )
-        self.plans = PlanResolver(self.config)
+        self.plans = PlanResolver(self.config, self.limiter.add_limiter)
         self.responses = RateLimitHeaders.for_config(self.config)
         self.responses.extra_policy = self.limiter.override_policy  # live overrides' headers
         self.settles = any(limiter.slots is not None for limiter in self.config.limiters.values())
@@ -390,7 +390,8 @@ class RequestLimiter:
     @property
     def remote_stores(self) -> list[str]:
         """The stores in use that talk to a server (all but the in-process memory store)."""
-        used = {limiter.store for limiter in self.config.limiters.values()}
+        limiters = [*self.config.limiters.values(), *self.limiter.inline.values()]
+        used = {limiter.store for limiter in limiters}
         return sorted(name for name in used if self.config.stores[name].engine != "memory")
 
     async def open_stores(self) -> None:

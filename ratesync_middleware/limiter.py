@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .algorithms import Algorithm, Policy, Rates, SlidingWindow
@@ -125,9 +125,13 @@ class AsyncRateLimiter:
         *,
         clock: Clock = wall_clock,
         on_decision: DecisionHook | None = None,
+        inline: dict[str, LimiterConfig] | None = None,
     ) -> None:
         self.config = load_config(config)
         self.on_decision = on_decision
+        self.inline: dict[str, LimiterConfig] = {} if inline is None else inline
+        """The unnamed limiters of inline `@limit("5/minute")`s, by name (`add_limiter`);
+        shared with `fresh()` copies, so a forked child knows those its parent found."""
         self._clock = clock
         self._stores: dict[str, Store] = {}
         self._bound: dict[str, _Bound] = {}
@@ -139,7 +143,9 @@ class AsyncRateLimiter:
 
     def fresh(self) -> AsyncRateLimiter:
         """A limiter with the same configuration and options and no connections (after `fork()`)."""
-        return AsyncRateLimiter(self.config, clock=self._clock, on_decision=self.on_decision)
+        return AsyncRateLimiter(
+            self.config, clock=self._clock, on_decision=self.on_decision, inline=self.inline
+        )
 
     def _announce_stores(self) -> None:
         """One INFO line per store in use, so that a log says where the limits live."""
@@ -160,7 +166,7 @@ class AsyncRateLimiter:
     def limiter(self, name: str) -> LimiterConfig:
         """The configuration of limiter `name`; `ConfigError` if there is none."""
         try:
-            return self.config.limiters[name]
+            return self.config.limiters.get(name) or self.inline[name]
         except KeyError:
             known = ", ".join(sorted(self.config.limiters)) or "none"
             raise ConfigError(
@@ -173,8 +179,26 @@ class AsyncRateLimiter:
         """The store called `name`, created on first use."""
         store = self._stores.get(name)
         if store is None:
-            store = self._stores[name] = create_store(self.config, name, self._clock)
+            config = self.config
+            if self.inline:  # a NATS bucket's TTL must cover the inline limiters' windows too
+                config = replace(config, limiters={**self.inline, **config.limiters})
+            store = self._stores[name] = create_store(config, name, self._clock)
         return store
+
+    def add_limiter(self, limiter: LimiterConfig) -> None:
+        """Know one more limiter beside the configuration's: an inline `@limit("5/minute")`.
+
+        `ConfigError` when another limiter has its name (two endpoints of the same name with
+        different inline rates, or a `[limiters.<name>]` table of that name)."""
+        known = self.config.limiters.get(limiter.name) or self.inline.get(limiter.name)
+        if known is not None and known != limiter:
+            raise ConfigError(
+                f"{self.config.source}: the inline @limit of {limiter.name!r} and another"
+                " limiter of that name differ (name the limiters in the configuration)",
+                source=self.config.source,
+                kind="conflict",
+            )
+        self.inline[limiter.name] = limiter
 
     def _bind(self, limiter: str) -> _Bound:
         bound = self._bound.get(limiter)
@@ -417,11 +441,19 @@ class AsyncRateLimiter:
         self._rules(name, store).set(kind, group, rule)
 
     def override_policy(self, name: str) -> Algorithm | None:
-        """The policy of a live override called `name` (the rate-limit headers report it)."""
+        """The policy called `name` of a live override, or of an inline limiter (the
+        rate-limit headers report it; several rates: the limiter's, which lists them all)."""
         for bound in self._bound.values():
             policy = bound.rules.policy(name)
             if policy is not None:
                 return policy
+        for limiter in self.inline.values():
+            inline = limiter.policy
+            if inline is not None and (
+                inline.name == name
+                or any(rate.name == name for rate in getattr(inline, "rates", ()))
+            ):
+                return inline
         return None
 
     # -- concurrency slots (`max_concurrent`) -------------------------------------------------

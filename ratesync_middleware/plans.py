@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import inspect
 import re
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeVar
 
 from .callables import Exemption, RequestCost, RequestTier
-from .config import Config, RouteRule
+from .config import Config, LimiterConfig, RouteRule, inline_limiter
 from .errors import ConfigError
 from .identities import Identity
-from .marks import MARKS_ATTRIBUTE, Cost, Marks, get_marks
+from .marks import MARKS_ATTRIBUTE, Cost, InlineRate, Marks, get_marks
 
 __all__ = [
     "EXEMPT",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 PLAN_CACHE_SIZE: Final = 4096  # request-keyed plans kept (paths and methods are client-controlled)
+_INLINE_NAME_LENGTH: Final = 80  # longer derived names keep a prefix and a hash (a NATS key)
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -143,8 +145,13 @@ class PlanResolver:
     plan = plans.cached_plan(key, "POST", "/login", find)       # find() -> candidates
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, add_limiter: Callable[[LimiterConfig], None] | None = None
+    ) -> None:
+        """`add_limiter` is told of each inline `@limit("5/minute")` limiter as it is found."""
         self.config = config
+        self._add_limiter = add_limiter
+        self._limiters: dict[str, LimiterConfig] = dict(config.limiters)  # and the inline ones
         self._identities = {
             name: Identity(limiter, config.source) for name, limiter in config.limiters.items()
         }
@@ -194,12 +201,20 @@ class PlanResolver:
         self._functions.append(compiled)
         return compiled
 
-    def _plan_of(self, limits: Iterable[tuple[str, Cost | str | None]], where: str) -> Plan:
+    def _plan_of(
+        self, limits: Iterable[tuple[str | InlineRate, Cost | str | None]], where: str
+    ) -> Plan:
         """The plan of these (limiter, cost) pairs; a cost of None is the limiter's own."""
         plan = []
-        for name, given in limits:
+        inline = 0
+        for limiter, given in limits:
+            if isinstance(limiter, InlineRate):
+                inline += 1
+                name = self._inline(limiter, inline)
+            else:
+                name = limiter
             if name not in self._identities:
-                known = ", ".join(sorted(self._identities)) or "none"
+                known = ", ".join(sorted(self.config.limiters)) or "none"
                 raise ConfigError(
                     f"{self.config.source}: {where}: no limiter {name!r} (defined: {known})",
                     source=self.config.source,
@@ -215,12 +230,34 @@ class PlanResolver:
                     self._identities[name],
                     None if isinstance(cost, int) else cost,
                     self._exemptions.get(name),
-                    self.config.limiters[name].shadow,
+                    self._limiters[name].shadow,
                     None,
                     self._tiers.get(name),
                 )
             )
         return tuple(plan)
+
+    def _inline(self, rate: InlineRate, number: int) -> str:
+        """The name of an inline limiter (the `number`th of its endpoint), compiled and made
+        known on first sight; `ConfigError` for a malformed rate or key."""
+        name = _inline_name(rate.endpoint, number)
+        limiter = inline_limiter(self.config, name, rate.endpoint, rate.rates, rate.key)
+        known = self._limiters.get(name)
+        if known is None or known != limiter:
+            if self._add_limiter is not None:
+                self._add_limiter(limiter)  # ConfigError for a name taken by another
+            elif known is not None:
+                raise ConfigError(
+                    f"{rate.endpoint}: @limit: the inline limiter {name!r} and another"
+                    " limiter of that name differ",
+                    source=rate.endpoint,
+                    kind="conflict",
+                )
+            self._limiters[name] = limiter
+            identity = self._identities[name] = Identity(limiter, rate.endpoint)
+            identity.load()
+            self._costs[name] = 1
+        return name
 
     def _rule(self, rule: RouteRule, where: str) -> _Rule:
         methods = None
@@ -319,3 +356,15 @@ class PlanResolver:
                 marks = get_marks(candidate)
                 if marks is not None:
                     self.marked_plan(marks, candidate)
+
+
+def _inline_name(endpoint: str, number: int) -> str:
+    """A limiter name from an endpoint's `module.qualname`: stable across processes and
+    restarts (headers name it, NATS keys start with it), of letters, digits, `_` and `-`."""
+    name = re.sub(r"[^A-Za-z0-9_]+", "-", endpoint).strip("-") or "inline"
+    if number > 1:
+        name = f"{name}-{number}"
+    if len(name) > _INLINE_NAME_LENGTH:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = f"{name[: _INLINE_NAME_LENGTH - 13]}-{digest}"
+    return name
