@@ -966,7 +966,32 @@ def _limiter(
     )
 
 
-_TIER_RATE = '"N/second", "N/minute", "N/hour" or "N/day", or a list of them'
+_PERIOD_RATES = '"N/second", "N/minute", "N/hour" or "N/day", or a list of them'
+
+
+def _period_rates(where: _Where, key: str | None, value: Any) -> tuple[tuple[int, int], ...]:
+    """A "N/period" rate or a list of them (a tier's, an inline `@limit`'s): (N, seconds)s."""
+    try:
+        limits = _check_limits(value)
+        periods = tuple((count, period) for count, period in limits if period is not None)
+        if len(periods) != len(limits):
+            raise _BadValueError(_PERIOD_RATES)
+    except _BadValueError as exc:
+        what = exc.what if exc.what.startswith("N from") else _PERIOD_RATES
+        raise where.error(
+            key, f"expected {what}, got {exc.got or _show(value)}", kind="bad_value"
+        ) from None
+    return periods
+
+
+def _rate_policy(
+    where: _Where, key: str | None, name: str, limits: tuple[tuple[int, int], ...]
+) -> Policy | Rates:
+    """One token bucket of burst N, or several rates, for `_period_rates`."""
+    if len(limits) > 1:
+        return _rates(where, name, {}, limits, key)
+    count, period = limits[0]
+    return _bounded(where, key, False, Policy.per_period(name, count, period, count))
 
 
 def _tiers(
@@ -1006,15 +1031,7 @@ def _tiers(
                 tier, "tier names may only use letters, digits, '_' and '-'", kind="bad_value"
             )
         value = _expand(inner, tier, raw)
-        try:
-            limits = _check_limits(value)
-            if any(period is None for _, period in limits):
-                raise _BadValueError(_TIER_RATE)
-        except _BadValueError as exc:
-            what = exc.what if exc.what.startswith("N from") else _TIER_RATE
-            raise inner.error(
-                tier, f"expected {what}, got {exc.got or _show(value)}", kind="bad_value"
-            ) from None
+        limits = _period_rates(inner, tier, value)
         tier_name = f"{name}:{tier}"
         if sliding:
             if len(limits) > 1:
@@ -1022,15 +1039,9 @@ def _tiers(
                     tier, "a sliding window's tier takes one rate, not a list", kind="conflict"
                 )
             count, period = limits[0]
-            assert period is not None
             tiers[tier] = SlidingWindow(tier_name, count, period * NS_PER_SECOND)
-        elif len(limits) > 1:
-            tiers[tier] = _rates(inner, tier_name, {}, limits, tier)
         else:
-            count, period = limits[0]
-            assert period is not None
-            rate = Policy.per_period(tier_name, count, period, count)
-            tiers[tier] = _bounded(inner, tier, False, rate)
+            tiers[tier] = _rate_policy(inner, tier, tier_name, limits)
     return tiers
 
 
@@ -1153,14 +1164,7 @@ def inline_limiter(
     "default", else the only one), keyed by `key` ("ip" for None). ConfigError, naming the
     endpoint, for a malformed rate or key."""
     where = _Where(endpoint, "@limit")
-    try:
-        limits = _check_limits(list(rates) if len(rates) > 1 else rates[0])
-        if any(period is None for _, period in limits):
-            raise _BadValueError(_TIER_RATE)
-    except _BadValueError as exc:
-        what = exc.what if exc.what.startswith("N from") else _TIER_RATE
-        shown = exc.got or _show(rates[0] if len(rates) == 1 else list(rates))
-        raise where.error(None, f"expected {what}, got {shown}", kind="bad_value") from None
+    limits = _period_rates(where, None, list(rates) if len(rates) > 1 else rates[0])
     try:
         keys = ("ip",) if key is None else _keys(key)
     except _BadValueError as exc:
@@ -1179,17 +1183,10 @@ def inline_limiter(
             f" [stores.{DEFAULT_STORE_NAME}], or give the endpoint a [limiters.<name>] table",
             kind="missing",
         )
-    policy: Algorithm
-    if len(limits) > 1:
-        policy = _rates(where, name, {}, limits, None)
-    else:
-        count, period = limits[0]
-        assert period is not None
-        policy = _bounded(where, None, False, Policy.per_period(name, count, period, count))
     return LimiterConfig(
         name=name,
         store=store,
-        policy=policy,
+        policy=_rate_policy(where, None, name, limits),
         key=keys,
         shadow=config.middleware.mode == "shadow",
     )

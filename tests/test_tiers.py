@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -327,3 +328,47 @@ async def test_a_lease_taken_under_one_tier_is_never_spent_under_another(
         own = [await limiter.hit("api") for _ in range(4)]
         assert [decision.allowed for decision in own] == [True] * 3 + [False]
         assert store._cache["api.=tier-free"].lease is None
+
+
+@pytest.mark.nats
+def test_ratesync_get_and_reset_cover_the_group_under_every_tier(
+    nats_store: dict[str, Any], tmp_path: Path
+) -> None:
+    from tests.test_cli import ratesync
+
+    path = tmp_path / "rate-sync.toml"
+    path.write_text(
+        f"""
+[stores.prod]
+engine = "nats"
+url = "{nats_store["url"]}"
+bucket_name = "{nats_store["bucket_name"]}"
+
+[limiters.search]
+store = "prod"
+limit = "1/minute"
+key = "header:X-User"
+tier = "tests.request_functions:account_tier"
+tiers = {{ free = "2/minute", pro = "5/minute" }}
+"""
+    )
+
+    async def spend() -> None:
+        async with AsyncRateLimiter(str(path)) as limiter:
+            for _ in range(2):
+                await limiter.hit("search", "alice", tier="free")
+
+    asyncio.run(spend())
+    status, output = ratesync("get", "search", "--key", "alice", "--config", path)
+    assert status == 0, output
+    assert "search.alice.=tier-free" in output
+    assert "available    0 of 2" in output
+    reset = ratesync("reset", "search", "--key", "alice", "--config", path)
+    assert reset[0] == 0
+    assert "search.alice.=tier-free: reset" in reset[1]
+
+    async def free_left() -> int:
+        async with AsyncRateLimiter(str(path)) as limiter:
+            return (await limiter.peek("search", "alice", tier="free")).remaining
+
+    assert asyncio.run(free_left()) == 2
