@@ -81,7 +81,8 @@ def limit(*names: str, cost: Cost | None = None, key: Key | None = None) -> Call
             (name, cost) for name in names if "/" not in name
         )
         if rates:
-            added += ((InlineRate(_label(endpoint), rates, key), cost),)
+            hashable = tuple(key) if isinstance(key, list) else key  # marks are dict keys
+            added += ((InlineRate(_label(endpoint), rates, hashable), cost),)
         # Decorators apply bottom-up: prepend, so the names read top to bottom as written.
         setattr(endpoint, MARKS_ATTRIBUTE, Marks(added + marks.limits, marks.exempt))
         return endpoint

@@ -291,3 +291,9 @@ def test_flask_inline_rate_on_nats(nats_store: dict[str, Any]) -> None:
     client = app.test_client()
     assert [client.get("/search").status_code for _ in range(3)] == [200, 200, 429]
     ratelimit.close()
+
+
+def test_an_inline_key_may_be_a_list_of_parts() -> None:
+    with TestClient(starlette_app({}, key=["ip", "header:X-User"])) as client:
+        assert statuses(client, 3, headers={"X-User": "ann"}) == [200, 200, 429]
+        assert statuses(client, 1, headers={"X-User": "ben"}) == [200]
