@@ -254,7 +254,7 @@ class PlanResolver:
                     kind="conflict",
                 )
             self._limiters[name] = limiter
-            identity = self._identities[name] = Identity(limiter, rate.endpoint)
+            identity = self._identities[name] = Identity(limiter, rate.endpoint, "@limit")
             identity.load()
             self._costs[name] = 1
         return name

@@ -297,3 +297,29 @@ def test_an_inline_key_may_be_a_list_of_parts() -> None:
     with TestClient(starlette_app({}, key=["ip", "header:X-User"])) as client:
         assert statuses(client, 3, headers={"X-User": "ann"}) == [200, 200, 429]
         assert statuses(client, 1, headers={"X-User": "ben"}) == [200]
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("served", ["client", "asgi"])
+def test_django_inline_rates_on_a_nats_default_store(
+    nats_store: dict[str, Any], served: str
+) -> None:
+    site = SITES[served]()
+    try:
+        with override_settings(RATESYNC={"stores": {"default": {**nats_store, "timeout": 5.0}}}):
+            assert site.statuses(3, "/inline") == [200, 200, 429]
+            ann = [site.get("/inline-async", headers={"X-User": "ann"}) for _ in range(3)]
+            assert [response.status_code for response in ann] == [200, 200, 429]
+    finally:
+        site.close()
+
+
+def test_an_inline_key_function_that_cannot_be_imported_names_the_endpoint() -> None:
+    with (
+        pytest.raises(ConfigError) as raised,
+        TestClient(starlette_app({}, key="tests.request_functions:nope")),
+    ):
+        pass
+    assert str(raised.value).startswith(
+        "tests.test_inline_limits.starlette_app.<locals>.search: @limit key: cannot import"
+    )
