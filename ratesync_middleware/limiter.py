@@ -369,13 +369,13 @@ class AsyncRateLimiter:
         policy = config.tiers.get(tier)
         if policy is not None:
             return policy, tier_key(group, tier)
-        seen = self._unknown_tiers
-        if (config.name, tier) not in seen and len(seen) < _UNKNOWN_TIERS_LOGGED:
-            seen.add((config.name, tier))
+        seen, shown = self._unknown_tiers, tier[:64]  # a tier may come from the client
+        if (config.name, shown) not in seen and len(seen) < _UNKNOWN_TIERS_LOGGED:
+            seen.add((config.name, shown))
             logger.warning(
                 "limiter %r has no tier %r (tiers: %s): its own rate applies",
                 config.name,
-                tier[:64],
+                shown,
                 ", ".join(config.tiers) or "none",
             )
         assert config.policy is not None  # checked by the caller

@@ -194,6 +194,11 @@ class PlanResolver:
         """Each limiter's compiled key, by limiter name."""
         return self._identities
 
+    @property
+    def request_functions(self) -> list[RequestCost | Exemption | RequestTier]:
+        """The `cost`, `exempt_when` and `tier` functions the tables name (`load()` each)."""
+        return self._functions
+
     def _cost(self, cost: Cost | str, table: str) -> int | RequestCost:
         if isinstance(cost, int):
             return cost

@@ -323,3 +323,10 @@ def test_an_inline_key_function_that_cannot_be_imported_names_the_endpoint() -> 
     assert str(raised.value).startswith(
         "tests.test_inline_limits.starlette_app.<locals>.search: @limit key: cannot import"
     )
+
+
+def test_middleware_shadow_mode_covers_inline_rates() -> None:
+    with TestClient(starlette_app({"middleware": {"mode": "shadow"}})) as client:
+        responses = [client.get("/search") for _ in range(3)]
+    assert [response.status_code for response in responses] == [200] * 3
+    assert not any("RateLimit" in response.headers for response in responses)

@@ -396,3 +396,16 @@ def test_django_tiers_on_nats(
             assert upgraded.headers["RateLimit-Policy"] == PRO_POLICY
     finally:
         site.close()
+
+
+def test_django_checks_report_a_tier_function_that_cannot_be_imported() -> None:
+    from django.core import checks
+    from django.test import override_settings
+
+    broken = with_config(**tiered(tier="tests.request_functions:no_such_plan"))
+    with override_settings(RATESYNC=broken):
+        errors = [m for m in checks.run_checks(tags=["ratesync"]) if m.id == "ratesync.E011"]
+    [error] = errors
+    assert "[limiters.search] tier: cannot import 'tests.request_functions:no_such_plan'" in (
+        error.msg
+    )

@@ -14,7 +14,8 @@ The ids are stable (silence one with `SILENCED_SYSTEM_CHECKS`); docs/django.md l
     ratesync.E008  ${VAR}: unset, malformed, or not of the key's type     (env_var)
     ratesync.E009  any other configuration error                          (conflict, missing, other)
     ratesync.E010  RATESYNC["view"] cannot be imported or is not callable
-    ratesync.E011  a key function ("package.module:function") cannot be imported
+    ratesync.E011  a key, cost, exempt_when or tier function ("package.module:function") cannot
+                   be imported (or is an async def)
     ratesync.E012  a view's @limit names a limiter that does not exist
     ratesync.E013  a view's inline @limit("N/period") has a malformed rate or key
     ratesync.W001  RateLimitMiddleware is not in MIDDLEWARE
@@ -187,6 +188,18 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
                     str(error),
                     hint="A key function is 'package.module:function', importable by the"
                     " project, called with the request's facts.",
+                    id="ratesync.E011",
+                )
+            )
+    for function in PlanResolver(config).request_functions:
+        try:
+            function.load()
+        except ConfigError as error:
+            messages.append(
+                checks.Error(
+                    str(error),
+                    hint="A cost, exempt_when or tier function is 'package.module:function',"
+                    " importable by the project, a plain def called with the HttpRequest.",
                     id="ratesync.E011",
                 )
             )
