@@ -7,7 +7,8 @@ One memory-store limiter that is never exhausted, the default of every request, 
 variants timed in alternation in one process (the order reversed every other repetition):
 plain; `mode = "shadow"`; `cost = "pkg.mod:func"` (a function reading a header); `exempt_when`
 (a function that returns False, so the limiter still applies); `@limit(cost=lambda)` on the
-view. Reported: the median time per request of each, and the median per-repetition difference
+view; `tier = "pkg.mod:func"` (a function returning "pro", a tier as generous as plain's rate);
+an inline `@limit("1000000000/second")` on the view instead of the TOML limiter. Reported: the median time per request of each, and the median per-repetition difference
 to plain (what the policy adds). Times are this thread's CPU time (see compare_trees.py).
 """
 
@@ -42,52 +43,72 @@ def _internal(request: Any) -> bool:
     return request.headers.get("x-internal") == "yes"
 
 
+def _plan(request: Any) -> str:
+    return "pro"
+
+
+FUNCTIONS.plan = _plan  # type: ignore[attr-defined]
 FUNCTIONS.units = _units  # type: ignore[attr-defined]
 FUNCTIONS.internal = _internal  # type: ignore[attr-defined]
 sys.modules[FUNCTIONS.__name__] = FUNCTIONS
 
 LIMIT = {"rate_per_second": 1_000_000.0, "burst": 1_000_000_000}
-VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {  # name -> (limiter table, cost on the view)
-    "plain": ({}, False),
-    "shadow": ({"mode": "shadow"}, False),
-    "cost function": ({"cost": f"{FUNCTIONS.__name__}:units"}, False),
-    "exempt_when": ({"exempt_when": f"{FUNCTIONS.__name__}:internal"}, False),
-    "@limit(cost=lambda)": ({}, True),
+INLINE = "1000000000/second"  # as generous as LIMIT
+TIER = {"tier": f"{FUNCTIONS.__name__}:plan", "tiers": {"pro": INLINE}}
+# name -> (limiter table, the view's mark: "cost" for @limit("api", cost=lambda), "inline")
+VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "plain": ({}, None),
+    "shadow": ({"mode": "shadow"}, None),
+    "cost function": ({"cost": f"{FUNCTIONS.__name__}:units"}, None),
+    "exempt_when": ({"exempt_when": f"{FUNCTIONS.__name__}:internal"}, None),
+    "@limit(cost=lambda)": ({}, "cost"),
+    "tier function": (TIER, None),
+    "inline @limit": ({}, "inline"),
 }
+
+
+def mark(marked: str | None) -> Callable[[Any], Any] | None:
+    from ratesync_middleware import limit
+
+    if marked == "cost":
+        return limit("api", cost=lambda request: 1)
+    return limit(INLINE) if marked == "inline" else None
 
 
 def config(extra: dict[str, Any]) -> dict[str, Any]:
     return {"limiters": {"api": {**LIMIT, **extra}}, "middleware": {"default": "api"}}
 
 
-def starlette(extra: dict[str, Any], marked: bool) -> Driver:
+def starlette(extra: dict[str, Any], marked: str | None) -> Driver:
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from ratesync_middleware import RateLimitMiddleware, limit
+    from ratesync_middleware import RateLimitMiddleware
 
     async def home(request: Any) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
-    endpoint = limit("api", cost=lambda request: 1)(home) if marked else home
+    decorator = mark(marked)
+    endpoint = decorator(home) if decorator else home
     app = Starlette(routes=[Route("/", endpoint)])
     app.add_middleware(RateLimitMiddleware, config=config(extra))
     return AsgiDriver(app, 200)
 
 
-def flask(extra: dict[str, Any], marked: bool) -> Driver:
+def flask(extra: dict[str, Any], marked: str | None) -> Driver:
     from flask import Flask
 
     from ratesync_middleware.flask import RateLimit
 
     app = Flask(f"policies_{len(extra)}_{marked}")
-    ratelimit = RateLimit(app, config=config(extra))
+    RateLimit(app, config=config(extra))
 
     def index() -> str:
         return "ok"
 
-    view = ratelimit.limit("api", cost=lambda request: 1)(index) if marked else index
+    decorator = mark(marked)
+    view = decorator(index) if decorator else index
     app.add_url_rule("/", view_func=view)
     return WsgiDriver(app, 200)
 
@@ -107,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         _, wrong = loop.run_until_complete(result) if asyncio.iscoroutine(result) else result
         return time.thread_time_ns() - started, wrong
 
-    builders: dict[str, Callable[[dict[str, Any], bool], Driver]] = {
+    builders: dict[str, Callable[[dict[str, Any], str | None], Driver]] = {
         "asgi": starlette,
         "flask": flask,
     }

@@ -1,4 +1,4 @@
-"""The user's functions a limiter calls per request: `cost` and `exempt_when`.
+"""The user's functions a limiter calls per request: `cost`, `exempt_when` and `tier`.
 
 A `"pkg.mod:func"` in the configuration is imported once (at start-up, else on first use);
 `@limit(..., cost=func)` gives the function itself. Either is called with the framework's own
@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError, RequestFunctionError
 
-__all__ = ["Exemption", "RequestCost", "import_callable"]
+__all__ = ["Exemption", "RequestCost", "RequestTier", "import_callable"]
 
 RequestFunction = Callable[[Any], Any]
 
@@ -123,6 +123,26 @@ class Exemption(_RequestFunction):
             return bool((self._function or self.load())(request))
         except Exception as error:  # the user's code: contained, reported without its text
             raise self._raised(error) from error
+
+
+class RequestTier(_RequestFunction):
+    """`tier = "pkg.mod:func"`: the request's tier name, or None for the limiter's own rate."""
+
+    __slots__ = ()
+
+    kind = "tier function"
+
+    def __call__(self, request: Any) -> str | None:
+        try:
+            value = (self._function or self.load())(request)
+        except Exception as error:  # the user's code: contained, reported without its text
+            raise self._raised(error) from error
+        if value is not None and type(value) is not str:
+            raise RequestFunctionError(
+                f"{self.kind} {self.label!r} returned {type(value).__name__} {_short(value)}"
+                ", not a tier name (str) or None"
+            )
+        return value
 
 
 def _short(value: object) -> str:

@@ -50,7 +50,7 @@ from .errors import (
     RateSyncError,
     StoreError,
 )
-from .keys import group_key, join_identity, slots_key
+from .keys import SLOTS_TOKEN, group_key, join_identity, slots_key, tier_key
 from .limiter import AsyncRateLimiter
 from .rules import Override, override_policy
 from .slots import live_holders
@@ -428,6 +428,7 @@ def resolve_target(
         )
     group = group_key(name, limiter_identity(config, limiter, identity))
     keys = [group] if limiter.policy is not None else []
+    keys += [tier_key(group, tier) for tier in limiter.tiers]  # the group under each tier
     if limiter.slots is not None:
         keys.append(slots_key(group))
     return Target(store, keys)
@@ -902,8 +903,8 @@ async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -
     """`get` / `reset`: exit 1 when no key of the group was ever written (nothing to show)."""
     target = resolve_target(config, args.limiter, args.identity, args.store)
     keys = target.keys
-    if args.command == "reset" and len(keys) > 1:
-        keys = keys[:1]  # the rate; slots held by requests in flight are theirs to give back
+    if args.command == "reset":  # the rates; slots held by requests in flight are theirs
+        keys = [key for key in keys if not key.endswith(f".{SLOTS_TOKEN}")] or keys
     store = NatsStore(target.store)
     results: list[dict[str, Any]] = []
     try:

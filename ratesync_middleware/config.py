@@ -102,6 +102,10 @@ class LimiterConfig:
     cost: int | str = 1  # what a request spends: a whole number, or "pkg.mod:func" (request -> int)
     exempt_when: str | None = None  # "pkg.mod:func" (request -> bool): true, this limiter skips it
     shadow: bool = False  # mode = "shadow": decide and report, never refuse
+    tier: str | None = None  # "pkg.mod:func" (request -> tier name or None): which rate applies
+    # `[limiters.<name>.tiers]`: tier name -> its algorithm (a token bucket or several rates; a
+    # sliding window's tiers are sliding windows). A request without a known tier: `policy`.
+    tiers: Mapping[str, Algorithm] = field(default_factory=dict, hash=False)
     # While the store fails: "open" lets requests through, "closed" refuses them (503), "local"
     # limits from this process's own state at its share of the rate (`fail_closed` = "closed").
     fail_mode: FailMode = "open"
@@ -506,6 +510,13 @@ def _function(value: Any) -> str:
 _cost_count = _integer(1, MAX_COUNT, range_in_every_message=False)
 
 
+def _tier_table(value: Any) -> Mapping[Any, Any]:
+    """`[limiters.X.tiers]`: checked tier by tier by `_tiers` (each names its own key)."""
+    if not isinstance(value, Mapping) or not value:
+        raise _BadValueError('a table of tier names to rates, e.g. free = "100/hour"')
+    return value
+
+
 def _cost(value: Any) -> int | str:
     if isinstance(value, str):
         if _CALLABLE.fullmatch(value):
@@ -585,6 +596,8 @@ _LIMITER_KEYS: dict[str, Check] = {
     "cost": _cost,
     "exempt_when": _function,
     "mode": _choice("enforce", "shadow"),
+    "tier": _function,
+    "tiers": _tier_table,
 }
 # rate-sync keys that mean nothing to a middleware (docs/configuration.md says why, for each).
 _LIMITER_IGNORED = frozenset({"max_retries", "retry_interval"})
@@ -872,7 +885,11 @@ def _sliding_window(where: _Where, name: str, values: Mapping[str, Any]) -> Slid
 
 
 def _rates(
-    where: _Where, name: str, values: Mapping[str, Any], limits: tuple[tuple[int, int | None], ...]
+    where: _Where,
+    name: str,
+    values: Mapping[str, Any],
+    limits: tuple[tuple[int, int | None], ...],
+    key: str | None = "limit",
 ) -> Rates:
     """`limit = ["10/second", "1000/day"]`: each rate's N is its own capacity."""
     for conflicting in ("burst", "window_seconds"):
@@ -887,13 +904,13 @@ def _rates(
         assert period is not None  # a list holds "N/period" strings only
         unit = _PERIOD_NAMES.get(period, f"{period}s")
         rate = Policy.per_period(f"{name}:{count}/{unit}", count, period, count)
-        rates.append(_bounded(where, "limit", False, rate))
+        rates.append(_bounded(where, key, False, rate))
     if len({rate.name for rate in rates}) != len(rates):
-        raise where.error("limit", "the same rate is listed twice", kind="conflict")
+        raise where.error(key, "the same rate is listed twice", kind="conflict")
     return Rates(name, tuple(rates))
 
 
-def _bounded(where: _Where, rate_key: str, burst_given: bool, policy: Policy) -> Policy:
+def _bounded(where: _Where, rate_key: str | None, burst_given: bool, policy: Policy) -> Policy:
     """An empty bucket refills within MAX_REFILL_SECONDS, so `tat` stays far inside 64 bits."""
     limit_ns = MAX_REFILL_SECONDS * NS_PER_SECOND
     if policy.window_ns <= limit_ns:
@@ -930,10 +947,12 @@ def _limiter(
         raise where.error(
             "fail_closed", f'contradicts fail_mode = "{fail_mode}" (keep one)', kind="conflict"
         )
+    policy = _policy(where, name, values) if rated else None
+    tiers = _tiers(where, name, values, policy)
     return LimiterConfig(
         name=name,
         store=store,
-        policy=_policy(where, name, values) if rated else None,
+        policy=policy,
         key=values.get("key", ("ip",)),
         fail_closed=fail_mode == "closed",
         slots=slots,
@@ -941,8 +960,89 @@ def _limiter(
         cost=values.get("cost", 1),
         exempt_when=values.get("exempt_when"),
         shadow=values.get("mode") == "shadow",
+        tier=values.get("tier"),
+        tiers=tiers,
         fail_mode=fail_mode,
     )
+
+
+_PERIOD_RATES = '"N/second", "N/minute", "N/hour" or "N/day", or a list of them'
+
+
+def _period_rates(where: _Where, key: str | None, value: Any) -> tuple[tuple[int, int], ...]:
+    """A "N/period" rate or a list of them (a tier's, an inline `@limit`'s): (N, seconds)s."""
+    try:
+        limits = _check_limits(value)
+        periods = tuple((count, period) for count, period in limits if period is not None)
+        if len(periods) != len(limits):
+            raise _BadValueError(_PERIOD_RATES)
+    except _BadValueError as exc:
+        what = exc.what if exc.what.startswith("N from") else _PERIOD_RATES
+        raise where.error(
+            key, f"expected {what}, got {exc.got or _show(value)}", kind="bad_value"
+        ) from None
+    return periods
+
+
+def _rate_policy(
+    where: _Where, key: str | None, name: str, limits: tuple[tuple[int, int], ...]
+) -> Policy | Rates:
+    """One token bucket of burst N, or several rates, for `_period_rates`."""
+    if len(limits) > 1:
+        return _rates(where, name, {}, limits, key)
+    count, period = limits[0]
+    return _bounded(where, key, False, Policy.per_period(name, count, period, count))
+
+
+def _tiers(
+    where: _Where, name: str, values: Mapping[str, Any], policy: Algorithm | None
+) -> dict[str, Algorithm]:
+    """`[limiters.<name>.tiers]`: each tier's rate, or list of rates, compiled like `limit`.
+
+    A tier's policy is named `<limiter>:<tier>` (what RateLimit-Policy reports). The tiers of
+    a sliding-window limiter are sliding windows of their "N/period" (one rate each)."""
+    table: Mapping[Any, Any] | None = values.get("tiers")
+    if table is None:
+        if "tier" in values:
+            raise where.error(
+                "tiers",
+                f'tier needs a [limiters.{name}.tiers] table, e.g. pro = "1000/hour"',
+                kind="missing",
+            )
+        return {}
+    if "tier" not in values:
+        raise where.error(
+            "tier",
+            'missing: tiers need tier = "package.module:function" (request -> tier name)',
+            kind="missing",
+        )
+    if policy is None:
+        raise where.error(
+            "tiers",
+            "tiers need the limiter's own rate too (for requests without a tier)",
+            kind="missing",
+        )
+    inner = _Where(where.source, f"[limiters.{name}.tiers]")
+    sliding = isinstance(policy, SlidingWindow)
+    tiers: dict[str, Algorithm] = {}
+    for tier, raw in table.items():
+        if not (isinstance(tier, str) and _NAME.fullmatch(tier)):
+            raise inner.error(
+                tier, "tier names may only use letters, digits, '_' and '-'", kind="bad_value"
+            )
+        value = _expand(inner, tier, raw)
+        limits = _period_rates(inner, tier, value)
+        tier_name = f"{name}:{tier}"
+        if sliding:
+            if len(limits) > 1:
+                raise inner.error(
+                    tier, "a sliding window's tier takes one rate, not a list", kind="conflict"
+                )
+            count, period = limits[0]
+            tiers[tier] = SlidingWindow(tier_name, count, period * NS_PER_SECOND)
+        else:
+            tiers[tier] = _rate_policy(inner, tier, tier_name, limits)
+    return tiers
 
 
 def _slots(where: _Where, name: str, values: Mapping[str, Any]) -> Slots | None:
@@ -1050,6 +1150,45 @@ def _validate(data: Mapping[Any, Any], source: str) -> Config:
         middleware=middleware,
         routes=_routes(source, data, limiters),
         source=source,
+    )
+
+
+# --- inline limiters: @limit("5/minute") -------------------------------------------------------
+
+
+def inline_limiter(
+    config: Config, name: str, endpoint: str, rates: tuple[str, ...], key: Any
+) -> LimiterConfig:
+    """The unnamed limiter of `@limit("5/minute", key=...)` on `endpoint`, called `name`: its
+    rates (several: all must allow, like `limit = [...]`) on the default store (the one called
+    "default", else the only one), keyed by `key` ("ip" for None). ConfigError, naming the
+    endpoint, for a malformed rate or key."""
+    where = _Where(endpoint, "@limit")
+    limits = _period_rates(where, None, list(rates) if len(rates) > 1 else rates[0])
+    try:
+        keys = ("ip",) if key is None else _keys(key)
+    except _BadValueError as exc:
+        raise where.error(
+            "key", f"expected {exc.what}, got {_show(key)}", kind="bad_value"
+        ) from None
+    stores = config.stores
+    store = DEFAULT_STORE_NAME if DEFAULT_STORE_NAME in stores else None
+    if store is None and len(stores) == 1:
+        store = next(iter(stores))
+    if store is None:
+        raise where.error(
+            None,
+            f"an inline rate lives on the default store, and none of the stores"
+            f" ({', '.join(stores)}) is called {DEFAULT_STORE_NAME!r}: add"
+            f" [stores.{DEFAULT_STORE_NAME}], or give the endpoint a [limiters.<name>] table",
+            kind="missing",
+        )
+    return LimiterConfig(
+        name=name,
+        store=store,
+        policy=_rate_policy(where, None, name, limits),
+        key=keys,
+        shadow=config.middleware.mode == "shadow",
     )
 
 

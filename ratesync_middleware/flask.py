@@ -31,7 +31,7 @@ from .config import ConfigSource
 from .headers import Denial, add_missing, retry_after_seconds, text_headers
 from .lifecycle import Admission
 from .limiter import AsyncRateLimiter, logger
-from .marks import Cost, exempt, limit
+from .marks import Cost, Key, exempt, limit
 from .plans import EXEMPT, Plan, method_handler
 from .sync import SyncRequestLimiter
 from .wsgi import EnvironFacts
@@ -382,7 +382,9 @@ class RateLimit:
 
     # -- decorators -----------------------------------------------------------------------------
 
-    def limit(self, *names: str, cost: Cost | None = None) -> Callable[[_F], _F]:
+    def limit(
+        self, *names: str, cost: Cost | None = None, key: Key | None = None
+    ) -> Callable[[_F], _F]:
         """Limit a view (function, `View` class or one of its methods) or every view of a blueprint.
 
             @app.post("/login")
@@ -393,9 +395,10 @@ class RateLimit:
 
         All named limiters must allow; each request spends `cost` (a whole number, or a
         function of the Flask `request`; default: the limiter's own `cost`, else 1). Marks on a view win over its
-        blueprint's, which win over `[[routes]]` rules and the `[middleware] default`.
+        blueprint's, which win over `[[routes]]` rules and the `[middleware] default`. A rate
+        (`ratelimit.limit("5/minute", key="header:X-User")`) is an inline limiter of the view.
         """
-        return limit(*names, cost=cost)
+        return limit(*names, cost=cost, key=key)
 
     def exempt(self, target: _F) -> _F:
         """Never limit a view, or every view of a blueprint (`ratelimit.exempt(blueprint)`)."""

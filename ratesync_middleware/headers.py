@@ -166,17 +166,21 @@ class RateLimitHeaders:
         self.extra_policy: Callable[[str], Algorithm | None] | None = None
         """Where the policies of live overrides are found (`AsyncRateLimiter.override_policy`)."""
         for policy in policies:
-            if isinstance(policy, Rates):
-                # One policy item per rate (draft-11 allows a list); a decision names the
-                # rate that bound it, and the limiter's own name covers degraded answers.
-                listed = ", ".join(_policy_item(rate) for rate in policy.rates).encode()
-                covered: tuple[Algorithm, ...] = (*policy.rates, policy)
-                for item in covered:
-                    self._by_name[item.name] = self._precompute(item, listed)
-            elif isinstance(policy, Slots):
-                self._by_name[policy.name] = self._concurrency(policy)
-            else:
-                self._by_name[policy.name] = self._precompute(policy)
+            self.add(policy)
+
+    def add(self, policy: Algorithm | Slots) -> None:
+        """Precompute the headers of one more policy (a tier's, an inline `@limit`'s)."""
+        if isinstance(policy, Rates):
+            # One policy item per rate (draft-11 allows a list); a decision names the
+            # rate that bound it, and the limiter's own name covers degraded answers.
+            listed = ", ".join(_policy_item(rate) for rate in policy.rates).encode()
+            covered: tuple[Algorithm, ...] = (*policy.rates, policy)
+            for item in covered:
+                self._by_name[item.name] = self._precompute(item, listed)
+        elif isinstance(policy, Slots):
+            self._by_name[policy.name] = self._concurrency(policy)
+        else:
+            self._by_name[policy.name] = self._precompute(policy)
 
     @classmethod
     def for_config(cls, config: Config) -> RateLimitHeaders:
@@ -185,6 +189,7 @@ class RateLimitHeaders:
         for limiter in config.limiters.values():
             if limiter.policy is not None:
                 policies.append(limiter.policy)
+            policies.extend(limiter.tiers.values())
             if limiter.slots is not None:
                 policies.append(limiter.slots)
         return cls(config.middleware.headers, policies)
@@ -248,7 +253,10 @@ class RateLimitHeaders:
             policy = extra(decision.policy) if extra is not None else None
             if policy is None:
                 policy = Policy(decision.policy, NS_PER_SECOND, max(1, decision.limit))
-            entry = self._by_name[decision.policy] = self._precompute(policy)
+            if isinstance(policy, Rates):  # one of its rates: they are listed together
+                self.add(policy)
+            entry = self._by_name.get(decision.policy) or self._precompute(policy)
+            self._by_name[decision.policy] = entry
         return entry
 
     def headers(self, decision: Decision | None) -> list[Header]:

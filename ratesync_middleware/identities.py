@@ -44,9 +44,10 @@ class Identity:
     A global limiter's identity is None: one bucket for everybody.
     """
 
-    __slots__ = ("_callables", "_limiter", "_parts", "_source", "is_global", "sync")
+    __slots__ = ("_callables", "_parts", "_source", "_table", "is_global", "sync")
 
-    def __init__(self, config: LimiterConfig, source: str) -> None:
+    def __init__(self, config: LimiterConfig, source: str, table: str | None = None) -> None:
+        """`table`: where the key is written, for errors (default `[limiters.<name>]`)."""
         self.is_global = config.is_global
         self._parts: list[Callable[[RequestFacts], Any]] = []
         self._callables: list[tuple[int, str]] = []  # (index, spec) still to import
@@ -65,13 +66,13 @@ class Identity:
                 self._callables.append((len(self._parts), spec))
                 self._parts.append(_part_ip)  # placeholder until imported
         self.sync = not self._callables
-        self._limiter, self._source = config.name, source
+        self._table, self._source = table or f"[limiters.{config.name}]", source
 
     def load(self) -> None:
         """Import the `"pkg.mod:func"` parts (done lazily on first use, or at start-up)."""
         for index, spec in self._callables:
             self._parts[index] = import_callable(
-                spec, source=self._source, table=f"[limiters.{self._limiter}]", key="key"
+                spec, source=self._source, table=self._table, key="key"
             )
         self._callables = []
 

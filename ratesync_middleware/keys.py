@@ -71,3 +71,14 @@ SLOTS_TOKEN = "=slots"
 def slots_key(group: str) -> str:
     """The store key of a group's concurrency slots, beside (never equal to) its rate's key."""
     return f"{group}.{SLOTS_TOKEN}"
+
+
+TIER_TOKEN = "=tier-"
+"""What starts the last token of a group's key under a tier: `=` then a name that is never 64
+hex digits alone, so no group key and no other key beside a group ever equals one."""
+
+
+def tier_key(group: str, tier: str) -> str:
+    """The store key of a group's state under `tier`, beside its own rate's key: each tier
+    counts on its own, so an upgraded group starts at once from the new tier's state."""
+    return f"{group}.{TIER_TOKEN}{tier}"

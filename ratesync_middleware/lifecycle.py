@@ -41,7 +41,7 @@ __all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
 
 _NOW: Final = 1  # every store of the plan decides at once, every identity is sync
 _SLOTTED: Final = 2  # a limiter of the plan has concurrency slots
-_RESOLVED: Final = 4  # a limiter of the plan has a cost or exempt_when function of the request
+_RESOLVED: Final = 4  # a limiter of the plan has a cost, exempt_when or tier function
 _SHADOW: Final = 8  # a limiter of the plan is in shadow mode (off the one-limiter fast path)
 
 
@@ -136,7 +136,7 @@ class RequestLimiter:
         self.client_address = ClientAddress(
             middleware.trusted_proxies, middleware.ipv6_prefix, middleware.forwarded_header
         )
-        self.plans = PlanResolver(self.config)
+        self.plans = PlanResolver(self.config, self.limiter.add_limiter)
         self.responses = RateLimitHeaders.for_config(self.config)
         self.responses.extra_policy = self.limiter.override_policy  # live overrides' headers
         self.settles = any(limiter.slots is not None for limiter in self.config.limiters.values())
@@ -175,7 +175,7 @@ class RequestLimiter:
         waits = self.wait(plan) > 0
         now = not waits and all(item.identity.sync and decides_now(item.name) for item in plan)
         slotted = any(limiter(item.name).slots is not None for item in plan)
-        resolved = any(item.request_cost or item.exempt_when for item in plan)
+        resolved = any(item.request_cost or item.exempt_when or item.request_tier for item in plan)
         route = (_NOW if now else 0) | (_SLOTTED if slotted else 0)
         route |= (_RESOLVED if resolved else 0) | (_SHADOW if any(i.shadow for i in plan) else 0)
         self._routes[plan] = route
@@ -223,8 +223,8 @@ class RequestLimiter:
         return admission if isinstance(admission, Admission) else await admission
 
     def _resolve(self, facts: RequestFacts, plan: Plan) -> Plan | Admission:
-        """`plan` for this request: each cost function's cost, without the limiters whose
-        `exempt_when` holds. A function that fails is answered by its limiter's fail rule:
+        """`plan` for this request: each cost function's cost and tier function's tier, without
+        the limiters whose `exempt_when` holds. A function that fails is answered by its limiter's fail rule:
         fail-open leaves the limiter out, `fail_closed` refuses the request (503)."""
         request = facts.request
         items: list[Limit] = []
@@ -233,9 +233,17 @@ class RequestLimiter:
             try:
                 if item.exempt_when is not None and item.exempt_when(request):
                     continue
-                if item.request_cost is not None:
-                    cost = item.request_cost(request)
-                    item = Limit(item.name, cost, item.identity, None, None, item.shadow)
+                request_cost, request_tier = item.request_cost, item.request_tier
+                if request_cost is not None or request_tier is not None:
+                    item = Limit(
+                        item.name,
+                        item.cost if request_cost is None else request_cost(request),
+                        item.identity,
+                        None,
+                        None,
+                        item.shadow,
+                        None if request_tier is None else request_tier(request),
+                    )
             except RequestFunctionError as error:
                 decision = self.limiter.degraded(self.limiter.limiter(item.name), error)
                 if not decision.allowed and self._refuses(item, decision):
@@ -257,7 +265,7 @@ class RequestLimiter:
             identity = item.identity
             key = identity.now(facts) if identity.sync else await identity(facts)
             timeout = limiter(item.name).timeout if waits else 0.0
-            decision = await hit(item.name, key, item.cost, timeout=timeout)
+            decision = await hit(item.name, key, item.cost, timeout=timeout, tier=item.tier)
             if not decision.allowed and self._refuses(item, decision):
                 return Admission(decision, self.responses)
             if not item.shadow and (best is None or _more_restrictive(decision, best)):
@@ -268,7 +276,7 @@ class RequestLimiter:
         best: Decision | None = None
         hit_now = self.limiter.hit_now
         for item in plan:
-            decision = hit_now(item.name, item.identity.now(facts), item.cost)
+            decision = hit_now(item.name, item.identity.now(facts), item.cost, tier=item.tier)
             if not decision.allowed and self._refuses(item, decision):
                 return Admission(decision, self.responses)
             if not item.shadow and (best is None or _more_restrictive(decision, best)):
@@ -303,7 +311,9 @@ class RequestLimiter:
                     timeout = max(0.0, waited_until - time.monotonic())
             if config.policy is not None:
                 try:
-                    decision = await limiter.hit(item.name, key, item.cost, timeout=timeout)
+                    decision = await limiter.hit(
+                        item.name, key, item.cost, timeout=timeout, tier=item.tier
+                    )
                 except BaseException:
                     _release(held)
                     raise
@@ -327,7 +337,7 @@ class RequestLimiter:
                 if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
             if config.policy is not None:
-                decision = limiter.hit_now(item.name, key, item.cost)
+                decision = limiter.hit_now(item.name, key, item.cost, tier=item.tier)
                 if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
                 if not item.shadow and (best is None or _more_restrictive(decision, best)):
@@ -380,7 +390,8 @@ class RequestLimiter:
     @property
     def remote_stores(self) -> list[str]:
         """The stores in use that talk to a server (all but the in-process memory store)."""
-        used = {limiter.store for limiter in self.config.limiters.values()}
+        limiters = [*self.config.limiters.values(), *self.limiter.inline.values()]
+        used = {limiter.store for limiter in limiters}
         return sorted(name for name in used if self.config.stores[name].engine != "memory")
 
     async def open_stores(self) -> None:

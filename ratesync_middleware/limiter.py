@@ -13,14 +13,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .algorithms import Algorithm, Policy, Rates, SlidingWindow
 from .bucket import NS_PER_SECOND, Decision
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, RateLimitExceeded, RequestFunctionError, StoreError
-from .keys import group_key, slots_key
+from .keys import group_key, slots_key, tier_key
 from .permits import Permit, SyncPermit
 from .rules import BANNED, Ban, Override, Rules, expiry_ns, override_key, override_policy
 from .slots import Slot, Slots
@@ -36,6 +36,7 @@ logger = logging.getLogger("ratesync_middleware")
 
 _WARNING_INTERVAL = 10.0  # seconds between two log lines about the same failing store
 _FUNCTION_RETRY_SECONDS = 1.0  # Retry-After of a fail-closed refusal whose cost/exempt_when failed
+_UNKNOWN_TIERS_LOGGED = 256  # distinct unknown tier names logged (a tier may come from a client)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,20 +126,27 @@ class AsyncRateLimiter:
         *,
         clock: Clock = wall_clock,
         on_decision: DecisionHook | None = None,
+        inline: dict[str, LimiterConfig] | None = None,
     ) -> None:
         self.config = load_config(config)
         self.on_decision = on_decision
+        self.inline: dict[str, LimiterConfig] = {} if inline is None else inline
+        """The unnamed limiters of inline `@limit("5/minute")`s, by name (`add_limiter`);
+        shared with `fresh()` copies, so a forked child knows those its parent found."""
         self._clock = clock
         self._stores: dict[str, Store] = {}
         self._bound: dict[str, _Bound] = {}
         self._failures = _FailureLog()
         self._local_rules: dict[str, Rules] = {}  # of stores that keep no rules themselves
         self._fallbacks: dict[str, MemoryStore] = {}  # fail_mode = "local": while a store fails
+        self._unknown_tiers: set[tuple[str, str]] = set()  # (limiter, tier) already logged
         self._announce_stores()
 
     def fresh(self) -> AsyncRateLimiter:
         """A limiter with the same configuration and options and no connections (after `fork()`)."""
-        return AsyncRateLimiter(self.config, clock=self._clock, on_decision=self.on_decision)
+        return AsyncRateLimiter(
+            self.config, clock=self._clock, on_decision=self.on_decision, inline=self.inline
+        )
 
     def _announce_stores(self) -> None:
         """One INFO line per store in use, so that a log says where the limits live."""
@@ -159,7 +167,7 @@ class AsyncRateLimiter:
     def limiter(self, name: str) -> LimiterConfig:
         """The configuration of limiter `name`; `ConfigError` if there is none."""
         try:
-            return self.config.limiters[name]
+            return self.config.limiters.get(name) or self.inline[name]
         except KeyError:
             known = ", ".join(sorted(self.config.limiters)) or "none"
             raise ConfigError(
@@ -172,8 +180,26 @@ class AsyncRateLimiter:
         """The store called `name`, created on first use."""
         store = self._stores.get(name)
         if store is None:
-            store = self._stores[name] = create_store(self.config, name, self._clock)
+            config = self.config
+            if self.inline:  # a NATS bucket's TTL must cover the inline limiters' windows too
+                config = replace(config, limiters={**self.inline, **config.limiters})
+            store = self._stores[name] = create_store(config, name, self._clock)
         return store
+
+    def add_limiter(self, limiter: LimiterConfig) -> None:
+        """Know one more limiter beside the configuration's: an inline `@limit("5/minute")`.
+
+        `ConfigError` when another limiter has its name (two endpoints of the same name with
+        different inline rates, or a `[limiters.<name>]` table of that name)."""
+        known = self.config.limiters.get(limiter.name) or self.inline.get(limiter.name)
+        if known is not None and known != limiter:
+            raise ConfigError(
+                f"{self.config.source}: the inline @limit of {limiter.name!r} and another"
+                " limiter of that name differ (name the limiters in the configuration)",
+                source=self.config.source,
+                kind="conflict",
+            )
+        self.inline[limiter.name] = limiter
 
     def _bind(self, limiter: str) -> _Bound:
         bound = self._bound.get(limiter)
@@ -220,7 +246,13 @@ class AsyncRateLimiter:
         return bound.config, bound.store, group_key(limiter, None if bound.is_global else key)
 
     async def hit(
-        self, limiter: str, key: str | None = None, cost: int = 1, *, timeout: float = 0.0
+        self,
+        limiter: str,
+        key: str | None = None,
+        cost: int = 1,
+        *,
+        timeout: float = 0.0,
+        tier: str | None = None,
     ) -> Decision:
         """Spend `cost` from the bucket of `key` under `limiter` and say whether it was allowed.
 
@@ -229,12 +261,13 @@ class AsyncRateLimiter:
         gives the limiter's fail-open/closed answer, marked `degraded`. With `timeout` (seconds),
         a request the rate allows within it is admitted for then, in the same store write, and
         `hit` returns after sleeping until then (`Decision.wait`); one that would wait longer
-        is refused at once.
+        is refused at once. `tier` names one of the limiter's `tiers` (its own rate for None
+        or an unknown name): the group is decided by that tier's rate, on its own state.
         """
         bound = self._bound.get(limiter) or self._bind(limiter)
         config, store, now, is_global, rules, events, denials = bound  # (one step, not six)
         if now is not None:  # nothing to wait for: no coroutine chain
-            decision = self.hit_now(limiter, key, cost, timeout=timeout)
+            decision = self.hit_now(limiter, key, cost, timeout=timeout, tier=tier)
             if decision.wait:
                 await asyncio.sleep(decision.wait)
             return decision
@@ -243,13 +276,15 @@ class AsyncRateLimiter:
         policy = config.policy
         if policy is None:
             raise self._no_rate(config)
-        store_key = group_key(limiter, None if is_global else key)
+        store_key = group = group_key(limiter, None if is_global else key)
+        if tier is not None:
+            policy, store_key = self._tiered(config, group, tier)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
         if not rules.empty:
             if not rules.loaded:  # the store opens (and loads its rules) on first use
                 await self._open_rules(bound)
-            ruled = self._ruled(bound, store_key, policy)
+            ruled = self._ruled(bound, group, policy, store_key)
             if isinstance(ruled, Decision):  # banned
                 self.notify(config, key, ruled, started, None)
                 return ruled
@@ -276,7 +311,13 @@ class AsyncRateLimiter:
         return decision
 
     def hit_now(
-        self, limiter: str, key: str | None = None, cost: int = 1, *, timeout: float = 0.0
+        self,
+        limiter: str,
+        key: str | None = None,
+        cost: int = 1,
+        *,
+        timeout: float = 0.0,
+        tier: str | None = None,
     ) -> Decision:
         """`hit` for a limiter whose store decides without awaiting (see `decides_now`).
 
@@ -293,10 +334,12 @@ class AsyncRateLimiter:
         policy = config.policy
         if policy is None:
             raise self._no_rate(config)
-        store_key = group_key(limiter, None if bound.is_global else key)
+        store_key = group = group_key(limiter, None if bound.is_global else key)
+        if tier is not None:
+            policy, store_key = self._tiered(config, group, tier)
         max_wait = _ns(timeout) if timeout else 0
         if not bound.rules.empty:
-            ruled = self._ruled(bound, store_key, policy)
+            ruled = self._ruled(bound, group, policy, store_key)
             if isinstance(ruled, Decision):  # banned
                 self.notify(config, key, ruled, time.perf_counter(), None)
                 return ruled
@@ -328,10 +371,30 @@ class AsyncRateLimiter:
             with contextlib.suppress(StoreError):  # the decision then fails the same way
                 await ready(time.monotonic() + timeout)
 
+    def _tiered(self, config: LimiterConfig, group: str, tier: str) -> tuple[Algorithm, str]:
+        """The policy and store key of `group` under `tier`: the tier's rate on the tier's own
+        state (keys.py `tier_key`); the limiter's own for a tier it does not have (logged once
+        per name)."""
+        policy = config.tiers.get(tier)
+        if policy is not None:
+            return policy, tier_key(group, tier)
+        seen, shown = self._unknown_tiers, tier[:64]  # a tier may come from the client
+        if (config.name, shown) not in seen and len(seen) < _UNKNOWN_TIERS_LOGGED:
+            seen.add((config.name, shown))
+            logger.warning(
+                "limiter %r has no tier %r (tiers: %s): its own rate applies",
+                config.name,
+                shown,
+                ", ".join(config.tiers) or "none",
+            )
+        assert config.policy is not None  # checked by the caller
+        return config.policy, group
+
     def _ruled(
-        self, bound: _Bound, group: str, policy: Algorithm
+        self, bound: _Bound, group: str, policy: Algorithm, store_key: str | None = None
     ) -> tuple[Algorithm, str] | Decision:
-        """A group's ban (the refusal), or the policy and key to decide it by (an override's)."""
+        """A group's ban (the refusal), or the policy and key to decide it by (an override's,
+        else `policy` at `store_key`, the group's own key unless a tier's)."""
         now = self._clock()
         ban = bound.rules.ban(group, now)
         if ban is not None:
@@ -339,7 +402,7 @@ class AsyncRateLimiter:
         override = bound.rules.override(group, now)
         if override is not None:
             return override.policy, override_key(group)
-        return policy, group
+        return policy, group if store_key is None else store_key
 
     # -- live overrides and bans (rules.py) ---------------------------------------------------
 
@@ -387,11 +450,19 @@ class AsyncRateLimiter:
         self._rules(name, store).set(kind, group, rule)
 
     def override_policy(self, name: str) -> Algorithm | None:
-        """The policy of a live override called `name` (the rate-limit headers report it)."""
+        """The policy called `name` of a live override, or of an inline limiter (the
+        rate-limit headers report it; several rates: the limiter's, which lists them all)."""
         for bound in self._bound.values():
             policy = bound.rules.policy(name)
             if policy is not None:
                 return policy
+        for limiter in self.inline.values():
+            inline = limiter.policy
+            if inline is not None and (
+                inline.name == name
+                or any(rate.name == name for rate in getattr(inline, "rates", ()))
+            ):
+                return inline
         return None
 
     # -- concurrency slots (`max_concurrent`) -------------------------------------------------
@@ -516,17 +587,26 @@ class AsyncRateLimiter:
         except Exception:
             self._failures.report_hook(config.name)
 
-    async def peek(self, limiter: str, key: str | None = None) -> Decision:
-        """The bucket's state now, changing nothing; raises `StoreError` when the store fails."""
+    async def peek(
+        self, limiter: str, key: str | None = None, *, tier: str | None = None
+    ) -> Decision:
+        """The bucket's state now (under `tier`), changing nothing; raises `StoreError` when
+        the store fails."""
         config, store, store_key = self.resolve(limiter, key)
-        if config.policy is None:
+        policy = config.policy
+        if policy is None:
             raise self._no_rate(config)
-        return await store.peek(store_key, config.policy)
+        if tier is not None:
+            policy, store_key = self._tiered(config, store_key, tier)
+        return await store.peek(store_key, policy)
 
     async def reset(self, limiter: str, key: str | None = None) -> None:
-        """Refill one group's bucket; raises `StoreError` when the store fails."""
-        _, store, store_key = self.resolve(limiter, key)
+        """Refill one group's bucket, and its bucket under each tier; raises `StoreError` when
+        the store fails."""
+        config, store, store_key = self.resolve(limiter, key)
         await store.reset(store_key)
+        for tier in config.tiers:
+            await store.reset(tier_key(store_key, tier))
 
     def _enforces(self, config: LimiterConfig, refusal: Decision) -> bool:
         if config.shadow and refusal.reason != BANNED:

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import inspect
 import re
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeVar
 
-from .callables import Exemption, RequestCost
-from .config import Config, RouteRule
+from .callables import Exemption, RequestCost, RequestTier
+from .config import Config, LimiterConfig, RouteRule, inline_limiter
 from .errors import ConfigError
 from .identities import Identity
-from .marks import MARKS_ATTRIBUTE, Cost, Marks, get_marks
+from .marks import MARKS_ATTRIBUTE, Cost, InlineRate, Marks, get_marks
 
 __all__ = [
     "EXEMPT",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 PLAN_CACHE_SIZE: Final = 4096  # request-keyed plans kept (paths and methods are client-controlled)
+_INLINE_NAME_LENGTH: Final = 80  # longer derived names keep a prefix and a hash (a NATS key)
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -44,9 +46,10 @@ _V = TypeVar("_V")
 class Limit(NamedTuple):
     """One limiter that applies to a request: its name, the cost, how to find the identity.
 
-    `request_cost` (then `cost` is a placeholder) and `exempt_when` are the user's functions of
-    the request, resolved per request by the lifecycle before any store call (which builds a
-    `Limit` with the cost of each such request: a named tuple, a third of a frozen dataclass).
+    `request_cost` (then `cost` is a placeholder), `exempt_when` and `request_tier` are the
+    user's functions of the request, resolved per request by the lifecycle before any store
+    call (which builds a `Limit` with the cost and `tier` of each such request: a named tuple,
+    a third of a frozen dataclass).
     """
 
     name: str
@@ -55,6 +58,8 @@ class Limit(NamedTuple):
     request_cost: RequestCost | None = None
     exempt_when: Exemption | None = None
     shadow: bool = False  # `mode = "shadow"`: its refusals are reported, never enforced
+    tier: str | None = None  # the request's tier (resolved from `request_tier`, or given)
+    request_tier: RequestTier | None = None  # `tier = "pkg.mod:func"`, called per request
 
 
 Plan = tuple[Limit, ...]
@@ -140,16 +145,22 @@ class PlanResolver:
     plan = plans.cached_plan(key, "POST", "/login", find)       # find() -> candidates
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, add_limiter: Callable[[LimiterConfig], None] | None = None
+    ) -> None:
+        """`add_limiter` is told of each inline `@limit("5/minute")` limiter as it is found."""
         self.config = config
+        self._add_limiter = add_limiter
+        self._limiters: dict[str, LimiterConfig] = dict(config.limiters)  # and the inline ones
         self._identities = {
             name: Identity(limiter, config.source) for name, limiter in config.limiters.items()
         }
         source = config.source
         # The user's functions named in the tables, compiled once (imported at `prepare`).
-        self._functions: list[RequestCost | Exemption] = []
+        self._functions: list[RequestCost | Exemption | RequestTier] = []
         self._costs: dict[str, int | RequestCost] = {}
         self._exemptions: dict[str, Exemption] = {}
+        self._tiers: dict[str, RequestTier] = {}
         for name, limiter in config.limiters.items():
             table = f"[limiters.{name}]"
             self._costs[name] = self._cost(limiter.cost, table)
@@ -159,6 +170,10 @@ class PlanResolver:
                 )
                 self._exemptions[name] = exemption
                 self._functions.append(exemption)
+            if limiter.tier is not None:
+                tier = RequestTier(limiter.tier, source=source, table=table, key="tier")
+                self._tiers[name] = tier
+                self._functions.append(tier)
         middleware = config.middleware
         default = ((name, None) for name in middleware.default)
         self._default = self._plan_of(default, "[middleware]")
@@ -179,6 +194,11 @@ class PlanResolver:
         """Each limiter's compiled key, by limiter name."""
         return self._identities
 
+    @property
+    def request_functions(self) -> list[RequestCost | Exemption | RequestTier]:
+        """The `cost`, `exempt_when` and `tier` functions the tables name (`load()` each)."""
+        return self._functions
+
     def _cost(self, cost: Cost | str, table: str) -> int | RequestCost:
         if isinstance(cost, int):
             return cost
@@ -186,12 +206,20 @@ class PlanResolver:
         self._functions.append(compiled)
         return compiled
 
-    def _plan_of(self, limits: Iterable[tuple[str, Cost | str | None]], where: str) -> Plan:
+    def _plan_of(
+        self, limits: Iterable[tuple[str | InlineRate, Cost | str | None]], where: str
+    ) -> Plan:
         """The plan of these (limiter, cost) pairs; a cost of None is the limiter's own."""
         plan = []
-        for name, given in limits:
+        inline = 0
+        for limiter, given in limits:
+            if isinstance(limiter, InlineRate):
+                inline += 1
+                name = self._inline(limiter, inline)
+            else:
+                name = limiter
             if name not in self._identities:
-                known = ", ".join(sorted(self._identities)) or "none"
+                known = ", ".join(sorted(self.config.limiters)) or "none"
                 raise ConfigError(
                     f"{self.config.source}: {where}: no limiter {name!r} (defined: {known})",
                     source=self.config.source,
@@ -207,10 +235,34 @@ class PlanResolver:
                     self._identities[name],
                     None if isinstance(cost, int) else cost,
                     self._exemptions.get(name),
-                    self.config.limiters[name].shadow,
+                    self._limiters[name].shadow,
+                    None,
+                    self._tiers.get(name),
                 )
             )
         return tuple(plan)
+
+    def _inline(self, rate: InlineRate, number: int) -> str:
+        """The name of an inline limiter (the `number`th of its endpoint), compiled and made
+        known on first sight; `ConfigError` for a malformed rate or key."""
+        name = _inline_name(rate.endpoint, number)
+        limiter = inline_limiter(self.config, name, rate.endpoint, rate.rates, rate.key)
+        known = self._limiters.get(name)
+        if known is None or known != limiter:
+            if self._add_limiter is not None:
+                self._add_limiter(limiter)  # ConfigError for a name taken by another
+            elif known is not None:
+                raise ConfigError(
+                    f"{rate.endpoint}: @limit: the inline limiter {name!r} and another"
+                    " limiter of that name differ",
+                    source=rate.endpoint,
+                    kind="conflict",
+                )
+            self._limiters[name] = limiter
+            identity = self._identities[name] = Identity(limiter, rate.endpoint, "@limit")
+            identity.load()
+            self._costs[name] = 1
+        return name
 
     def _rule(self, rule: RouteRule, where: str) -> _Rule:
         methods = None
@@ -309,3 +361,15 @@ class PlanResolver:
                 marks = get_marks(candidate)
                 if marks is not None:
                     self.marked_plan(marks, candidate)
+
+
+def _inline_name(endpoint: str, number: int) -> str:
+    """A limiter name from an endpoint's `module.qualname`: stable across processes and
+    restarts (headers name it, NATS keys start with it), of letters, digits, `_` and `-`."""
+    name = re.sub(r"[^A-Za-z0-9_]+", "-", endpoint).strip("-") or "inline"
+    if number > 1:
+        name = f"{name}-{number}"
+    if len(name) > _INLINE_NAME_LENGTH:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = f"{name[: _INLINE_NAME_LENGTH - 13]}-{digest}"
+    return name

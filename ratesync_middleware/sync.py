@@ -136,13 +136,14 @@ class SyncRequestLimiter:
         """
         core = self.core
         core.prepare(endpoints)
+        self._remote = bool(core.remote_stores)  # an inline @limit may be on a NATS store
         if self._remote:
             _portal.run(core.open_stores(), self.deadline + 5.0)
 
     def close(self) -> None:
         """Close the stores of this process."""
         core = self.core
-        if self._remote:
+        if self._remote or core.remote_stores:  # or an inline @limit's, found since
             _portal.run(core.aclose(), 10.0)
         else:
             run_inline(core.aclose())

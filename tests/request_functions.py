@@ -41,3 +41,17 @@ def not_a_number(request: Any) -> Any:
 
 async def asynchronous(request: Any) -> int:
     return 1
+
+
+ACCOUNTS: dict[str, str] = {}
+"""The app's own record of each user's plan (X-User -> tier name), as a database would hold it."""
+
+
+def account_tier(request: Any) -> str | None:
+    """The tier of the user the X-User header names: their plan, None for an unknown user."""
+    user = header(request, "X-User")
+    return ACCOUNTS.get(user) if user else None
+
+
+def numbered_tier(request: Any) -> Any:
+    return 2

@@ -14,8 +14,10 @@ The ids are stable (silence one with `SILENCED_SYSTEM_CHECKS`); docs/django.md l
     ratesync.E008  ${VAR}: unset, malformed, or not of the key's type     (env_var)
     ratesync.E009  any other configuration error                          (conflict, missing, other)
     ratesync.E010  RATESYNC["view"] cannot be imported or is not callable
-    ratesync.E011  a key function ("package.module:function") cannot be imported
+    ratesync.E011  a key, cost, exempt_when or tier function ("package.module:function") cannot
+                   be imported (or is an async def)
     ratesync.E012  a view's @limit names a limiter that does not exist
+    ratesync.E013  a view's inline @limit("N/period") has a malformed rate or key
     ratesync.W001  RateLimitMiddleware is not in MIDDLEWARE
     ratesync.W002  a rate-sync key that the middleware ignores
     ratesync.W003  a "user" key without django.contrib.auth's AuthenticationMiddleware
@@ -189,6 +191,18 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
                     id="ratesync.E011",
                 )
             )
+    for function in PlanResolver(config).request_functions:
+        try:
+            function.load()
+        except ConfigError as error:
+            messages.append(
+                checks.Error(
+                    str(error),
+                    hint="A cost, exempt_when or tier function is 'package.module:function',"
+                    " importable by the project, a plain def called with the HttpRequest.",
+                    id="ratesync.E011",
+                )
+            )
     user_keyed = sorted(name for name, limiter in config.limiters.items() if "user" in limiter.key)
     if user_keyed and not any(_is_auth_middleware(cls) for cls in middleware):
         messages.append(
@@ -234,7 +248,8 @@ def _label(endpoint: Any) -> str:
 
 
 def check_views(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list[Any]:
-    """Every `@limit` reachable from the URLconf names a limiter of the configuration."""
+    """Every `@limit` reachable from the URLconf names a limiter of the configuration, or is
+    a well-formed inline rate (`@limit("5/minute")`)."""
     try:
         options = read_settings()
     except ImproperlyConfigured:
@@ -262,13 +277,17 @@ def check_views(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list
             try:
                 plans.marked_plan(marks, endpoint)
             except ConfigError as error:
+                unknown = error.kind == "undefined_reference"
                 errors.append(
                     checks.Error(
                         str(error),
                         hint="Define the limiter in the configuration, or correct the"
-                        " name in @limit(...).",
+                        " name in @limit(...)."
+                        if unknown
+                        else 'An inline rate is "N/second", "N/minute", "N/hour" or'
+                        ' "N/day", e.g. @limit("5/minute", key="header:X-User").',
                         obj=_label(endpoint),
-                        id="ratesync.E012",
+                        id="ratesync.E012" if unknown else "ratesync.E013",
                     )
                 )
     return errors

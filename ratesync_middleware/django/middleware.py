@@ -210,8 +210,8 @@ class _Limits:
     def _user_keyed(self, plan: Plan) -> bool:
         needed = self._needs_user.get(plan)
         if needed is None:
-            limiters = self.config.limiters
-            needed = any("user" in limiters[item.name].key for item in plan)
+            limiter = self.core.limiter.limiter  # the configuration's, or an inline @limit's
+            needed = any("user" in limiter(item.name).key for item in plan)
             self._needs_user[plan] = needed
         return needed
 

@@ -27,12 +27,13 @@ def create_store(config: Config, name: str, clock: Clock = wall_clock) -> Store:
 
 def limiter_windows_ns(config: Config, name: str) -> dict[str, int]:
     """The refill time of each limiter on store `name`: a NATS bucket's max age must cover them
-    (`ratesync check` can pass the same to `NatsStore`). A rate with a `timeout` may hold an
+    (`ratesync check` can pass the same to `NatsStore`), its tiers' too. A rate with a `timeout` may hold an
     admission reserved up to that far ahead: its value must outlive the window after it.
     Concurrency slots need their lease only (a live holder rewrites its claim every lease/3)."""
     return {
         limiter.name: max(
-            _longest_window_ns(limiter.policy) + round(limiter.timeout * 1e9)
+            max(map(_longest_window_ns, (limiter.policy, *limiter.tiers.values())))
+            + round(limiter.timeout * 1e9)
             if limiter.policy is not None
             else 0,
             limiter.slots.lease_ns if limiter.slots is not None else 0,

@@ -28,4 +28,6 @@ urlpatterns = [
     path("held", views.held),
     path("held-async", views.held_async),
     path("api/", include([path("v1/login", views.login)])),
+    path("inline", views.inline),
+    path("inline-async", views.inline_async),
 ]

@@ -148,3 +148,13 @@ def too_many_template(request: HttpRequest, decision: Decision) -> SimpleTemplat
     template = engines["django"].from_string("wait {{ wait }} s for {{ policy }}")
     context = {"wait": round(decision.retry_after), "policy": decision.policy}
     return SimpleTemplateResponse(template, context, status=429)
+
+
+@limit("2/minute")
+def inline(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("limited inline")
+
+
+@limit("2/minute", key="header:X-User")
+async def inline_async(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("limited inline, asynchronously")
