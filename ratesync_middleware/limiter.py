@@ -47,7 +47,7 @@ class DecisionEvent:
     store: str
     decision: Decision
     seconds: float  # time spent waiting for the store
-    error: StoreError | None  # set when the store failed and the decision is degraded
+    error: StoreError | None  # the store failed: a degraded decision, or fail_mode local's own
     enforced: bool = True  # False for a refusal of a `mode = "shadow"` limiter: not sent
 
 
