@@ -139,6 +139,11 @@ class AsyncRateLimiter:
         """A limiter with the same configuration and options and no connections (after `fork()`)."""
         return AsyncRateLimiter(self.config, clock=self._clock, on_decision=self.on_decision)
 
+    @property
+    def opened_unused(self) -> bool:
+        """A store is open but no limiter was used yet: what a pre-fork server's master holds."""
+        return bool(self._stores) and not self._bound
+
     def _announce_stores(self) -> None:
         """One INFO line per store in use, so that a log says where the limits live."""
         used = dict.fromkeys(limiter.store for limiter in self.config.limiters.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 from typing import Any
@@ -87,6 +88,32 @@ def test_a_forked_child_gets_its_own_connection(nats_store: dict[str, Any]) -> N
     last = core.begin(Facts("/x", "203.0.113.7"), core.plans.plan("GET", "/x")).decision
     assert last is not None
     assert not last.allowed  # parent and child shared the bucket of 2
+    core.close()
+
+
+def fork_a_child_that_exits() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.nats
+def test_a_parent_that_only_started_up_closes_its_stores_as_it_forks(
+    nats_store: dict[str, Any],
+) -> None:
+    """gunicorn --preload's master: it opens the stores at start-up, forks its workers and
+    serves nothing; it must not stay in the fleet. A process that decides keeps its store."""
+    core = SyncRequestLimiter(limits(nats_store))
+    core.startup()
+    assert core.core.limiter.opened_unused
+    fork_a_child_that_exits()
+    assert not core.core.limiter.opened_unused  # closed
+    assert spend(core) == [True, True, False]  # and opened again on first use
+    store = core.core.limiter.store("prod")
+    fork_a_child_that_exits()
+    assert core.core.limiter.store("prod") is store  # kept: this process serves
+    assert spend(core, peer="203.0.113.8") == [True, True, False]
     core.close()
 
 
