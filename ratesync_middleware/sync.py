@@ -4,7 +4,8 @@
 once (memory) is decided inline, without a coroutine; anything else runs on the process's one
 background loop (`_portal`) under one outer deadline. After `fork()` the child builds its own
 core (fresh connections), so gunicorn `--preload` works, and a parent that opened its stores at
-start-up but decided nothing (that master) closes them as it forks: the fleet is the workers.
+start-up but decided nothing (that master) closes them, and stops the loop thread, as it forks:
+the fleet is the workers, and they are forked from a process with no thread of ours.
 When the loop itself does not answer,
 the answer is the plan's strictest rule: any `fail_closed` limiter refuses.
 """
@@ -168,6 +169,8 @@ class SyncRequestLimiter:
             _portal.run(core.aclose(), _CLOSE_BEFORE_FORK_SECONDS)
         except Exception as error:  # the fork goes on; this process's connection stays idle
             logger.warning("ratesync: closing the stores before fork() failed: %s", error)
+            return
+        _portal.stop_if_idle(_CLOSE_BEFORE_FORK_SECONDS)  # no thread of ours to copy, if idle
 
     def close(self) -> None:
         """Close the stores of this process."""
