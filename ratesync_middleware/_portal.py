@@ -57,7 +57,8 @@ def get_loop() -> asyncio.AbstractEventLoop:
 
 def stop_if_idle(timeout: float) -> bool:
     """Stop this process's loop and its thread if no task runs on it any more (the next call
-    starts them again); False, and nothing changed, while anything runs there."""
+    starts them again). False while anything runs there (nothing changed), or when the thread
+    did not end within `timeout` (it ends by itself; calls already go to a new loop)."""
     global _loop, _thread
     with _lock:
         loop, thread = _loop, _thread
@@ -69,12 +70,12 @@ def stop_if_idle(timeout: float) -> bool:
             return False
         if busy:
             return False
+        _loop = _thread = None  # from now on, a call starts a new one
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         if thread.is_alive():
             return False
         loop.close()
-        _loop = _thread = None
         return True
 
 
@@ -93,7 +94,10 @@ def run(coro: Coroutine[Any, Any, T], timeout: float) -> T:
     if _running_loop() is loop:
         coro.close()
         raise RuntimeError("ratesync: a synchronous limiter was called from its own event loop")
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+    except RuntimeError:  # closed by `stop_if_idle` meanwhile (another thread forks): a new one
+        future = asyncio.run_coroutine_threadsafe(coro, get_loop())
     try:
         return future.result(timeout)
     except concurrent.futures.TimeoutError:
