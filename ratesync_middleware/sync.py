@@ -5,9 +5,9 @@ once (memory) is decided inline, without a coroutine; anything else runs on the 
 background loop (`_portal`) under one outer deadline. After `fork()` the child builds its own
 core (fresh connections), so gunicorn `--preload` works, and a parent that opened its stores at
 start-up but decided nothing (that master) closes them, and stops the loop thread, as it forks:
-the fleet is the workers, and they are forked from a process with no thread of ours.
-When the loop itself does not answer,
-the answer is the plan's strictest rule: any `fail_closed` limiter refuses.
+the fleet is the workers, and they are forked from a process with no thread of ours. When the
+loop itself does not answer, the answer is the plan's strictest rule: any `fail_closed` limiter
+refuses.
 """
 
 from __future__ import annotations
