@@ -58,6 +58,7 @@ from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
 from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
 from .stores.nats.control import (
+    RuleKind,
     events_subject,
     fleet,
     open_rules,
@@ -947,6 +948,17 @@ async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> in
     group = group_key(limiter.name, identity)
     ttl = getattr(args, "ttl", None)
     result: dict[str, Any] = {"group": group, "command": args.command, "ttl_seconds": ttl}
+    lifting: RuleKind | None = "ban" if args.command == "unban" else None
+    if args.command == "override" and args.clear:
+        lifting = "override"
+    if lifting is not None:  # like get/reset of a group never written: say so, exit 1
+        result["found"] = await _rule_in_force(config.stores[limiter.store], lifting, group)
+        if not result["found"]:
+            what = "not banned (no ban in force), nothing to unban"
+            if lifting == "override":
+                what = "no override in force, nothing to clear"
+            _emit(out, args.json, result, lambda r: f"{group}: {what}")
+            return 1
     async with AsyncRateLimiter(config) as rate_limiter:
         try:
             if args.command == "ban":
@@ -969,6 +981,20 @@ async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> in
     until = f" for {ttl:g}s" if ttl else "" if args.command == "unban" else " until removed"
     _emit(out, args.json, result, lambda r: f"{group}: {done}{until}")
     return 0
+
+
+async def _rule_in_force(config: StoreConfig, kind: RuleKind, group: str) -> bool:
+    """Whether `group` has a rule of `kind` that has not expired."""
+    now = time.time_ns()
+    store = NatsStore(config)
+    try:
+        rules = await store.read_rules()
+    finally:
+        await store.aclose()
+    return any(
+        (found, name) == (kind, group) and not 0 < rule.until_ns <= now
+        for found, name, rule in rules
+    )
 
 
 async def _list_rules(config: Config, args: argparse.Namespace, out: TextIO) -> int:

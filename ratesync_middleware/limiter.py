@@ -48,7 +48,7 @@ class DecisionEvent:
     store: str
     decision: Decision
     seconds: float  # time spent waiting for the store
-    error: StoreError | None  # set when the store failed and the decision is degraded
+    error: StoreError | None  # the store failed: a degraded decision, or fail_mode local's own
     enforced: bool = True  # False for a refusal of a `mode = "shadow"` limiter: not sent
 
 
@@ -147,6 +147,11 @@ class AsyncRateLimiter:
         return AsyncRateLimiter(
             self.config, clock=self._clock, on_decision=self.on_decision, inline=self.inline
         )
+
+    @property
+    def opened_unused(self) -> bool:
+        """A store is open but no limiter was used yet: what a pre-fork server's master holds."""
+        return bool(self._stores) and not self._bound
 
     def _announce_stores(self) -> None:
         """One INFO line per store in use, so that a log says where the limits live."""

@@ -27,12 +27,17 @@ STORE_SECONDS_BUCKETS = (
 
 
 def outcome(event: DecisionEvent) -> str:
-    """`allowed`, `denied`, `shadow_denied` (not enforced), `fail_open` or `fail_closed`."""
+    """`allowed`, `denied`, `shadow_denied` (not enforced), `fail_open`, `fail_closed`, or, for
+    a `fail_mode = "local"` limiter deciding from its own share while its store fails (a real
+    decision, not degraded, with the store's error), `fail_local_allowed` / `fail_local_denied`."""
     if not event.enforced:
         return "shadow_denied"
-    if event.decision.degraded:
-        return "fail_open" if event.decision.allowed else "fail_closed"
-    return "allowed" if event.decision.allowed else "denied"
+    decision = event.decision
+    if decision.degraded:
+        return "fail_open" if decision.allowed else "fail_closed"
+    if event.error is not None:
+        return "fail_local_allowed" if decision.allowed else "fail_local_denied"
+    return "allowed" if decision.allowed else "denied"
 
 
 class PrometheusMetrics:

@@ -3,13 +3,18 @@
 `RateLimiter` and every sync adapter use `SyncRequestLimiter`. A plan whose stores decide at
 once (memory) is decided inline, without a coroutine; anything else runs on the process's one
 background loop (`_portal`) under one outer deadline. After `fork()` the child builds its own
-core (fresh connections), so gunicorn `--preload` works. When the loop itself does not answer,
-the answer is the plan's strictest rule: any `fail_closed` limiter refuses.
+core (fresh connections), so gunicorn `--preload` works, and a parent that opened its stores at
+start-up but decided nothing (that master) closes them, and stops the loop thread, as it forks:
+the fleet is the workers, and they are forked from a process with no thread of ours. When the
+loop itself does not answer, the answer is the plan's strictest rule: any `fail_closed` limiter
+refuses.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from collections.abc import Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
@@ -28,6 +33,9 @@ __all__ = ["SyncRequestLimiter", "outer_deadline", "run_inline"]
 T = TypeVar("T")
 
 _OUTER_DEADLINE_MARGIN: Final = 1.0  # seconds beyond the stores' own deadlines before giving up
+_CLOSE_BEFORE_FORK_SECONDS: Final = 2.0  # a fork waits this long at most for the close
+
+logger = logging.getLogger("ratesync_middleware")
 
 _forks = 0
 """How many times this process is a `fork()` child: a counter read per request is cheaper than
@@ -39,8 +47,16 @@ def _forked() -> None:
     _forks += 1
 
 
+_opened_at_startup: weakref.WeakSet[SyncRequestLimiter] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for limiter in list(_opened_at_startup):
+        limiter.close_if_unused()
+
+
 if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork()
-    os.register_at_fork(after_in_child=_forked)
+    os.register_at_fork(before=_before_fork, after_in_child=_forked)
 
 
 def run_inline(coro: Coroutine[Any, Any, T]) -> T:
@@ -139,6 +155,23 @@ class SyncRequestLimiter:
         self._remote = bool(core.remote_stores)  # an inline @limit may be on a NATS store
         if self._remote:
             _portal.run(core.open_stores(), self.deadline + 5.0)
+            _opened_at_startup.add(self)
+
+    def close_if_unused(self) -> None:
+        """Before `fork()`: stores opened at start-up by a process that decided nothing since
+        (gunicorn `--preload`'s master) are closed, so that it does not stay in the fleet
+        (`ratesync fleet`, fail_mode local's share) beside the workers; each worker opens its
+        own, and this process would reopen them on first use. A fork in a process that serves
+        requests changes nothing."""
+        core = self._core
+        if self._forks != _forks or not core.limiter.opened_unused:
+            return
+        try:
+            _portal.run(core.aclose(), _CLOSE_BEFORE_FORK_SECONDS)
+        except Exception as error:  # the fork goes on; this process's connection stays idle
+            logger.warning("ratesync: closing the stores before fork() failed: %s", error)
+            return
+        _portal.stop_if_idle(_CLOSE_BEFORE_FORK_SECONDS)  # no thread of ours to copy, if idle
 
     def close(self) -> None:
         """Close the stores of this process."""

@@ -1,15 +1,19 @@
-"""Run app servers (uvicorn) in subprocesses for tests that cross process boundaries."""
+"""Run app servers (uvicorn, gunicorn) in subprocesses for tests that cross process boundaries."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,3 +74,81 @@ def uvicorn_servers(
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+class Gunicorn:
+    """A running `gunicorn --preload -w N` (sync workers): its URL, its master and workers."""
+
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = url
+        self.process = process
+        self.log = log
+        self.workers: set[str] = set()  # the pids (as the X-Worker header gives them)
+
+    def read_log(self) -> str:
+        return self.log.read_text() if self.log.exists() else "(no log)"
+
+
+@contextmanager
+def gunicorn_server(
+    app: str, workers: int, env: Mapping[str, str], log: Path, timeout: float = 30.0
+) -> Iterator[Gunicorn]:
+    """`gunicorn --preload -w workers` serving `app` (which names the worker answering in an
+    `X-Worker` header and exempts `/health`); yields once every worker has answered."""
+    port = free_port()
+    command = [
+        *(sys.executable, "-m", "gunicorn", "--preload", "-w", str(workers)),
+        *("-b", f"127.0.0.1:{port}", "--graceful-timeout", "3", "--log-file", str(log)),
+        *no_control_socket(),
+        app,
+    ]
+    environment = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    # A session of its own, so that the master and its workers can be stopped as one group.
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True)
+    server = Gunicorn(f"http://127.0.0.1:{port}", process, log)
+    try:
+        server.workers = wait_for_workers(server, workers, timeout)
+        yield server
+    finally:
+        stop(process)
+
+
+def no_control_socket() -> list[str]:
+    """Recent gunicorn opens a control socket in ~/.gunicorn, which parallel runs would share."""
+    from gunicorn.config import KNOWN_SETTINGS  # type: ignore[import-untyped]
+
+    names = {setting.name for setting in KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in names else []
+
+
+def wait_for_workers(server: Gunicorn, count: int, timeout: float) -> set[str]:
+    """Until `count` different workers have answered the exempt /health (no token spent)."""
+    deadline = time.monotonic() + timeout
+    workers: set[str] = set()
+    health = f"{server.url}/health"
+    with httpx.Client(timeout=2.0) as client, ThreadPoolExecutor(2 * count) as pool:
+        while len(workers) < count:
+            if server.process.poll() is not None:
+                raise RuntimeError(
+                    f"gunicorn exited with {server.process.returncode}:\n{server.read_log()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"gunicorn workers not ready after {timeout}s:\n{server.read_log()}"
+                )
+            try:
+                answers = list(pool.map(lambda _: client.get(health), range(2 * count)))
+            except httpx.TransportError:
+                time.sleep(0.1)
+                continue
+            workers.update(a.headers["X-Worker"] for a in answers if a.status_code == 200)
+    return workers
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()  # the master stops its workers
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,32 @@ def test_override_ban_unban_and_the_list_in_force(config: Path) -> None:
     assert (
         ratesync("override", "login", "--key", "127.0.0.1", "--clear", "--config", config)[0] == 0
     )
+    assert ratesync("overrides", "--config", config) == (0, "no overrides or bans in force\n")
+
+
+def test_lifting_a_rule_never_set_says_so_and_exits_1(config: Path) -> None:
+    """Like get/reset of a group never written: an unban of an identity never banned, or an
+    override cleared where there is none, changes nothing and says so."""
+    unban = ("unban", "login", "--key", "10.9.9.9", "--config", config)
+    assert ratesync(*unban) == (
+        1,
+        "login.10_2E9_2E9_2E9: not banned (no ban in force), nothing to unban\n",
+    )
+    clear = ("override", "login", "--key", "10.9.9.9", "--clear", "--json", "--config", config)
+    status, output = ratesync(*clear)
+    assert status == 1
+    assert json.loads(output) == {
+        "group": "login.10_2E9_2E9_2E9",
+        "command": "override",
+        "ttl_seconds": None,
+        "found": False,
+    }
+    assert ratesync("ban", "login", "--key", "10.9.9.9", "--ttl", "60", "--config", config)[0] == 0
+    assert ratesync(*unban)[0] == 0  # in force: lifted
+    assert ratesync(*unban)[0] == 1  # lifted already
+    assert ratesync("ban", "login", "--key", "10.9.9.9", "--ttl", "0.1", "--config", config)[0] == 0
+    time.sleep(0.2)
+    assert ratesync(*unban)[0] == 1  # ended by its ttl: nothing in force
     assert ratesync("overrides", "--config", config) == (0, "no overrides or bans in force\n")
 
 

@@ -58,16 +58,21 @@ def exported(nats_server: NatsServer) -> Exported:
             "shared": {"store": "prod", "rate_per_second": 1.0, "burst": 1},
             "open": {"store": "down", "rate_per_second": 1.0},
             "closed": {"store": "down", "rate_per_second": 1.0, "fail_closed": True},
+            "local": {"store": "down", "limit": "1/hour", "fail_mode": "local"},
         },
     }
     with RateLimiter(config, on_decision=metrics) as limiter:
         outcomes = [limiter.hit(name, key="k").allowed for name in ("api", "api", "api")]
         outcomes += [limiter.hit("shared", key="k").allowed for _ in range(2)]
         outcomes += [limiter.hit("open", key="k").allowed, limiter.hit("closed", key="k").allowed]
-    assert outcomes == [True, True, False, True, False, True, False]
+        outcomes += [limiter.hit("local", key="k").allowed for _ in range(2)]
+    assert outcomes == [True, True, False, True, False, True, False, True, False]
     seen = Exported(registry)
     # The decisions above produced every outcome and a store error, so each name is really there.
-    assert seen.values["outcome"] == {"allowed", "denied", "fail_open", "fail_closed"}
+    assert seen.values["outcome"] == {
+        *("allowed", "denied", "fail_open", "fail_closed"),
+        *("fail_local_allowed", "fail_local_denied"),
+    }
     assert seen.values["store"] == {"local", "prod", "down"}
     return seen
 

@@ -1,7 +1,7 @@
 """The fleet's control plane on real servers: what one process resets, every process sees.
 
 Each test runs two limiters on one bucket, as two processes of a fleet would (each has its own
-connection and its own cache). A frozen clock keeps the cached denials' one-second re-check
+connection and its own cache); tests/test_fleet_processes.py does it with real app processes. A frozen clock keeps the cached denials' one-second re-check
 from firing, so a process can only learn of a reset through the control plane.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 import pytest
 from starlette.applications import Starlette
@@ -32,7 +30,6 @@ from ratesync_middleware import AsyncRateLimiter, Decision, RateLimiter, RateLim
 from ratesync_middleware.config import load_config
 from ratesync_middleware.errors import ConfigError
 from tests.conftest import start_server
-from tests.servers import uvicorn_servers
 from tests.tcpproxy import TcpProxy
 from tests.test_cli import ratesync, write_config
 
@@ -248,133 +245,6 @@ def test_flask_answers_a_ban_with_its_403_and_retry_after(nats_url: str, bucket_
     assert 20 <= int(response.headers["Retry-After"]) <= 30
 
 
-# -- real app processes -----------------------------------------------------------------------
-
-
-def write_app_config(path: Path, url: str, bucket: str, burst: int) -> Path:
-    path.write_text(
-        f"""
-[stores.prod]
-engine = "nats"
-url = "{url}"
-bucket_name = "{bucket}"
-timeout = 2.0
-
-[limiters.login]
-store = "prod"
-limit = "{burst}/hour"
-key = "ip"
-
-[middleware]
-default = "login"
-"""
-    )
-    return path
-
-
-Answer = Callable[[httpx.Response], bool]
-
-
-def status(code: int) -> Answer:
-    """A response with this status (a 200 counted by the bucket: it has a RateLimit header)."""
-    return lambda r: r.status_code == code and (code != 200 or "ratelimit" in r.headers)
-
-
-def overridden(response: httpx.Response) -> bool:
-    return "1000/second" in response.headers.get("ratelimit-policy", "")
-
-
-def not_overridden(response: httpx.Response) -> bool:
-    return "ratelimit-policy" in response.headers and not overridden(response)
-
-
-async def until(client: httpx.AsyncClient, url: str, since: float, shows: Answer) -> float:
-    """Seconds from `since` until `url` gives an answer that `shows` the change."""
-    deadline = time.monotonic() + _PATIENCE
-    while not shows(response := await client.get(url)):
-        assert time.monotonic() < deadline, f"{url} still answers {response.status_code}"
-        await asyncio.sleep(0.005)
-    return time.monotonic() - since
-
-
-async def propagation(urls: list[str], config: Path, rounds: int) -> dict[str, list[float]]:
-    """Per operation, how long each app process takes to apply it: from the start of the call
-    made by another process to the first answer that shows it."""
-    seconds: dict[str, list[float]] = {}
-    async with (
-        httpx.AsyncClient(timeout=5.0) as client,
-        AsyncRateLimiter(str(config)) as operator,
-    ):
-
-        async def timed(name: str, change: Any, shows: Answer) -> None:
-            started = time.monotonic()
-            await change
-            answers = [until(client, url + "/", started, shows) for url in urls]
-            seconds.setdefault(name, []).extend(await asyncio.gather(*answers))
-
-        ip = "127.0.0.1"
-        for _ in range(rounds):
-            while (await client.get(urls[0] + "/")).status_code == 200:
-                pass
-            for url in urls:  # each process now holds the group as empty in its cache
-                assert (await client.get(url + "/")).status_code == 429
-            await timed("reset", operator.reset("login", key=ip), status(200))
-            await timed("ban", operator.ban("login", key=ip, ttl=60.0), status(403))
-            await timed("unban", operator.unban("login", key=ip), status(200))
-            override = operator.override("login", key=ip, limit="1000/second")
-            await timed("override", override, overridden)
-            await timed("override removed", operator.override("login", key=ip), not_overridden)
-    return seconds
-
-
-@pytest.mark.slow
-def test_operations_reach_three_uvicorn_processes_within_a_second(
-    nats_url: str, bucket_name: str, tmp_path: Path
-) -> None:
-    config = write_app_config(tmp_path / "rate-sync.toml", nats_url, bucket_name, burst=40)
-    with uvicorn_servers(
-        "tests.apps.starlette_app:app", 3, {"RATE_SYNC_CONFIG": str(config)}
-    ) as urls:
-        measured = asyncio.run(propagation(urls, config, rounds=10))
-    for operation, latencies in measured.items():
-        latencies.sort()
-        p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
-        print(
-            f"{operation}: {len(latencies)} samples, p50 {p50 * 1000:.0f} ms, "
-            f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
-        )
-        assert p99 < 1.0, operation
-
-
-def fleet_pids(config: Path) -> set[int]:
-    status, output = ratesync("fleet", "--json", "--config", config)
-    assert status == 0
-    return {peer["pid"] for peer in json.loads(output)}
-
-
-@pytest.mark.slow
-def test_fleet_lists_the_processes_and_forgets_a_stopped_one(
-    nats_url: str, bucket_name: str, tmp_path: Path
-) -> None:
-    config = write_app_config(tmp_path / "rate-sync.toml", nats_url, bucket_name, burst=5)
-    with uvicorn_servers(
-        "tests.apps.starlette_app:app", 3, {"RATE_SYNC_CONFIG": str(config)}
-    ) as urls:
-        deadline = time.monotonic() + _PATIENCE
-        while len(pids := fleet_pids(config)) < 3:
-            assert time.monotonic() < deadline, pids
-        output = ratesync("fleet", "--config", config)[1]
-        assert len(output.splitlines()) == 3
-        assert all(f"bucket {bucket_name}  limiters login" in line for line in output.splitlines())
-        crashed, stopped, alive = sorted(pids)
-        os.kill(crashed, signal.SIGKILL)
-        os.kill(stopped, signal.SIGTERM)
-        deadline = time.monotonic() + _PATIENCE
-        while (pids := fleet_pids(config)) != {alive}:
-            assert time.monotonic() < deadline, pids
-        assert len(urls) == 3
-
-
 async def test_each_process_counts_its_live_peers(nats_url: str, bucket_name: str) -> None:
     config = fleet_config(nats_url, bucket_name)
     async with AsyncRateLimiter(config) as a:
@@ -393,70 +263,6 @@ async def test_each_process_counts_its_live_peers(nats_url: str, bucket_name: st
 
 
 # -- fail_mode = "local" ----------------------------------------------------------------------
-
-
-@pytest.mark.slow
-async def test_fail_local_keeps_three_processes_near_the_shared_bound_during_an_outage(
-    bucket_name: str,
-) -> None:
-    server = start_server()
-    rate, burst, outage = 20, 20, 6.0
-    config = {
-        "stores": {
-            "prod": {
-                "engine": "nats",
-                "url": server.url,
-                "bucket_name": bucket_name,
-                "timeout": 0.25,
-                "backoff": 0.5,
-            }
-        },
-        "limiters": {
-            "api": {
-                "store": "prod",
-                "limit": f"{rate}/second",
-                "burst": burst,
-                "key": "global",
-                "fail_mode": "local",
-            }
-        },
-    }
-    shared: list[bool] = []  # per decision after the restart: made by the shared bucket
-    limiters = [AsyncRateLimiter(config) for _ in range(3)]
-    limiters[0].on_decision = lambda event: shared.append(event.error is None)
-    try:
-        for limiter in limiters:
-            await limiter.store("prod").ready()  # type: ignore[attr-defined]
-        stores: list[Any] = [limiter.store("prod") for limiter in limiters]
-        deadline = time.monotonic() + _PATIENCE
-        while any(store.live_processes() != 3 for store in stores):  # each knows the others
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
-        server.kill()
-        ends = time.monotonic() + outage
-
-        async def demand(limiter: AsyncRateLimiter) -> int:
-            admitted = 0
-            while time.monotonic() < ends:
-                admitted += (await limiter.hit("api")).allowed
-                await asyncio.sleep(0.002)  # far more demand than 20/s, and the others run
-            return admitted
-
-        admitted = sum(await asyncio.gather(*(demand(limiter) for limiter in limiters)))
-        bound = rate * outage + burst
-        print(f"fail-local: {admitted} admitted in a {outage:g} s outage, bound {bound:g}")
-        assert 0.4 * bound <= admitted <= 1.3 * bound
-        server.start()
-        deadline = time.monotonic() + 15
-        shared.clear()
-        while not shared or not shared[-1]:
-            assert time.monotonic() < deadline, "the shared bucket did not come back"
-            await limiters[0].hit("api")
-            await asyncio.sleep(0.05)
-    finally:
-        for limiter in limiters:
-            await limiter.aclose()
-        server.cleanup()
 
 
 def test_fail_mode_takes_open_closed_local_and_fail_closed_stays_its_alias() -> None:

@@ -24,6 +24,7 @@ DOWN = {
     "limiters": {
         "open": {"store": "down", "rate_per_second": 1.0},
         "closed": {"store": "down", "rate_per_second": 1.0, "fail_closed": True},
+        "local": {"store": "down", "limit": "1/hour", "fail_mode": "local"},
     },
 }
 
@@ -76,6 +77,26 @@ async def test_prometheus_metrics() -> None:
     assert value("ratesync_decisions_total", limiter="closed", outcome="fail_closed") == 1
     assert value("ratesync_store_errors_total", store="down", error="ConnectionRefusedError") == 2
     assert value("ratesync_store_seconds_count", store="default") == 3
+
+
+async def test_fail_local_decisions_have_outcomes_of_their_own() -> None:
+    """A fail-local answer is a real decision from the process's share, not a degraded guess:
+    neither `allowed` nor `fail_open`, so a dashboard sees the outage."""
+    registry = CollectorRegistry()
+    async with AsyncRateLimiter(DOWN, on_decision=PrometheusMetrics(registry=registry)) as limiter:
+        assert (await limiter.hit("local", key="k")).allowed
+        assert not (await limiter.hit("local", key="k")).allowed  # its burst of 1, spent locally
+
+    def value(outcome: str) -> float | None:
+        labels = {"limiter": "local", "outcome": outcome}
+        return registry.get_sample_value("ratesync_decisions_total", labels)
+
+    assert value("fail_local_allowed") == 1
+    assert value("fail_local_denied") == 1
+    assert value("allowed") is None
+    assert value("denied") is None
+    errors = {"store": "down", "error": "ConnectionRefusedError"}
+    assert registry.get_sample_value("ratesync_store_errors_total", errors) == 2
 
 
 async def test_outage_logs_are_throttled_and_hold_no_secret(

@@ -90,6 +90,49 @@ def test_a_forked_child_gets_its_own_connection(nats_store: dict[str, Any]) -> N
     core.close()
 
 
+@pytest.mark.nats
+def test_a_parent_that_only_started_up_forks_with_its_stores_closed_and_no_thread(
+    nats_store: dict[str, Any],
+) -> None:
+    """gunicorn --preload's master: it opens the stores at start-up, forks its workers and
+    serves nothing. It must not stay in the fleet, nor fork with our loop thread alive. A
+    process that decides keeps its store across a fork. (A fresh interpreter: other tests of
+    this one may keep the loop thread busy.)"""
+    script = f"""
+import os, threading
+from ratesync_middleware.sync import SyncRequestLimiter
+from tests.test_sync import limits, spend
+
+def fork_a_child_that_exits():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+def threads():
+    return sorted(thread.name for thread in threading.enumerate())
+
+core = SyncRequestLimiter(limits({nats_store!r}))
+core.startup()
+assert core.core.limiter.opened_unused
+assert threads() == ["MainThread", "ratesync-portal"], threads()
+fork_a_child_that_exits()
+assert not core.core.limiter.opened_unused  # closed
+assert threads() == ["MainThread"], threads()
+assert spend(core) == [True, True, False]  # opened again on first use
+store = core.core.limiter.store("prod")
+fork_a_child_that_exits()
+assert core.core.limiter.store("prod") is store  # kept: this process serves
+assert spend(core, peer="203.0.113.8") == [True, True, False]
+core.close()
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
+
 def test_memory_only_start_and_close_start_no_thread() -> None:
     # In a fresh interpreter: other tests of this process may have started the loop thread.
     script = """
