@@ -102,6 +102,8 @@ class LimiterConfig:
     cost: int | str = 1  # what a request spends: a whole number, or "pkg.mod:func" (request -> int)
     exempt_when: str | None = None  # "pkg.mod:func" (request -> bool): true, this limiter skips it
     shadow: bool = False  # mode = "shadow": decide and report, never refuse
+    settle_header: str | None = None  # after the response: charge this header's integer instead
+    count_status: tuple[int, ...] | None = None  # only these statuses are charged; others refunded
     # While the store fails: "open" lets requests through, "closed" refuses them (503), "local"
     # limits from this process's own state at its share of the rate (`fail_closed` = "closed").
     fail_mode: FailMode = "open"
@@ -515,6 +517,21 @@ def _cost(value: Any) -> int | str:
     return cost
 
 
+def _header_name(value: Any) -> str:
+    if isinstance(value, str) and _TOKEN.fullmatch(value):
+        return value
+    raise _BadValueError('a response header name such as "X-Cost"')
+
+
+def _statuses(value: Any) -> tuple[int, ...]:
+    if isinstance(value, list) and value:
+        if all(type(status) is int and 100 <= status <= 599 for status in value):
+            return tuple(value)
+        wrong = next(s for s in value if not (type(s) is int and 100 <= s <= 599))
+        raise _BadValueError("a list of HTTP statuses from 100 to 599", _show(wrong))
+    raise _BadValueError("a non-empty list of HTTP statuses such as [401, 403]")
+
+
 def _keys(value: Any) -> tuple[str, ...]:
     parts: tuple[str, ...] = _one_or_more(_key_part)(value)
     if not parts:
@@ -585,6 +602,8 @@ _LIMITER_KEYS: dict[str, Check] = {
     "cost": _cost,
     "exempt_when": _function,
     "mode": _choice("enforce", "shadow"),
+    "settle_header": _header_name,
+    "count_status": _statuses,
 }
 # rate-sync keys that mean nothing to a middleware (docs/configuration.md says why, for each).
 _LIMITER_IGNORED = frozenset({"max_retries", "retry_interval"})
@@ -930,6 +949,13 @@ def _limiter(
         raise where.error(
             "fail_closed", f'contradicts fail_mode = "{fail_mode}" (keep one)', kind="conflict"
         )
+    for settling in ("settle_header", "count_status"):
+        if settling in values and not rated:
+            raise where.error(
+                settling,
+                "goes with a rate (what it settles): max_concurrent has none",
+                kind="missing",
+            )
     return LimiterConfig(
         name=name,
         store=store,
@@ -941,6 +967,8 @@ def _limiter(
         cost=values.get("cost", 1),
         exempt_when=values.get("exempt_when"),
         shadow=values.get("mode") == "shadow",
+        settle_header=values.get("settle_header"),
+        count_status=values.get("count_status"),
         fail_mode=fail_mode,
     )
 

@@ -92,6 +92,13 @@ class _FailureLog:
                 more,
             )
 
+    def report_unsettled(self, limiter: str, why: str) -> None:
+        more = self._due(f"settle:{limiter}", "responses")
+        if more is not None:
+            logger.warning(
+                "limiter %r: %s; the request stays charged what it reserved%s", limiter, why, more
+            )
+
     def report_hook(self, limiter: str) -> None:
         now = time.monotonic()
         if now - self._last.get(f"hook:{limiter}", -math.inf) >= _WARNING_INTERVAL:
@@ -299,6 +306,34 @@ class AsyncRateLimiter:
         self.notify(config, key, decision, started, None)
         return decision
 
+    def settle(
+        self, limiter: str, key: str | None, admitted: Decision, reserved: int, actual: int
+    ) -> None:
+        """Charge the admission `admitted` (a decision of `hit` for `key`, of `reserved` units)
+        `actual` units instead: more overdraws the bucket, fewer refunds (algorithms.py says
+        how much). Never blocks: the store writes it in the background. A decision that spent
+        nothing (a refusal, a fail-open answer) settles nothing."""
+        if isinstance(actual, bool) or not isinstance(actual, int) or actual < 0:
+            raise ValueError(f"a settled cost is a whole number >= 0, got {actual!r}")
+        receipt = admitted.receipt
+        if receipt is None or actual == reserved:
+            return
+        bound = self._bound.get(limiter) or self._bind(limiter)
+        policy = bound.config.policy
+        if policy is None:
+            return
+        store_key = group_key(limiter, None if bound.is_global else key)
+        if not bound.rules.empty:
+            ruled = self._ruled(bound, store_key, policy)
+            if isinstance(ruled, Decision):
+                return  # banned since: nothing it spends matters now
+            policy, store_key = ruled
+        bound.store.settle(store_key, policy, receipt, reserved, actual)
+
+    def unsettled(self, limiter: str, why: str) -> None:
+        """A response did not say what to charge (`settle_header`): logged, throttled."""
+        self._failures.report_unsettled(limiter, why)
+
     def _decide_locally(
         self, bound: _Bound, group: str, policy: Algorithm, cost: int, error: StoreError
     ) -> Decision:
@@ -310,7 +345,9 @@ class AsyncRateLimiter:
         local = self._fallbacks.get(bound.config.store)
         if local is None:
             local = self._fallbacks[bound.config.store] = MemoryStore(clock=self._clock)
-        return local.hit_now(group, share_of(policy, share), cost)
+        decision = local.hit_now(group, share_of(policy, share), cost)
+        # Spent from this process's own state, not the shared one: nothing there to settle.
+        return decision._replace(receipt=None) if decision.receipt is not None else decision
 
     async def _open_rules(self, bound: _Bound) -> None:
         ready = getattr(bound.store, "ready", None)
@@ -479,7 +516,8 @@ class AsyncRateLimiter:
                     slot.release()
                 raise RateLimitExceeded(decision)
         assert decision is not None  # a limiter has a rate, slots, or both
-        return Permit(decision, slot)
+        settles = config.policy is not None and decision.receipt is not None
+        return Permit(decision, slot, (self, limiter, key, cost) if settles else None)
 
     def notify(
         self,

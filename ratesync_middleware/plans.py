@@ -22,6 +22,7 @@ from .config import Config, RouteRule
 from .errors import ConfigError
 from .identities import Identity
 from .marks import MARKS_ATTRIBUTE, Cost, Marks, get_marks
+from .settling import SettleRule
 
 __all__ = [
     "EXEMPT",
@@ -55,6 +56,7 @@ class Limit(NamedTuple):
     request_cost: RequestCost | None = None
     exempt_when: Exemption | None = None
     shadow: bool = False  # `mode = "shadow"`: its refusals are reported, never enforced
+    settle: SettleRule | None = None  # `settle_header` / `count_status`: charged at `finish`
 
 
 Plan = tuple[Limit, ...]
@@ -208,6 +210,7 @@ class PlanResolver:
                     None if isinstance(cost, int) else cost,
                     self._exemptions.get(name),
                     self.config.limiters[name].shadow,
+                    SettleRule.of(self.config.limiters[name]),
                 )
             )
         return tuple(plan)
