@@ -28,4 +28,8 @@ urlpatterns = [
     path("held", views.held),
     path("held-async", views.held_async),
     path("api/", include([path("v1/login", views.login)])),
+    path("signin", views.signin),
+    path("signin-async", views.signin_async),
+    path("complete", views.complete),
+    path("complete-async", views.complete_async),
 ]
