@@ -7,7 +7,9 @@ One memory-store limiter that is never exhausted, the default of every request, 
 variants timed in alternation in one process (the order reversed every other repetition):
 plain; `mode = "shadow"`; `cost = "pkg.mod:func"` (a function reading a header); `exempt_when`
 (a function that returns False, so the limiter still applies); `@limit(cost=lambda)` on the
-view. Reported: the median time per request of each, and the median per-repetition difference
+view; `count_status = [401]` (every 200 is refunded); `settle_header` (2 reserved, the
+response's `X-Cost: 1` charged: a refund of 1 each; every variant's view sends that header).
+Reported: the median time per request of each, and the median per-repetition difference
 to plain (what the policy adds). Times are this thread's CPU time (see compare_trees.py).
 """
 
@@ -53,7 +55,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {  # name -> (limiter table, 
     "cost function": ({"cost": f"{FUNCTIONS.__name__}:units"}, False),
     "exempt_when": ({"exempt_when": f"{FUNCTIONS.__name__}:internal"}, False),
     "@limit(cost=lambda)": ({}, True),
+    "count_status": ({"count_status": [401]}, False),
+    "settle_header": ({"cost": 2, "settle_header": "X-Cost"}, False),
 }
+
+
+COST_HEADER = {"X-Cost": "1"}  # every variant's view sends it: only settle_header reads it
 
 
 def config(extra: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +75,7 @@ def starlette(extra: dict[str, Any], marked: bool) -> Driver:
     from ratesync_middleware import RateLimitMiddleware, limit
 
     async def home(request: Any) -> PlainTextResponse:
-        return PlainTextResponse("ok")
+        return PlainTextResponse("ok", headers=COST_HEADER)
 
     endpoint = limit("api", cost=lambda request: 1)(home) if marked else home
     app = Starlette(routes=[Route("/", endpoint)])
@@ -84,8 +91,8 @@ def flask(extra: dict[str, Any], marked: bool) -> Driver:
     app = Flask(f"policies_{len(extra)}_{marked}")
     ratelimit = RateLimit(app, config=config(extra))
 
-    def index() -> str:
-        return "ok"
+    def index() -> tuple[str, dict[str, str]]:
+        return "ok", COST_HEADER
 
     view = ratelimit.limit("api", cost=lambda request: 1)(index) if marked else index
     app.add_url_rule("/", view_func=view)

@@ -15,7 +15,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from .bucket import NS_PER_SECOND, Decision
+from .bucket import NS_PER_SECOND, Decision, _new_tuple
 
 __all__ = ["EMPTY_LOG", "Log", "SlidingWindow"]
 
@@ -75,9 +75,19 @@ class SlidingWindow:
             admitted = _logged(live, now, cost)
             # Empty again once the newest admission has left.
             reset_after = (admitted[-1][0] + self.window_ns - now) / NS_PER_SECOND
-            return admitted, Decision(
-                True, limit, limit - used - cost, 0.0, reset_after, self.name, "", False, 0.0, now
+            fields = (
+                True,
+                limit,
+                limit - used - cost,
+                0.0,
+                reset_after,
+                self.name,
+                "",
+                False,
+                0.0,
+                now,
             )
+            return admitted, _new_tuple(Decision, fields)
         reset_after = (live[-1][0] + self.window_ns - now) / NS_PER_SECOND if live else 0.0
         if cost > limit:
             return None, Decision(
