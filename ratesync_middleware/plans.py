@@ -224,6 +224,8 @@ class PlanResolver:
         limits = ((name, rule.cost) for name in rule.limiters)
         plan = NOT_LIMITED if rule.exempt else self._plan_of(limits, where)
         messages = self._plan_of(((name, rule.cost) for name in rule.messages), where)
+        # A message has no response to settle by: it is charged its cost.
+        messages = tuple(item._replace(settle=None) for item in messages)
         decides = bool(rule.limiters) or rule.exempt
         return _Rule(_glob(rule.path), methods, plan, decides, messages)
 

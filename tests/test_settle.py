@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 from werkzeug.test import Client
 
 from ratesync_middleware import RateLimitMiddleware
@@ -379,6 +380,20 @@ def test_a_response_without_the_header_keeps_its_reservation_and_says_so(
         "limiter 'llm': the response has no x-tokens header; the request stays charged what"
         " it reserved"
     ]  # throttled: one line per 10 s, the count of the others in the next one
+
+
+def test_websocket_messages_have_no_response_to_settle_by_each_is_charged() -> None:
+    from tests.test_policies import CHAT, chat_app
+
+    app = chat_app([{"path": "/ws/*", "messages": ["chat"]}], chat={**CHAT, "count_status": [401]})
+    with TestClient(app) as client, client.websocket_connect("/ws/chat") as socket:
+        for text in ("one", "two", "three"):
+            socket.send_text(text)
+            assert socket.receive_text() == text
+        socket.send_text("four")
+        with pytest.raises(WebSocketDisconnect) as closed:
+            socket.receive_text()
+    assert closed.value.code == 1008
 
 
 @pytest.mark.nats
