@@ -387,13 +387,21 @@ def test_websocket_messages_have_no_response_to_settle_by_each_is_charged() -> N
 
     app = chat_app([{"path": "/ws/*", "messages": ["chat"]}], chat={**CHAT, "count_status": [401]})
     with TestClient(app) as client, client.websocket_connect("/ws/chat") as socket:
-        for text in ("one", "two", "three"):
-            socket.send_text(text)
-            assert socket.receive_text() == text
-        socket.send_text("four")
-        with pytest.raises(WebSocketDisconnect) as closed:
-            socket.receive_text()
-    assert closed.value.code == 1008
+        echoed, closed = _chat(socket, ["one", "two", "three", "four"])
+    assert echoed == ["one", "two", "three"]  # the fourth closed it: none was refunded
+    assert closed == 1008
+
+
+def _chat(socket: Any, texts: list[str]) -> tuple[list[str], int | None]:
+    """Send each text and read its echo; what came back, and the close code if it closed."""
+    echoed = []
+    for text in texts:
+        socket.send_text(text)
+        try:
+            echoed.append(socket.receive_text())
+        except WebSocketDisconnect as closed:
+            return echoed, closed.code
+    return echoed, None
 
 
 @pytest.mark.nats
