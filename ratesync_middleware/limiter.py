@@ -21,7 +21,7 @@ from .bucket import NS_PER_SECOND, Decision
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, RateLimitExceeded, RequestFunctionError, StoreError
 from .keys import group_key, slots_key
-from .permits import Permit, SyncPermit
+from .permits import Permit, SyncPermit, check_settled_cost
 from .rules import BANNED, Ban, Override, Rules, expiry_ns, override_key, override_policy
 from .slots import Slot, Slots
 from .stores import create_store
@@ -313,8 +313,7 @@ class AsyncRateLimiter:
         `actual` units instead: more overdraws the bucket, fewer refunds (algorithms.py says
         how much). Never blocks: the store writes it in the background. A decision that spent
         nothing (a refusal, a fail-open answer) settles nothing."""
-        if isinstance(actual, bool) or not isinstance(actual, int) or actual < 0:
-            raise ValueError(f"a settled cost is a whole number >= 0, got {actual!r}")
+        check_settled_cost(actual)
         receipt = admitted.receipt
         if receipt is None or actual == reserved:
             return

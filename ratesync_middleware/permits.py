@@ -20,10 +20,18 @@ from .slots import Slot
 if TYPE_CHECKING:
     from .limiter import AsyncRateLimiter
 
-__all__ = ["Permit", "SyncPermit"]
+__all__ = ["Permit", "SyncPermit", "check_settled_cost"]
 
 Charge = tuple["AsyncRateLimiter", str, "str | None", int]
 """Who charged a permit's rate, and what: the limiter, its name, the key, the cost reserved."""
+
+
+def check_settled_cost(cost: object) -> None:
+    """What a request is charged in the end is a whole number >= 0 (0: all of it refunded)."""
+    if isinstance(cost, bool) or not isinstance(cost, int):
+        raise TypeError(f"a settled cost must be an int >= 0, not {type(cost).__name__} {cost!r}")
+    if cost < 0:
+        raise ValueError(f"a settled cost must be a whole number >= 0, got {cost!r}")
 
 
 class _Held:
@@ -41,6 +49,7 @@ class _Held:
         self._settled: int | None = None
 
     def _settle(self, cost: int) -> None:
+        check_settled_cost(cost)
         if self._settled is not None:
             if cost != self._settled:
                 raise RuntimeError(f"this permit was settled at {self._settled} already")

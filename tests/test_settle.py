@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 from werkzeug.test import Client
 
-from ratesync_middleware import RateLimitMiddleware
+from ratesync_middleware import AsyncRateLimiter, RateLimiter, RateLimitMiddleware
 from ratesync_middleware.algorithms import Algorithm, Settlement
 from ratesync_middleware.bucket import NS_PER_SECOND, Policy, Rates
 from ratesync_middleware.flask import RateLimit
@@ -411,3 +411,27 @@ def test_the_stories_on_nats(
     post = serve(stories(nats_store))
     login_story(post)
     llm_story(post)
+
+
+# --- Permit.settle, framework-free ---------------------------------------------------------------
+
+BUDGET = {"limiters": {"llm": {"limit": 100, "window_seconds": 86400}}}  # a memory store
+
+
+async def test_an_async_permit_is_charged_what_it_settles() -> None:
+    async with AsyncRateLimiter(BUDGET) as limiter:
+        permit = await limiter.acquire("llm", key="ann", cost=80)
+        assert not (await limiter.hit("llm", key="ann", cost=30)).allowed
+        await permit.settle(20)  # the answer took 20 tokens
+        assert (await limiter.hit("llm", key="ann", cost=80)).allowed
+        assert not (await limiter.hit("llm", key="ann")).allowed
+
+
+def test_a_sync_permit_settles_once() -> None:
+    with RateLimiter(BUDGET) as limiter:
+        permit = limiter.acquire("llm", key="ann", cost=100)
+        permit.settle(0)
+        permit.settle(0)  # again, the same: nothing more
+        with pytest.raises(RuntimeError):
+            permit.settle(5)
+        assert limiter.peek("llm", key="ann").remaining == 100

@@ -35,6 +35,8 @@ async def test_a_permit_settled_for_less_refunds_and_for_more_overdraws(
         await permit.settle(15)  # the same again: nothing more happens
         with pytest.raises(RuntimeError, match="settled at 15 already"):
             await permit.settle(20)
+        with pytest.raises(ValueError, match=">= 0"):
+            await permit.settle(-1)
         assert (await limiter.hit("llm", key="ann", cost=85)).allowed  # 15 + 85 = 100
         overdrawn = await limiter.acquire("llm", key="bob", cost=10)
         await overdrawn.settle(130)
