@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import time
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import pytest
 
 from ratesync_middleware import AsyncRateLimiter, RateLimiter
+from tests.natsserver import NatsServer
 from tests.test_fleet import FrozenClock, eventually
+from tests.test_nats_faults import limits, own_server, stopped  # noqa: F401 (a fixture)
 from tests.test_nats_leases import out_messages
 
 pytestmark = pytest.mark.nats
@@ -157,3 +160,23 @@ async def test_refunds_of_a_hot_leased_key_go_through_the_shared_bucket(
     # The bucket counts what was charged and what the lease holds: the refunds came back (to
     # a few units of rounding), and never more than them.
     assert burst - charged - 5 <= left + leased <= burst - charged, (left, leased, charged)
+
+
+async def test_a_settle_while_nats_hangs_is_logged_once_and_never_raised(
+    own_server: NatsServer,  # noqa: F811 (the fixture of that name)
+    bucket_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = limits(own_server.url, bucket_name, timeout=0.3, backoff=0.5)
+    async with AsyncRateLimiter(config) as limiter:
+        permits = [await limiter.acquire("slow", key=f"k{n}") for n in range(3)]
+        with caplog.at_level(logging.WARNING, "ratesync_middleware.nats"), stopped(own_server):
+            for permit in permits:
+                await permit.settle(0)  # returns at once: written by the store's flusher
+            for _ in range(int(_PATIENCE * 100)):
+                if any("a settle was not written" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if "a settle was not written" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line per 10 s, however many failed
+    assert "the admission stays charged as it was" in lines[0]
