@@ -626,13 +626,17 @@ class NatsStore:
                 admitted, decision = policy.consume(state.state, clock_now, cost, max_wait_ns)
                 if admitted is None:
                     # The cache proves the bucket empty (for longer than the request may wait:
-                    # the real state can only make it wait longer): no round trip; unless it was
-                    # cached long ago (a reset elsewhere?): then read it first; or a settle of
-                    # this process is on its way (a refund?): then decide after it.
-                    if clock_now - state.checked_ns < RECHECK_NS and not state.settling:
+                    # the real state can only make it wait longer): no round trip; unless a
+                    # settle of this process is on its way (a refund?): then decide in its
+                    # batch, after it; or it was cached long ago (a reset elsewhere?): then
+                    # read it first.
+                    if state.settling:
+                        pass
+                    elif clock_now - state.checked_ns < RECHECK_NS:
                         return decision
-                    state.lost = True
-                elif lease is not None and lease.holding and not max_wait_ns:
+                    else:
+                        state.lost = True
+                elif lease is not None and lease.holding and not max_wait_ns and not state.settling:
                     held = lease.hold_back(state.state, clock_now, cost)
                     if held is not None:
                         return held  # a hot key at the limit: see `Lease.hold_back`
