@@ -21,9 +21,10 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 from werkzeug.test import Client
 
-from ratesync_middleware import AsyncRateLimiter, RateLimiter, RateLimitMiddleware
+from ratesync_middleware import AsyncRateLimiter, ConfigError, RateLimiter, RateLimitMiddleware
 from ratesync_middleware.algorithms import Algorithm, Settlement
 from ratesync_middleware.bucket import NS_PER_SECOND, Policy, Rates
+from ratesync_middleware.config import load_config
 from ratesync_middleware.flask import RateLimit
 from ratesync_middleware.window import SlidingWindow
 from ratesync_middleware.wsgi import RateLimitMiddleware as WSGIRateLimitMiddleware
@@ -435,3 +436,61 @@ def test_a_sync_permit_settles_once() -> None:
         with pytest.raises(RuntimeError):
             permit.settle(5)
         assert limiter.peek("llm", key="ann").remaining == 100
+
+
+# --- the configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"settle_header": "X Tokens"},
+            '[limiters.llm] settle_header: expected a response header name such as "X-Cost",'
+            " got 'X Tokens' (str)",
+        ),
+        (
+            {"count_status": []},
+            "[limiters.llm] count_status: expected a non-empty list of HTTP statuses such as"
+            " [401, 403], got [] (list)",
+        ),
+        (
+            {"count_status": 401},
+            "[limiters.llm] count_status: expected a non-empty list of HTTP statuses such as"
+            " [401, 403], got 401 (int)",
+        ),
+        (
+            {"count_status": [401, "403"]},
+            "[limiters.llm] count_status: expected a list of HTTP statuses from 100 to 599,"
+            " got '403' (str)",
+        ),
+        (
+            {"count_status": [401, 600]},
+            "[limiters.llm] count_status: expected a list of HTTP statuses from 100 to 599,"
+            " got 600 (int)",
+        ),
+    ],
+)
+def test_bad_settle_keys_are_refused_at_start_up(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config({"limiters": {"llm": {"limit": "100/hour", **table}}})
+    assert message in str(refused.value)
+
+
+def test_settling_needs_a_rate_and_is_not_a_route_key() -> None:
+    with pytest.raises(ConfigError, match="count_status: goes with a rate"):
+        load_config({"limiters": {"uploads": {"max_concurrent": 3, "count_status": [401]}}})
+    rule = {"path": "/login", "limiters": ["login"], "count_status": [401]}
+    with pytest.raises(ConfigError, match=r"\[\[routes\]\] #1 count_status: unknown key"):
+        load_config({"limiters": {"login": {"limit": "5/minute"}}, "routes": [rule]})
+
+
+def test_a_limiter_table_with_both_keys() -> None:
+    config = load_config({"limiters": {"llm": {"limit": "100/hour", **LLM_KEYS}}})
+    assert (config.limiters["llm"].settle_header, config.limiters["llm"].count_status) == (
+        "X-Tokens",
+        (200,),
+    )
+
+
+LLM_KEYS = {"settle_header": "X-Tokens", "count_status": [200]}
