@@ -8,7 +8,10 @@ variants timed in alternation in one process (the order reversed every other rep
 plain; `mode = "shadow"`; `cost = "pkg.mod:func"` (a function reading a header); `exempt_when`
 (a function that returns False, so the limiter still applies); `@limit(cost=lambda)` on the
 view; `tier = "pkg.mod:func"` (a function returning "pro", a tier as generous as plain's rate);
-an inline `@limit("1000000000/second")` on the view instead of the TOML limiter. Reported: the median time per request of each, and the median per-repetition difference
+an inline `@limit("1000000000/second")` on the view instead of the TOML limiter;
+`count_status = [401]` (every 200 is refunded); `settle_header` (2 reserved, the response's
+`X-Cost: 1` charged: a refund of 1 each; every variant's view sends that header).
+Reported: the median time per request of each, and the median per-repetition difference
 to plain (what the policy adds). Times are this thread's CPU time (see compare_trees.py).
 """
 
@@ -64,7 +67,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "@limit(cost=lambda)": ({}, "cost"),
     "tier function": (TIER, None),
     "inline @limit": ({}, "inline"),
+    "count_status": ({"count_status": [401]}, None),
+    "settle_header": ({"cost": 2, "settle_header": "X-Cost"}, None),
 }
+COST_HEADER = {"X-Cost": "1"}  # every variant's view sends it: only settle_header reads it
 
 
 def mark(marked: str | None) -> Callable[[Any], Any] | None:
@@ -87,7 +93,7 @@ def starlette(extra: dict[str, Any], marked: str | None) -> Driver:
     from ratesync_middleware import RateLimitMiddleware
 
     async def home(request: Any) -> PlainTextResponse:
-        return PlainTextResponse("ok")
+        return PlainTextResponse("ok", headers=COST_HEADER)
 
     decorator = mark(marked)
     endpoint = decorator(home) if decorator else home
@@ -104,8 +110,8 @@ def flask(extra: dict[str, Any], marked: str | None) -> Driver:
     app = Flask(f"policies_{len(extra)}_{marked}")
     RateLimit(app, config=config(extra))
 
-    def index() -> str:
-        return "ok"
+    def index() -> tuple[str, dict[str, str]]:
+        return "ok", COST_HEADER
 
     decorator = mark(marked)
     view = decorator(index) if decorator else index

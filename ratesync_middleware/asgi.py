@@ -314,13 +314,15 @@ class RateLimitMiddleware:
     async def _settled(
         self, scope: Scope, receive: Receive, send: Send, admission: Admission, extra: list[Header]
     ) -> None:
-        """Call the app for an admission with work at `finish`, given the final status."""
+        """Call the app for an admission with work at `finish`, given the final status and
+        the response's headers."""
         status: int | None = None
+        headers: list[tuple[bytes, bytes]] | None = None
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, headers
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, headers = message["status"], message.get("headers")
                 if extra:
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
@@ -328,9 +330,9 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         except BaseException:  # an error or a client gone: the request still ends here
-            admission.finish(status or 500)
+            admission.finish(status or 500, headers)
             raise
-        admission.finish(status)
+        admission.finish(status, headers)
 
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, admission: Admission

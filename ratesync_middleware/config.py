@@ -106,6 +106,8 @@ class LimiterConfig:
     # `[limiters.<name>.tiers]`: tier name -> its algorithm (a token bucket or several rates; a
     # sliding window's tiers are sliding windows). A request without a known tier: `policy`.
     tiers: Mapping[str, Algorithm] = field(default_factory=dict, hash=False)
+    settle_header: str | None = None  # after the response: charge this header's integer instead
+    count_status: tuple[int, ...] | None = None  # only these statuses are charged; others refunded
     # While the store fails: "open" lets requests through, "closed" refuses them (503), "local"
     # limits from this process's own state at its share of the rate (`fail_closed` = "closed").
     fail_mode: FailMode = "open"
@@ -526,6 +528,21 @@ def _cost(value: Any) -> int | str:
     return cost
 
 
+def _header_name(value: Any) -> str:
+    if isinstance(value, str) and _TOKEN.fullmatch(value):
+        return value
+    raise _BadValueError('a response header name such as "X-Cost"')
+
+
+def _statuses(value: Any) -> tuple[int, ...]:
+    if isinstance(value, list) and value:
+        if all(type(status) is int and 100 <= status <= 599 for status in value):
+            return tuple(value)
+        wrong = next(s for s in value if not (type(s) is int and 100 <= s <= 599))
+        raise _BadValueError("a list of HTTP statuses from 100 to 599", _show(wrong))
+    raise _BadValueError("a non-empty list of HTTP statuses such as [401, 403]")
+
+
 def _keys(value: Any) -> tuple[str, ...]:
     parts: tuple[str, ...] = _one_or_more(_key_part)(value)
     if not parts:
@@ -598,6 +615,8 @@ _LIMITER_KEYS: dict[str, Check] = {
     "mode": _choice("enforce", "shadow"),
     "tier": _function,
     "tiers": _tier_table,
+    "settle_header": _header_name,
+    "count_status": _statuses,
 }
 # rate-sync keys that mean nothing to a middleware (docs/configuration.md says why, for each).
 _LIMITER_IGNORED = frozenset({"max_retries", "retry_interval"})
@@ -947,6 +966,13 @@ def _limiter(
         raise where.error(
             "fail_closed", f'contradicts fail_mode = "{fail_mode}" (keep one)', kind="conflict"
         )
+    for settling in ("settle_header", "count_status"):
+        if settling in values and not rated:
+            raise where.error(
+                settling,
+                "goes with a rate (what it settles): max_concurrent has none",
+                kind="missing",
+            )
     policy = _policy(where, name, values) if rated else None
     tiers = _tiers(where, name, values, policy)
     return LimiterConfig(
@@ -962,6 +988,8 @@ def _limiter(
         shadow=values.get("mode") == "shadow",
         tier=values.get("tier"),
         tiers=tiers,
+        settle_header=values.get("settle_header"),
+        count_status=values.get("count_status"),
         fail_mode=fail_mode,
     )
 

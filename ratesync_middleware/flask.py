@@ -281,7 +281,8 @@ class _AppState:
             if extra:
                 response.headers.extend(text_headers(extra))
             if admission.settles:  # it ends when the server closes the body (a streamed one too)
-                response.call_on_close(functools.partial(admission.finish, response.status_code))
+                finish = functools.partial(admission.finish, response.status_code, response.headers)
+                response.call_on_close(finish)
                 request.environ[_ENDS_AT_CLOSE] = True  # not at teardown, which comes first
             return response
         # Refused: the default response has these already; an error handler's may not.

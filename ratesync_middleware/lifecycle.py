@@ -9,11 +9,11 @@
         send(admission.denial())                       # 429, or 503 for a fail-closed outage
     else:
         ... call the app, adding admission.headers() to its response ...
-        admission.finish(status)                       # exactly once, also on errors
+        admission.finish(status, headers)              # exactly once, also on errors
 
 An adapter only translates: it builds the `RequestFacts` and the ordered candidate endpoints,
-answers the refusal it is given or calls the app, and calls `finish` with the final status
-(after the last byte of a streamed body; on errors and disconnects too). When
+answers the refusal it is given or calls the app, and calls `finish` with the final status and
+the response's headers (after the last byte of a streamed body; on errors and disconnects too). When
 `admission.settles` is false, `finish` has nothing to do and an adapter may skip what it
 costs to arrange the call. Everything a policy does before or after the response is written
 here, once.
@@ -35,6 +35,7 @@ from .headers import Denial, Header, RateLimitHeaders
 from .limiter import AsyncRateLimiter, logger
 from .plans import NOT_LIMITED, Limit, Plan, PlanResolver
 from .rules import BANNED
+from .settling import Reservation, ResponseHeaders
 from .slots import Slot
 
 __all__ = ["NOT_LIMITED", "Admission", "Plan", "RequestLimiter"]
@@ -43,6 +44,7 @@ _NOW: Final = 1  # every store of the plan decides at once, every identity is sy
 _SLOTTED: Final = 2  # a limiter of the plan has concurrency slots
 _RESOLVED: Final = 4  # a limiter of the plan has a cost, exempt_when or tier function
 _SHADOW: Final = 8  # a limiter of the plan is in shadow mode (off the one-limiter fast path)
+_SETTLES: Final = 16  # a limiter of the plan settles at `finish` (settle_header, count_status)
 
 
 class Admission:
@@ -83,8 +85,9 @@ class Admission:
         assert decision is not None
         return [*self._responses.retry_after(decision), *self._responses.headers(decision)]
 
-    def finish(self, status: int | None = None) -> None:
-        """The response is complete (`status`, None when it never started): settle the request.
+    def finish(self, status: int | None = None, headers: ResponseHeaders | None = None) -> None:
+        """The response is complete (`status`, None when it never started; its `headers` as
+        (name, value) pairs): settle the request.
 
         Idempotent. This is where refunds, settled costs and slot releases are made: a plain
         admission has none of them (`settles` is false).
@@ -99,16 +102,57 @@ class _HoldingAdmission(Admission):
     settles = True
 
     def __init__(
-        self, decision: Decision | None, responses: RateLimitHeaders, slots: list[Slot]
+        self, decision: Decision | None, responses: RateLimitHeaders, slots: list[Slot] | None
     ) -> None:
         Admission.__init__(self, decision, responses)
         self.slots = slots
 
-    def finish(self, status: int | None = None) -> None:
+    def finish(self, status: int | None = None, headers: ResponseHeaders | None = None) -> None:
         slots = self.slots
         if slots is not None:
             self.slots = None
             _release(slots)
+
+
+class _SettlingAdmission(_HoldingAdmission):
+    """An admission whose limiters charge what the response says (`settle_header`,
+    `count_status`): settled at `finish`, with the slots it holds given back."""
+
+    __slots__ = ("_limiter", "_reservations")
+
+    def __init__(
+        self, admitted: Admission, limiter: AsyncRateLimiter, reservations: list[Reservation]
+    ) -> None:
+        _HoldingAdmission.__init__(self, admitted.decision, admitted._responses, admitted.slots)
+        self._limiter = limiter
+        self._reservations: list[Reservation] | None = reservations
+
+    def finish(self, status: int | None = None, headers: ResponseHeaders | None = None) -> None:
+        _HoldingAdmission.finish(self, status, headers)
+        reservations, self._reservations = self._reservations, None
+        if reservations:
+            _settle(self._limiter, reservations, status, headers)
+
+
+def _settle(
+    limiter: AsyncRateLimiter,
+    reservations: list[Reservation],
+    status: int | None,
+    headers: ResponseHeaders | None,
+) -> None:
+    for reserved in reservations:
+        charge = reserved.rule.charge(reserved.cost, status, headers)
+        if isinstance(charge, str):
+            limiter.unsettled(reserved.limiter, charge)
+            continue
+        limiter.settle(
+            reserved.limiter,
+            reserved.key,
+            reserved.decision,
+            reserved.cost,
+            charge,
+            tier=reserved.tier,
+        )
 
 
 def _admitted(
@@ -139,7 +183,12 @@ class RequestLimiter:
         self.plans = PlanResolver(self.config, self.limiter.add_limiter)
         self.responses = RateLimitHeaders.for_config(self.config)
         self.responses.extra_policy = self.limiter.override_policy  # live overrides' headers
-        self.settles = any(limiter.slots is not None for limiter in self.config.limiters.values())
+        self.settles = any(
+            limiter.slots is not None
+            or limiter.settle_header is not None
+            or limiter.count_status is not None
+            for limiter in self.config.limiters.values()
+        )
         """Whether any admission of this configuration can have work at `finish` (`settles`)."""
         # How each plan is decided (_NOW | _SLOTTED bits); plans come from the configuration
         # and marks: few.
@@ -178,15 +227,19 @@ class RequestLimiter:
         resolved = any(item.request_cost or item.exempt_when or item.request_tier for item in plan)
         route = (_NOW if now else 0) | (_SLOTTED if slotted else 0)
         route |= (_RESOLVED if resolved else 0) | (_SHADOW if any(i.shadow for i in plan) else 0)
+        route |= _SETTLES if any(item.settle is not None for item in plan) else 0
         self._routes[plan] = route
         return route
 
-    def begin(self, facts: RequestFacts, plan: Plan) -> Admission | Coroutine[Any, Any, Admission]:
+    def begin(
+        self, facts: RequestFacts, plan: Plan, reserved: list[Reservation] | None = None
+    ) -> Admission | Coroutine[Any, Any, Admission]:
         """The `Admission` of a request, at once when every store of `plan` decides without
         waiting (memory), else a coroutine to await for it (`abegin`).
 
         Sync callers hand the coroutine to the background loop; async callers await it. Either
-        way there is no coroutine at all on the path that does not need one.
+        way there is no coroutine at all on the path that does not need one. `reserved`
+        collects what settling limiters reserve (`_settling` passes it).
         """
         route = self._routes.get(plan)
         if route is None:
@@ -197,6 +250,8 @@ class RequestLimiter:
                 decision = self.limiter.hit_now(item.name, item.identity.now(facts), item.cost)
                 return Admission(decision, self.responses)
             return self._begin_now(facts, plan)
+        if route & _SETTLES and reserved is None:
+            return self._settling(facts, plan)
         if route & _RESOLVED:
             # The user's functions run here, in the request's own thread (a sync adapter's
             # worker, with its framework's request context), before any store call.
@@ -206,11 +261,35 @@ class RequestLimiter:
             plan = resolved
         if route & _NOW:
             if route & _SLOTTED:
-                return self._begin_slotted_now(facts, plan)
-            return self._begin_now(facts, plan)
+                return self._begin_slotted_now(facts, plan, reserved)
+            return self._begin_now(facts, plan, reserved)
         if route & _SLOTTED:
-            return self._abegin_slotted(facts, plan)
-        return self._abegin(facts, plan, self.wait(plan) > 0 if not route & _RESOLVED else None)
+            return self._abegin_slotted(facts, plan, reserved)
+        waits = self.wait(plan) > 0 if not route & _RESOLVED else None
+        return self._abegin(facts, plan, waits, reserved)
+
+    def _settling(
+        self, facts: RequestFacts, plan: Plan
+    ) -> Admission | Coroutine[Any, Any, Admission]:
+        """`begin` for a plan with settling limiters: what each reserved, settled at `finish`."""
+        reserved: list[Reservation] = []
+        begun = self.begin(facts, plan, reserved)
+        if isinstance(begun, Admission):
+            return self._reserving(begun, reserved)
+        return self._areserving(begun, reserved)
+
+    async def _areserving(
+        self, begun: Coroutine[Any, Any, Admission], reserved: list[Reservation]
+    ) -> Admission:
+        return self._reserving(await begun, reserved)
+
+    def _reserving(self, admission: Admission, reserved: list[Reservation]) -> Admission:
+        if not reserved:
+            return admission
+        if not admission.allowed:  # another limiter refused: no response of the app's
+            _settle(self.limiter, reserved, None, None)
+            return admission
+        return _SettlingAdmission(admission, self.limiter, reserved)
 
     async def abegin(self, facts: RequestFacts, plan: Plan) -> Admission:
         """`begin`, awaited: spend from every limiter of `plan`, in order; the first denial
@@ -243,6 +322,8 @@ class RequestLimiter:
                         None,
                         item.shadow,
                         None if request_tier is None else request_tier(request),
+                        None,
+                        item.settle,
                     )
             except RequestFunctionError as error:
                 decision = self.limiter.degraded(self.limiter.limiter(item.name), error)
@@ -255,7 +336,13 @@ class RequestLimiter:
             return Admission(failed_open, self.responses)
         return tuple(items)
 
-    async def _abegin(self, facts: RequestFacts, plan: Plan, waits: bool | None) -> Admission:
+    async def _abegin(
+        self,
+        facts: RequestFacts,
+        plan: Plan,
+        waits: bool | None,
+        reserved: list[Reservation] | None = None,
+    ) -> Admission:
         """`waits`: whether a limiter of the plan has a `timeout` (None: look it up)."""
         best: Decision | None = None
         hit, limiter = self.limiter.hit, self.limiter.limiter
@@ -266,17 +353,24 @@ class RequestLimiter:
             key = identity.now(facts) if identity.sync else await identity(facts)
             timeout = limiter(item.name).timeout if waits else 0.0
             decision = await hit(item.name, key, item.cost, timeout=timeout, tier=item.tier)
+            if reserved is not None and item.settle is not None:
+                _reserve(reserved, item, key, decision)
             if not decision.allowed and self._refuses(item, decision):
                 return Admission(decision, self.responses)
             if not item.shadow and (best is None or _more_restrictive(decision, best)):
                 best = decision
         return Admission(best, self.responses)
 
-    def _begin_now(self, facts: RequestFacts, plan: Plan) -> Admission:
+    def _begin_now(
+        self, facts: RequestFacts, plan: Plan, reserved: list[Reservation] | None = None
+    ) -> Admission:
         best: Decision | None = None
         hit_now = self.limiter.hit_now
         for item in plan:
-            decision = hit_now(item.name, item.identity.now(facts), item.cost, tier=item.tier)
+            key = item.identity.now(facts)
+            decision = hit_now(item.name, key, item.cost, tier=item.tier)
+            if reserved is not None and item.settle is not None:
+                _reserve(reserved, item, key, decision)
             if not decision.allowed and self._refuses(item, decision):
                 return Admission(decision, self.responses)
             if not item.shadow and (best is None or _more_restrictive(decision, best)):
@@ -287,7 +381,9 @@ class RequestLimiter:
     # either spends nothing of the other: a slot taken is given back when a later check refuses
     # (a rate spent could not be refunded).
 
-    async def _abegin_slotted(self, facts: RequestFacts, plan: Plan) -> Admission:
+    async def _abegin_slotted(
+        self, facts: RequestFacts, plan: Plan, reserved: list[Reservation] | None = None
+    ) -> Admission:
         best: Decision | None = None
         held: list[Slot] = []
         limiter = self.limiter
@@ -317,13 +413,17 @@ class RequestLimiter:
                 except BaseException:
                     _release(held)
                     raise
+                if reserved is not None and item.settle is not None:
+                    _reserve(reserved, item, key, decision)
                 if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
                 if not item.shadow and (best is None or _more_restrictive(decision, best)):
                     best = decision
         return _admitted(best, self.responses, held)
 
-    def _begin_slotted_now(self, facts: RequestFacts, plan: Plan) -> Admission:
+    def _begin_slotted_now(
+        self, facts: RequestFacts, plan: Plan, reserved: list[Reservation] | None = None
+    ) -> Admission:
         best: Decision | None = None
         held: list[Slot] = []
         limiter = self.limiter
@@ -338,6 +438,8 @@ class RequestLimiter:
                     return self._refused(decision, held)
             if config.policy is not None:
                 decision = limiter.hit_now(item.name, key, item.cost, tier=item.tier)
+                if reserved is not None and item.settle is not None:
+                    _reserve(reserved, item, key, decision)
                 if not decision.allowed and self._refuses(item, decision):
                     return self._refused(decision, held)
                 if not item.shadow and (best is None or _more_restrictive(decision, best)):
@@ -412,6 +514,12 @@ class RequestLimiter:
     async def aclose(self) -> None:
         """Close the stores (they reopen on next use)."""
         await self.limiter.aclose()
+
+
+def _reserve(reserved: list[Reservation], item: Limit, key: str | None, decision: Decision) -> None:
+    """Note what a settling limiter spent (a refusal spent nothing: nothing to settle)."""
+    if decision.receipt is not None and item.settle is not None:
+        reserved.append(Reservation(item.name, key, item.cost, item.settle, decision, item.tier))
 
 
 def _more_restrictive(decision: Decision, than: Decision) -> bool:

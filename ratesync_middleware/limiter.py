@@ -21,7 +21,7 @@ from .bucket import NS_PER_SECOND, Decision
 from .config import ConfigSource, LimiterConfig, load_config
 from .errors import ConfigError, RateLimitExceeded, RequestFunctionError, StoreError
 from .keys import group_key, slots_key, tier_key
-from .permits import Permit, SyncPermit
+from .permits import Permit, SyncPermit, check_settled_cost
 from .rules import BANNED, Ban, Override, Rules, expiry_ns, override_key, override_policy
 from .slots import Slot, Slots
 from .stores import create_store
@@ -91,6 +91,13 @@ class _FailureLog:
                 limiter,
                 decision.reason,
                 more,
+            )
+
+    def report_unsettled(self, limiter: str, why: str) -> None:
+        more = self._due(f"settle:{limiter}", "responses")
+        if more is not None:
+            logger.warning(
+                "limiter %r: %s; the request stays charged what it reserved%s", limiter, why, more
             )
 
     def report_hook(self, limiter: str) -> None:
@@ -356,6 +363,42 @@ class AsyncRateLimiter:
         self.notify(config, key, decision, started, None)
         return decision
 
+    def settle(
+        self,
+        limiter: str,
+        key: str | None,
+        admitted: Decision,
+        reserved: int,
+        actual: int,
+        *,
+        tier: str | None = None,
+    ) -> None:
+        """Charge the admission `admitted` (a decision of `hit` for `key` and `tier`, of
+        `reserved` units) `actual` units instead: more overdraws the bucket, fewer refunds
+        (algorithms.py says how much). Never blocks: the store writes it in the background. A
+        decision that spent nothing (a refusal, a fail-open answer) settles nothing."""
+        check_settled_cost(actual)
+        receipt = admitted.receipt
+        if receipt is None or actual == reserved:
+            return
+        bound = self._bound.get(limiter) or self._bind(limiter)
+        policy = bound.config.policy
+        if policy is None:
+            return
+        store_key = group = group_key(limiter, None if bound.is_global else key)
+        if tier is not None:
+            policy, store_key = self._tiered(bound.config, group, tier)
+        if not bound.rules.empty:
+            ruled = self._ruled(bound, group, policy, store_key)
+            if isinstance(ruled, Decision):
+                return  # banned since: nothing it spends matters now
+            policy, store_key = ruled
+        bound.store.settle(store_key, policy, receipt, reserved, actual)
+
+    def unsettled(self, limiter: str, why: str) -> None:
+        """A response did not say what to charge (`settle_header`): logged, throttled."""
+        self._failures.report_unsettled(limiter, why)
+
     def _decide_locally(
         self, bound: _Bound, group: str, policy: Algorithm, cost: int, error: StoreError
     ) -> Decision:
@@ -367,7 +410,9 @@ class AsyncRateLimiter:
         local = self._fallbacks.get(bound.config.store)
         if local is None:
             local = self._fallbacks[bound.config.store] = MemoryStore(clock=self._clock)
-        return local.hit_now(group, share_of(policy, share), cost)
+        decision = local.hit_now(group, share_of(policy, share), cost)
+        # Spent from this process's own state, not the shared one: nothing there to settle.
+        return decision._replace(receipt=None) if decision.receipt is not None else decision
 
     async def _open_rules(self, bound: _Bound) -> None:
         ready = getattr(bound.store, "ready", None)
@@ -564,7 +609,8 @@ class AsyncRateLimiter:
                     slot.release()
                 raise RateLimitExceeded(decision)
         assert decision is not None  # a limiter has a rate, slots, or both
-        return Permit(decision, slot)
+        settles = config.policy is not None and decision.receipt is not None
+        return Permit(decision, slot, (self, limiter, key, cost) if settles else None)
 
     def notify(
         self,

@@ -23,6 +23,7 @@ from .config import Config, LimiterConfig, RouteRule, inline_limiter
 from .errors import ConfigError
 from .identities import Identity
 from .marks import MARKS_ATTRIBUTE, Cost, InlineRate, Marks, get_marks
+from .settling import SettleRule
 
 __all__ = [
     "EXEMPT",
@@ -60,6 +61,7 @@ class Limit(NamedTuple):
     shadow: bool = False  # `mode = "shadow"`: its refusals are reported, never enforced
     tier: str | None = None  # the request's tier (resolved from `request_tier`, or given)
     request_tier: RequestTier | None = None  # `tier = "pkg.mod:func"`, called per request
+    settle: SettleRule | None = None  # `settle_header` / `count_status`: charged at `finish`
 
 
 Plan = tuple[Limit, ...]
@@ -238,6 +240,7 @@ class PlanResolver:
                     self._limiters[name].shadow,
                     None,
                     self._tiers.get(name),
+                    SettleRule.of(self._limiters[name]),
                 )
             )
         return tuple(plan)
@@ -273,6 +276,8 @@ class PlanResolver:
         limits = ((name, rule.cost) for name in rule.limiters)
         plan = NOT_LIMITED if rule.exempt else self._plan_of(limits, where)
         messages = self._plan_of(((name, rule.cost) for name in rule.messages), where)
+        # A message has no response to settle by: it is charged its cost.
+        messages = tuple(item._replace(settle=None) for item in messages)
         decides = bool(rule.limiters) or rule.exempt
         return _Rule(_glob(rule.path), methods, plan, decides, messages)
 

@@ -15,7 +15,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from .bucket import NS_PER_SECOND, Decision
+from .bucket import NS_PER_SECOND, Decision, _new_tuple
 
 __all__ = ["EMPTY_LOG", "Log", "SlidingWindow"]
 
@@ -75,13 +75,25 @@ class SlidingWindow:
             admitted = _logged(live, now, cost)
             # Empty again once the newest admission has left.
             reset_after = (admitted[-1][0] + self.window_ns - now) / NS_PER_SECOND
-            return admitted, Decision(True, limit, limit - used - cost, 0.0, reset_after, self.name)
+            fields = (
+                True,
+                limit,
+                limit - used - cost,
+                0.0,
+                reset_after,
+                self.name,
+                "",
+                False,
+                0.0,
+                now,
+            )
+            return admitted, _new_tuple(Decision, fields)
         reset_after = (live[-1][0] + self.window_ns - now) / NS_PER_SECOND if live else 0.0
         if cost > limit:
             return None, Decision(
                 False,
                 limit,
-                limit - used,
+                max(0, limit - used),  # an overdraw can take a log past its limit
                 math.inf,
                 reset_after,
                 self.name,
@@ -92,16 +104,37 @@ class SlidingWindow:
             admitted = _logged(live, free_at, cost)
             reset_after = (admitted[-1][0] + self.window_ns - now) / NS_PER_SECOND
             wait = (free_at - now) / NS_PER_SECOND
-            return admitted, Decision(True, limit, 0, 0.0, reset_after, self.name, wait=wait)
+            return admitted, Decision(
+                True, limit, 0, 0.0, reset_after, self.name, wait=wait, receipt=free_at
+            )
         return None, Decision(
             False,
             limit,
-            limit - used,
+            max(0, limit - used),
             (free_at - now) / NS_PER_SECOND,
             reset_after,
             self.name,
             f"rate limit {self.name!r} exceeded",
         )
+
+    def settle(self, log: Log, now: int, receipt: int, reserved: int, actual: int) -> Log | None:
+        """The log after an admission of `reserved` units, logged at `receipt`, is charged
+        `actual` units instead; None when nothing changes.
+
+        More than reserved overdraws: the extra units are logged now (later requests wait
+        until they leave the window). Fewer removes the difference from the admission's own
+        entry, if it is still in the window (units logged at one instant are alike); an entry
+        that has left, or a log that was reset, has nothing of it left to give back.
+        """
+        live = self.live(log, now)
+        if actual > reserved:
+            return _logged(live, now, actual - reserved)
+        index = bisect.bisect_left(live, (receipt, 0))
+        if index == len(live) or live[index][0] != receipt or actual == reserved:
+            return None
+        units = live[index][1] - (reserved - actual)
+        kept = ((receipt, units),) if units > 0 else ()
+        return (*live[:index], *kept, *live[index + 1 :])
 
     def free_at(self, live: Log, units: int) -> int:
         """When the oldest entries of `live` holding at least `units` units have left."""
@@ -117,7 +150,7 @@ class SlidingWindow:
         live = self.live(log, now)
         used = sum(units for _, units in live)
         reset_after = (live[-1][0] + self.window_ns - now) / NS_PER_SECOND if live else 0.0
-        return Decision(True, self.limit, self.limit - used, 0.0, reset_after, self.name)
+        return Decision(True, self.limit, max(0, self.limit - used), 0.0, reset_after, self.name)
 
 
 def _logged(live: Log, at: int, cost: int) -> Log:

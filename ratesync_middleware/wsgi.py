@@ -107,15 +107,16 @@ class _Finishing:
     """The app's response body; the request ends when the server closes it (PEP 3333).
 
     Iterated as it is, so streaming bodies stream; `close()` closes the app's body, then
-    finishes the admission with the status the app started the response with.
+    finishes the admission with the status and headers the app started the response with.
     """
 
-    __slots__ = ("_admission", "_body", "status")
+    __slots__ = ("_admission", "_body", "headers", "status")
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
         self._body: Iterable[bytes] = ()
         self.status: int | None = None
+        self.headers: list[tuple[str, str]] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._body)
@@ -126,7 +127,7 @@ class _Finishing:
             if close is not None:
                 close()
         finally:
-            self._admission.finish(self.status)
+            self._admission.finish(self.status, self.headers)
 
 
 class RateLimitMiddleware:
@@ -169,7 +170,7 @@ class RateLimitMiddleware:
             status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
         ) -> Callable[[bytes], object]:
             if response is not None:
-                response.status = status_code(status)
+                response.status, response.headers = status_code(status), headers
             return start_response(status, [*headers, *added], exc_info)
 
         if response is None:
@@ -178,7 +179,7 @@ class RateLimitMiddleware:
         try:
             response._body = self.app(environ, start_with_headers)
         except BaseException:
-            admission.finish(response.status or 500)
+            admission.finish(response.status or 500, response.headers)
             raise
         return response
 

@@ -157,9 +157,9 @@ def finished(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
     calls: list[int | None] = []
 
     def recording(original: Any) -> Any:
-        def record(self: Admission, status: int | None = None) -> None:
+        def record(self: Admission, status: int | None = None, headers: Any = None) -> None:
             calls.append(status)
-            original(self, status)
+            original(self, status, headers)
 
         return record
 

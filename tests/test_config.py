@@ -472,8 +472,8 @@ def test_unknown_key_suggests_the_close_one() -> None:
     assert message.startswith("rate-sync.toml: [limiters.api] brust: unknown key")
     assert "did you mean 'burst'?" in message
     assert (
-        "known keys are: algorithm, burst, cost, exempt_when, fail_closed, fail_mode, key,"
-        " lease_seconds, limit" in message
+        "known keys are: algorithm, burst, cost, count_status, exempt_when, fail_closed, fail_mode,"
+        " key, lease_seconds, limit" in message
     )
 
 

@@ -531,6 +531,60 @@ def test_a_shadow_limiter_refuses_nothing_and_sends_no_headers(site: Site) -> No
     assert not any("RateLimit" in response.headers for response in responses)
 
 
+# --- settle_header and count_status (issue 14) ------------------------------------------------
+
+
+def settling_config(store: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stories of tests/test_settle.py on this project's /signin and /complete views."""
+    from tests.test_settle import LLM, LOGIN
+
+    changes: dict[str, Any] = {
+        "limiters": {"signin": dict(LOGIN), "llm": dict(LLM)},
+        "routes": [
+            {"path": "/signin*", "limiters": ["signin"]},
+            {"path": "/complete*", "limiters": ["llm"]},
+        ],
+    }
+    if store is not None:  # a generous deadline: the counts are exact, on a loaded machine too
+        changes["stores"] = {"shared": {**store, "timeout": 2.0}}
+        changes["limiters"] = {
+            name: {**limiter, "store": "shared"}
+            for name, limiter in {**CONFIG["limiters"], **changes["limiters"]}.items()
+        }
+    return with_config(**changes)
+
+
+def poster(site: Site, suffix: str) -> Any:
+    """`post(path, headers)` of tests/test_settle.py, on the sync or async views."""
+
+    def post(path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str]]:
+        path = {"/login": "/signin", "/complete": "/complete"}[path] + suffix
+        response = site.post(path, headers=headers)
+        return response.status_code, {k.lower(): v for k, v in response.headers.items()}
+
+    return post
+
+
+@pytest.mark.parametrize("suffix", ["", "-async"])
+def test_failed_logins_and_llm_tokens_are_charged_what_the_response_says(
+    site: Site, suffix: str
+) -> None:
+    from tests.test_settle import llm_story, login_story
+
+    with override_settings(RATESYNC=settling_config()):
+        login_story(poster(site, suffix))
+        llm_story(poster(site, suffix))
+
+
+@pytest.mark.nats
+def test_failed_logins_and_llm_tokens_on_nats(site: Site, nats_store: dict[str, Any]) -> None:
+    from tests.test_settle import llm_story, login_story
+
+    with override_settings(RATESYNC=settling_config(nats_store)):
+        login_story(poster(site, ""))
+        llm_story(poster(site, "-async"))
+
+
 # --- keys ----------------------------------------------------------------------------------
 
 

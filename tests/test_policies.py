@@ -96,6 +96,8 @@ def flask(settings: dict[str, Any]) -> Iterator[Get]:
 
     def get(path: str = "/", headers: dict[str, str] | None = None) -> Any:
         response = client.get(path, headers=headers)
+        response.get_data()
+        response.close()  # what a server does once the body is sent: the request ends
         return response.status_code, dict(response.headers)
 
     yield get
@@ -112,6 +114,8 @@ def wsgi(settings: dict[str, Any]) -> Iterator[Get]:
 
     def get(path: str = "/", headers: dict[str, str] | None = None) -> Any:
         response = client.get(path, headers=headers)
+        response.get_data()
+        response.close()  # what a server does once the body is sent: the request ends
         return response.status_code, dict(response.headers)
 
     yield get

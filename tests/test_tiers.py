@@ -90,6 +90,15 @@ def test_a_free_user_is_refused_after_their_tiers_rate_while_a_pro_user_continue
     assert as_user(get, "bob", 1) == [429]
 
 
+def test_a_tier_is_refunded_what_its_responses_do_not_count(serve: Callable[..., Get]) -> None:
+    # count_status = [429]: the apps' 200s are refunded, to the tier's own state they spent.
+    get = serve(tiered(count_status=[429]))
+    assert as_user(get, "alice", 6) == [200] * 6  # free is 2/minute: every one given back
+    status, headers = get("/", headers={"X-User": "alice"})
+    assert (status, lower(headers)["ratelimit-policy"]) == (200, FREE_POLICY)
+    assert remaining(headers) == 1
+
+
 def test_the_headers_report_the_tiers_policy(serve: Callable[..., Get]) -> None:
     get = serve(tiered())
     status, free = get("/", headers={"X-User": "alice"})

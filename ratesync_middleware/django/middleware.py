@@ -238,7 +238,9 @@ class _Limits:
             return response
         add_missing(response, admission.headers())
         if admission.settles:  # Django closes a response once sent (a streamed one at its end)
-            on_django_response_close(response, admission.finish, response.status_code)
+            on_django_response_close(
+                response, admission.finish, response.status_code, response.items()
+            )
         return response
 
     def close(self) -> None:

@@ -28,6 +28,13 @@ class Store(Protocol):
         write; the store does not sleep: the decision's `wait` is the caller's."""
         ...
 
+    def settle(self, key: str, policy: Algorithm, receipt: int, reserved: int, actual: int) -> None:
+        """Charge an admission of `reserved` units at `key` (its `Decision.receipt`) `actual`
+        units instead: more overdraws, fewer refunds (algorithms.py). Never blocks, never
+        raises, callable from any thread: a store that must write does it in the background,
+        with the key's other decisions, and logs a failure (the charge stays as it was)."""
+        ...
+
     async def peek(self, key: str, policy: Algorithm) -> Decision:
         """The bucket's state now, changing nothing."""
         ...

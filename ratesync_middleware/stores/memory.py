@@ -63,6 +63,22 @@ class MemoryStore:
                     self._drop_idle(now)
             return decision
 
+    def settle(self, key: str, policy: Algorithm, receipt: int, reserved: int, actual: int) -> None:
+        now = self._clock()
+        with self._lock:
+            if type(policy) is Policy:
+                tat = self._states.get(key, 0)
+                settled: Any = policy.settle(
+                    tat if type(tat) is int else 0, now, receipt, reserved, actual
+                )
+                stored: Any = settled
+            else:
+                algorithm: AlgorithmLike = policy
+                settled = algorithm.settle(self._state(key, policy), now, receipt, reserved, actual)
+                stored = None if settled is None else (algorithm.idle_at(settled), settled)
+            if stored is not None:
+                self._states[key] = stored
+
     def _state(self, key: str, policy: Algorithm) -> Any:
         """The state of `key` for a non-token-bucket `policy` (empty when none or another kind's)."""
         entry = self._states.get(key)

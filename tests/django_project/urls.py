@@ -30,4 +30,8 @@ urlpatterns = [
     path("api/", include([path("v1/login", views.login)])),
     path("inline", views.inline),
     path("inline-async", views.inline_async),
+    path("signin", views.signin),
+    path("signin-async", views.signin_async),
+    path("complete", views.complete),
+    path("complete-async", views.complete_async),
 ]

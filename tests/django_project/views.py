@@ -158,3 +158,35 @@ def inline(request: HttpRequest) -> HttpResponse:
 @limit("2/minute", key="header:X-User")
 async def inline_async(request: HttpRequest) -> HttpResponse:
     return HttpResponse("limited inline, asynchronously")
+
+
+def _signed_in(request: HttpRequest) -> HttpResponse:
+    if request.headers.get("X-Password") == "s3cret":
+        return HttpResponse("welcome")
+    return HttpResponse("no", status=401)
+
+
+def signin(request: HttpRequest) -> HttpResponse:
+    """A login that answers 401 to a wrong password (`count_status = [401]` counts those)."""
+    return _signed_in(request)
+
+
+async def signin_async(request: HttpRequest) -> HttpResponse:
+    return _signed_in(request)
+
+
+def _answered(request: HttpRequest) -> HttpResponse:
+    response = HttpResponse("an answer")
+    wanted = request.headers.get("X-Want")
+    if wanted is not None:
+        response["X-Tokens"] = wanted  # what the answer took (`settle_header = "X-Tokens"`)
+    return response
+
+
+def complete(request: HttpRequest) -> HttpResponse:
+    """An LLM-style endpoint that says in X-Tokens how many tokens its answer took."""
+    return _answered(request)
+
+
+async def complete_async(request: HttpRequest) -> HttpResponse:
+    return _answered(request)

@@ -14,6 +14,9 @@ slots in between are skipped once, while the bucket is nearly full) and lasts ab
 Only token buckets (`Policy`) are leased. A sliding window counts each admission at the time
 it is made, so units taken now and admitted later would be counted too early; several rates
 would need one run of slots per rate. Both keep one compare-and-set per batch.
+
+A settle of an admission made from a lease is written to the shared bucket, like any other
+(store.py): a refund of a unit admitted at `now` is one the bucket could have made itself.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamInfo
 
-from ...algorithms import Algorithm
-from ...bucket import Decision
+from ...algorithms import Algorithm, Settlement
+from ...bucket import Decision, peek
 from ...config import StoreConfig
 from ...errors import StoreError, StoreUnavailableError
 from ...rules import Rules, override_key
@@ -94,9 +94,10 @@ _PROBE_SECONDS = 1  # after a missed deadline, a connection must answer a PING w
 _RECREATION_CHECK_SECONDS = 2.0  # how often the bucket's stream is checked for a re-creation
 _CLOSE_SECONDS = 2.0
 
-Waiter = tuple[Algorithm, int, "asyncio.Future[Decision] | None", float, int]
+Waiter = tuple[Algorithm | Settlement, int, "asyncio.Future[Decision] | None", float, int]
 """One decision to write: its policy, its cost, who waits for it (None: the writer itself), its
-deadline (monotonic seconds), and how long it may be admitted for later (ns, `timeout`)."""
+deadline (monotonic seconds), and how long it may be admitted for later (ns, `timeout`). A
+settle is written the same way, its `Settlement` in place of the policy."""
 
 
 @dataclass(eq=False, slots=True)
@@ -114,6 +115,7 @@ class _KeyState:
     asked: int = 0  # units asked since the last write (how hot the key is: lease.py)
     observed_at: float = 0.0  # monotonic time of the last write, until the key has a lease
     lease: Lease | None = None  # tokens this process took of the key's bucket (lease.py)
+    settling: int = 0  # settles queued or being written: a cached denial may be stale then
 
 
 class _NoTimeLeftError(DeadlineError):
@@ -125,6 +127,11 @@ def _settle(waiters: list[Waiter], error: BaseException) -> None:
     for _, _, future, _, _ in waiters:
         if future is not None and not future.done():
             future.set_exception(error)
+
+
+def _algorithm(policy: Algorithm | Settlement) -> Algorithm:
+    """The key's algorithm, whether a waiter is a decision or a settle."""
+    return policy.policy if isinstance(policy, Settlement) else policy
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -619,12 +626,17 @@ class NatsStore:
                 admitted, decision = policy.consume(state.state, clock_now, cost, max_wait_ns)
                 if admitted is None:
                     # The cache proves the bucket empty (for longer than the request may wait:
-                    # the real state can only make it wait longer): no round trip; unless it was
-                    # cached long ago (a reset elsewhere?): then read it first.
-                    if clock_now - state.checked_ns < RECHECK_NS:
+                    # the real state can only make it wait longer): no round trip; unless a
+                    # settle of this process is on its way (a refund?): then decide in its
+                    # batch, after it; or it was cached long ago (a reset elsewhere?): then
+                    # read it first.
+                    if state.settling:
+                        pass
+                    elif clock_now - state.checked_ns < RECHECK_NS:
                         return decision
-                    state.lost = True
-                elif lease is not None and lease.holding and not max_wait_ns:
+                    else:
+                        state.lost = True
+                elif lease is not None and lease.holding and not max_wait_ns and not state.settling:
                     held = lease.hold_back(state.state, clock_now, cost)
                     if held is not None:
                         return held  # a hot key at the limit: see `Lease.hold_back`
@@ -721,7 +733,7 @@ class NatsStore:
         """
         if deadline is None:
             deadline = time.monotonic() + self.config.timeout
-        algorithm = batch[0][0] if batch else policy
+        algorithm = _algorithm(batch[0][0]) if batch else policy
         assert algorithm is not None
         leasing = self._leasing(state, algorithm)
         run: tuple[int, int] | None = None
@@ -741,7 +753,7 @@ class NatsStore:
                         state, read_error, alone=self._alone(read_error)
                     ) from None
             now = self._clock()
-            last_policy: Algorithm | None = None
+            last_policy: Algorithm | Settlement | None = None
             new_state: Any = state.state if state.revision is not None else algorithm.empty
             decisions = []
             for waiter_policy, cost, _, _, max_wait in batch:
@@ -762,7 +774,7 @@ class NatsStore:
                 raise self._no_time_left(key)
             try:
                 revision = await self._write(
-                    subject, new_state, last_policy, state.revision or 0, remaining
+                    subject, new_state, _algorithm(last_policy), state.revision or 0, remaining
                 )
             except nats.js.errors.APIError as error:
                 if not is_wrong_last_sequence(error):
@@ -791,6 +803,55 @@ class NatsStore:
             self._last_reply = replied = time.monotonic()
             self._round_trip += (replied - started - self._round_trip) / 16
             return decisions
+
+    # -- settles (Admission.finish, Permit.settle) ---------------------------------------------
+
+    def settle(self, key: str, policy: Algorithm, receipt: int, reserved: int, actual: int) -> None:
+        """Queue the settle with the key's decisions (one compare-and-set for all that wait),
+        on the store's loop, from any thread; never blocks. Through the shared bucket, also for
+        a key this process leases: the refund is one the bucket could have made itself."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # closed: nothing this store admitted is left to settle
+        settlement = Settlement(policy, receipt, reserved, actual)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._queue_settlement(key, settlement)
+        else:
+            with suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._queue_settlement, key, settlement)
+
+    def _queue_settlement(self, key: str, settlement: Settlement) -> None:
+        loop = asyncio.get_running_loop()
+        state = self._cache.get(key)
+        if state is None:
+            state = self._cache[key] = _KeyState()
+            if len(self._cache) > self.config.max_keys:
+                self._cache.popitem(last=False)
+        if state.revision is None:
+            state.lost = True  # a refund of an unknown state would be lost: read it first
+        written: asyncio.Future[Decision] = loop.create_future()
+        written.add_done_callback(lambda done: self._settled(key, state, done))
+        state.settling += 1
+        state.waiters.append((settlement, 0, written, time.monotonic() + self.config.timeout, 0))
+        if not state.busy:
+            state.busy = True
+            state.flusher = loop.create_task(self._flush(key, state))
+
+    def _settled(self, key: str, state: _KeyState, written: asyncio.Future[Decision]) -> None:
+        state.settling -= 1
+        error = None if written.cancelled() else written.exception()
+        if error is not None:
+            self._warn(
+                "store %r: key %r: a settle was not written (%s); the admission stays charged "
+                "as it was",
+                self.config.name,
+                key,
+                error,
+            )
 
     # -- leases (lease.py) -----------------------------------------------------------------------
 
@@ -821,7 +882,7 @@ class NatsStore:
                 self._refill(key, state, lease.policy)
             )
             state.flusher.add_done_callback(_retrieve)
-        return lease.policy.peek(state.state, now)
+        return peek(lease.policy, state.state, now, now)
 
     def _serve_from_lease(
         self, state: _KeyState, lease: Lease, batch: list[Waiter]
@@ -832,7 +893,7 @@ class NatsStore:
         for waiter in batch:
             policy, cost, future, _, _ = waiter
             if future is not None and policy is lease.policy and lease.take(now, cost):
-                future.set_result(lease.policy.peek(state.state, now))
+                future.set_result(peek(lease.policy, state.state, now, now))
             else:
                 rest.append(waiter)
         return rest
