@@ -379,7 +379,7 @@ class RequestLimiter:
 
     # A request takes each limiter's slot before spending from its rate, so that a refusal by
     # either spends nothing of the other: a slot taken is given back when a later check refuses
-    # (a rate spent could not be refunded).
+    # (a rate spent stays spent, unless its limiter settles: see `_SettlingAdmission`).
 
     async def _abegin_slotted(
         self, facts: RequestFacts, plan: Plan, reserved: list[Reservation] | None = None
