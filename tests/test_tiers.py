@@ -7,6 +7,7 @@ rate on the very next request. Memory and NATS stores; Starlette, Flask, WSGI, D
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,8 +18,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ratesync_middleware import AsyncRateLimiter, ConfigError, RateLimitMiddleware, load_config
 from ratesync_middleware.stores.nats import NatsStore
@@ -418,3 +420,35 @@ def test_django_checks_report_a_tier_function_that_cannot_be_imported() -> None:
     assert "[limiters.search] tier: cannot import 'tests.request_functions:no_such_plan'" in (
         error.msg
     )
+
+
+def test_websocket_messages_spend_from_the_senders_tier() -> None:
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        with contextlib.suppress(WebSocketDisconnect):  # the client left, or was closed on
+            while True:
+                await websocket.send_text(await websocket.receive_text())
+
+    settings = tiered()
+    settings["middleware"] = {}  # the handshake is not limited: only the messages
+    settings["routes"] = [{"path": "/ws", "messages": ["search"]}]
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", echo)],
+        middleware=[Middleware(RateLimitMiddleware, config=settings)],
+    )
+
+    def sent_until_closed(client: TestClient, user: str) -> int:
+        """How many messages were echoed before the socket was closed with 1008."""
+        with client.websocket_connect("/ws", headers={"X-User": user}) as socket:
+            for echoed in range(10):
+                socket.send_text("hi")
+                message = socket.receive()
+                if message["type"] == "websocket.close":
+                    assert message["code"] == 1008
+                    return echoed
+        return 10
+
+    with TestClient(app) as client:
+        assert sent_until_closed(client, "alice") == 2  # free: 2/minute
+        assert sent_until_closed(client, "bob") == 5  # pro: 5/minute (and 100/hour)
+        assert sent_until_closed(client, "carol") == 1  # no plan: the limiter's 1/minute
