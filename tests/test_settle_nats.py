@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from ratesync_middleware import AsyncRateLimiter, RateLimiter
+from tests.conftest import start_server
 from tests.natsserver import NatsServer
 from tests.test_fleet import FrozenClock, eventually
 from tests.test_nats_faults import limits, own_server, stopped  # noqa: F401 (a fixture)
@@ -191,3 +192,28 @@ async def test_a_settle_while_nats_hangs_is_logged_once_and_never_raised(
     lines = [r.getMessage() for r in caplog.records if "a settle was not written" in r.getMessage()]
     assert len(lines) == 1, lines  # one line per 10 s, however many failed
     assert "the admission stays charged as it was" in lines[0]
+
+
+async def test_a_disconnect_warning_does_not_hide_a_settle_that_failed(
+    bucket_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server()
+    try:
+        config = limits(server.url, bucket_name, timeout=0.3, backoff=0.5)
+        async with AsyncRateLimiter(config) as limiter:
+            permit = await limiter.acquire("slow", key="k")
+            with caplog.at_level(logging.WARNING, "ratesync_middleware.nats"):
+                server.kill()
+                await _logged(caplog, "disconnected from NATS")
+                await permit.settle(0)  # written by the store's flusher: it cannot be now
+                await _logged(caplog, "a settle was not written")
+    finally:
+        server.cleanup()
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """Wait until a log line holds `text` (a store logs from its own tasks)."""
+    deadline = time.monotonic() + _PATIENCE
+    while not any(text in record.getMessage() for record in caplog.records):
+        assert time.monotonic() < deadline, f"never logged: {text!r}"
+        await asyncio.sleep(0.01)

@@ -180,7 +180,7 @@ class NatsStore:
         self._last_error: StoreError | None = None
         self._connect_errors: list[BaseException] = []
         self._permission_denied = False
-        self._last_warning = 0.0
+        self._last_warnings: dict[str, float] = {}  # a warning's format -> when it was logged
         self._last_foreign_warning = 0.0
         self._round_trip = 0.0005  # seconds, a moving average of successful writes
         self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
@@ -404,9 +404,11 @@ class NatsStore:
         self._warn("store %r: NATS reported %s", self.config.name, shown)
 
     def _warn(self, message: str, *args: object) -> None:
+        """One line per kind of warning (its format) every `_WARNING_INTERVAL` at most: a flood
+        of one kind (disconnects) never hides another (a settle that failed)."""
         now = time.monotonic()
-        if now - self._last_warning >= _WARNING_INTERVAL:
-            self._last_warning = now
+        if now - self._last_warnings.get(message, -_WARNING_INTERVAL) >= _WARNING_INTERVAL:
+            self._last_warnings[message] = now
             logger.warning(message, *args)
 
     # -- a connection that hangs, a bucket that was re-created --------------------------------
