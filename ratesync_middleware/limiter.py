@@ -574,6 +574,8 @@ class AsyncRateLimiter:
         key: str | None = None,
         cost: int = 1,
         timeout: float | None = None,
+        *,
+        tier: str | None = None,
     ) -> Permit:
         """A permit under `limiter` for `key`: its concurrency slot (`max_concurrent`) taken and
         `cost` spent from its rate, both or neither. Raises `RateLimitExceeded` when refused
@@ -584,7 +586,7 @@ class AsyncRateLimiter:
         rate-sync's meaning) is how long to wait for a slot, then for the rate, instead of
         refusing; a rate that knows its wait exceeds what is left refuses at once. A failing
         store gives the limiter's fail-open answer (a permit holding nothing) or, fail-closed,
-        `RateLimitExceeded` with a degraded decision.
+        `RateLimitExceeded` with a degraded decision. `tier` is the key's tier, as for `hit`.
         """
         check_cost(cost)
         config = self.limiter(limiter)
@@ -599,7 +601,7 @@ class AsyncRateLimiter:
         if config.policy is not None:
             left = max(0.0, waited_until - time.monotonic()) if budget else 0.0
             try:
-                decision = await self.hit(limiter, key, cost, timeout=left)
+                decision = await self.hit(limiter, key, cost, timeout=left, tier=tier)
             except BaseException:
                 if slot is not None:
                     slot.release()
@@ -610,7 +612,7 @@ class AsyncRateLimiter:
                 raise RateLimitExceeded(decision)
         assert decision is not None  # a limiter has a rate, slots, or both
         settles = config.policy is not None and decision.receipt is not None
-        return Permit(decision, slot, (self, limiter, key, cost) if settles else None)
+        return Permit(decision, slot, (self, limiter, key, cost, tier) if settles else None)
 
     def notify(
         self,
@@ -772,9 +774,11 @@ class RateLimiter:
         """This process's async core (rebuilt in a forked child)."""
         return self._driver.core.limiter
 
-    def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
+    def hit(
+        self, limiter: str, key: str | None = None, cost: int = 1, *, tier: str | None = None
+    ) -> Decision:
         """See `AsyncRateLimiter.hit`."""
-        return self._driver.hit(limiter, key, cost)
+        return self._driver.hit(limiter, key, cost, tier)
 
     def acquire(
         self,
@@ -782,6 +786,8 @@ class RateLimiter:
         key: str | None = None,
         cost: int = 1,
         timeout: float | None = None,
+        *,
+        tier: str | None = None,
     ) -> SyncPermit:
         """See `AsyncRateLimiter.acquire`; `with limiter.acquire(...)` releases on exit.
 
@@ -789,11 +795,12 @@ class RateLimiter:
         """
         core = self.async_limiter
         wait = core.limiter(limiter).timeout if timeout is None else check_timeout(timeout)
-        return self._driver.run(core.acquire(limiter, key, cost, timeout), wait).synchronous()
+        acquired = core.acquire(limiter, key, cost, timeout, tier=tier)
+        return self._driver.run(acquired, wait).synchronous()
 
-    def peek(self, limiter: str, key: str | None = None) -> Decision:
+    def peek(self, limiter: str, key: str | None = None, *, tier: str | None = None) -> Decision:
         """See `AsyncRateLimiter.peek`."""
-        return self._driver.run(self.async_limiter.peek(limiter, key))
+        return self._driver.run(self.async_limiter.peek(limiter, key, tier=tier))
 
     def reset(self, limiter: str, key: str | None = None) -> None:
         """See `AsyncRateLimiter.reset`."""

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Permit", "SyncPermit", "check_settled_cost"]
 
-Charge = tuple["AsyncRateLimiter", str, "str | None", int]
-"""Who charged a permit's rate, and what: the limiter, its name, the key, the cost reserved."""
+Charge = tuple["AsyncRateLimiter", str, "str | None", int, "str | None"]
+"""Who charged a permit's rate, and what: the limiter, its name, the key, the cost reserved,
+the key's tier."""
 
 
 def check_settled_cost(cost: object) -> None:
@@ -56,8 +57,8 @@ class _Held:
             return
         charge = self._charge
         if charge is not None:
-            limiter, name, key, reserved = charge
-            limiter.settle(name, key, self.decision, reserved, cost)
+            limiter, name, key, reserved, tier = charge
+            limiter.settle(name, key, self.decision, reserved, cost, tier=tier)
         self._settled = cost
 
     @property

@@ -132,13 +132,15 @@ class SyncRequestLimiter:
         except StoreError as error:  # the loop thread itself did not answer in time
             return core.degraded(plan, error)
 
-    def hit(self, limiter: str, key: str | None = None, cost: int = 1) -> Decision:
+    def hit(
+        self, limiter: str, key: str | None = None, cost: int = 1, tier: str | None = None
+    ) -> Decision:
         """See `AsyncRateLimiter.hit`; blocks at most the outer deadline."""
         core = self.core.limiter
         if core.decides_now(limiter):
-            return core.hit_now(limiter, key, cost)
+            return core.hit_now(limiter, key, cost, tier=tier)
         try:
-            return _portal.run(core.hit(limiter, key, cost), self.deadline)
+            return _portal.run(core.hit(limiter, key, cost, tier=tier), self.deadline)
         except StoreError as error:  # the loop thread itself did not answer in time
             return core.degraded(core.limiter(limiter), error)
 

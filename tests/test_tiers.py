@@ -22,7 +22,14 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ratesync_middleware import AsyncRateLimiter, ConfigError, RateLimitMiddleware, load_config
+from ratesync_middleware import (
+    AsyncRateLimiter,
+    ConfigError,
+    RateLimiter,
+    RateLimitExceeded,
+    RateLimitMiddleware,
+    load_config,
+)
 from ratesync_middleware.stores.nats import NatsStore
 from tests import request_functions
 from tests.test_django import (  # noqa: F401  (the Django sites, and their settings)
@@ -208,6 +215,28 @@ async def test_hit_takes_a_tier_and_reset_refills_every_tier() -> None:
         await limiter.reset("search", "u1")
         assert (await limiter.peek("search", "u1", tier="free")).remaining == 2
         assert (await limiter.peek("search", "u1")).remaining == 1
+
+
+async def test_acquire_takes_a_tier_and_its_permit_settles_the_tiers_state() -> None:
+    async with AsyncRateLimiter(tiered()) as limiter:
+        permit = await limiter.acquire("search", "u1", cost=2, tier="free")  # all of free
+        with pytest.raises(RateLimitExceeded):
+            await limiter.acquire("search", "u1", tier="free")
+        assert (await limiter.peek("search", "u1")).remaining == 1  # its own rate: untouched
+        await permit.settle(1)  # one of the two refunded, to free's state
+        assert (await limiter.peek("search", "u1", tier="free")).remaining == 1
+
+
+def test_the_sync_limiter_takes_a_tier_too() -> None:
+    with RateLimiter(tiered()) as limiter:
+        assert [limiter.hit("search", "u1", tier="free").allowed for _ in range(3)] == [
+            True,
+            True,
+            False,
+        ]
+        with limiter.acquire("search", "u2", tier="pro") as permit:
+            assert permit.decision.policy.startswith("search:pro")
+        assert limiter.peek("search", "u2", tier="pro").remaining == 4
 
 
 # --- the configuration -----------------------------------------------------------------------
