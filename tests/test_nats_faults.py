@@ -236,10 +236,13 @@ async def test_a_decision_queued_behind_a_write_keeps_its_own_deadline(
 
 
 @pytest.mark.slow
-# The shares are floors a loaded 2-core CI machine still clears (the proxy's thread adds its own
-# delay: 21% at 0.25 s was seen under load, 50-70% on a quiet machine); the fault this guards
-# against answered 0% by NATS, every decision waiting out its deadline.
-@pytest.mark.parametrize(("timeout", "answered_by_nats"), [(0.25, 0.1), (0.5, 0.8)])
+# The fault this guards against answered none by NATS, every decision waiting out its deadline.
+# The shares are floors a loaded 2-core machine still clears: at 0.25 s, 50-70% on a quiet
+# machine, but a CPU-starved one (the proxy's thread adds its own delay) can open a back-off, and
+# its fail-open answers are instant, so the tasks then loop thousands of times: 0.1% of 36,000
+# answers (41 by NATS) was seen with three busy loops on the two cores. So at 0.25 s only a
+# count is asked of NATS; at 0.5 s nearly all fit.
+@pytest.mark.parametrize(("timeout", "answered_by_nats"), [(0.25, 0.0), (0.5, 0.8)])
 async def test_a_slow_link_keeps_every_answer_within_the_deadline(
     nats_server: NatsServer, bucket_name: str, timeout: float, answered_by_nats: float
 ) -> None:
@@ -255,13 +258,15 @@ async def test_a_slow_link_keeps_every_answer_within_the_deadline(
             answers, unanswered = await load(limiter, 200, 2.0, lambda n: f"k{n % 20}")
     assert unanswered == 0
     latencies = sorted(latency for _, latency, _ in answers)
-    real = sum(not d.degraded for _, _, d in answers) / len(answers)
+    by_nats = sum(not d.degraded for _, _, d in answers)
+    real = by_nats / len(answers)
     p99 = latencies[int(0.99 * (len(latencies) - 1))]
     print(
         f"timeout {timeout}: {len(answers)} answers, p99 {p99:.3f}s, "
         f"max {latencies[-1]:.3f}s, {real:.1%} answered by NATS"
     )
     assert latencies[-1] < timeout + 0.15
+    assert by_nats >= 10
     assert real >= answered_by_nats
     assert all(d.allowed for _, _, d in answers)
 
