@@ -289,14 +289,12 @@ class AsyncRateLimiter:
         if policy is None:
             raise self._no_rate(config)
         store_key = group = group_key(limiter, None if is_global else key)
-        if tier is not None:
-            policy, store_key = self._tiered(config, group, tier)
         hook = self.on_decision
         started = time.perf_counter() if hook is not None else 0.0
-        if not rules.empty:
+        if tier is not None or not rules.empty:
             if not rules.loaded:  # the store opens (and loads its rules) on first use
                 await self._open_rules(bound)
-            ruled = self._ruled(bound, group, policy, store_key)
+            ruled = self._ruled(bound, group, policy, tier)
             if isinstance(ruled, Decision):  # banned
                 self.notify(config, key, ruled, started, None)
                 return ruled
@@ -347,11 +345,9 @@ class AsyncRateLimiter:
         if policy is None:
             raise self._no_rate(config)
         store_key = group = group_key(limiter, None if bound.is_global else key)
-        if tier is not None:
-            policy, store_key = self._tiered(config, group, tier)
         max_wait = _ns(timeout) if timeout else 0
-        if not bound.rules.empty:
-            ruled = self._ruled(bound, group, policy, store_key)
+        if tier is not None or not bound.rules.empty:
+            ruled = self._ruled(bound, group, policy, tier)
             if isinstance(ruled, Decision):  # banned
                 self.notify(config, key, ruled, time.perf_counter(), None)
                 return ruled
@@ -386,10 +382,8 @@ class AsyncRateLimiter:
         if policy is None:
             return
         store_key = group = group_key(limiter, None if bound.is_global else key)
-        if tier is not None:
-            policy, store_key = self._tiered(bound.config, group, tier)
-        if not bound.rules.empty:
-            ruled = self._ruled(bound, group, policy, store_key)
+        if tier is not None or not bound.rules.empty:
+            ruled = self._ruled(bound, group, policy, tier)
             if isinstance(ruled, Decision):
                 return  # banned since: nothing it spends matters now
             policy, store_key = ruled
@@ -441,10 +435,16 @@ class AsyncRateLimiter:
         return config.policy, group
 
     def _ruled(
-        self, bound: _Bound, group: str, policy: Algorithm, store_key: str | None = None
+        self, bound: _Bound, group: str, policy: Algorithm, tier: str | None
     ) -> tuple[Algorithm, str] | Decision:
-        """A group's ban (the refusal), or the policy and key to decide it by (an override's,
-        else `policy` at `store_key`, the group's own key unless a tier's)."""
+        """A group's ban (the refusal), or the policy and key to decide it by: an override's,
+        else its tier's (on the tier's own state), else `policy` at the group's own key. Called
+        only with a tier or a rule in force (`Rules.empty`): the common case needs neither."""
+        store_key = group
+        if tier is not None:
+            policy, store_key = self._tiered(bound.config, group, tier)
+        if bound.rules.empty:
+            return policy, store_key
         now = self._clock()
         ban = bound.rules.ban(group, now)
         if ban is not None:
@@ -452,7 +452,7 @@ class AsyncRateLimiter:
         override = bound.rules.override(group, now)
         if override is not None:
             return override.policy, override_key(group)
-        return policy, group if store_key is None else store_key
+        return policy, store_key
 
     # -- live overrides and bans (rules.py) ---------------------------------------------------
 
