@@ -111,6 +111,16 @@ def nats_store(nats_url: str, bucket_name: str) -> dict[str, Any]:
     return {"engine": "nats", "url": nats_url, "bucket_name": bucket_name}
 
 
+@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+def store(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A `[stores.<name>]` table: the embedded store, or a real nats-server with a fresh bucket
+    (a generous deadline: the tests count exactly, on a loaded machine too)."""
+    if request.param == "memory":
+        return {"engine": "memory"}
+    table: dict[str, Any] = request.getfixturevalue("nats_store")
+    return {**table, "timeout": 2.0}
+
+
 @pytest.fixture(scope="session")
 def server_without_jetstream() -> Iterator[NatsServer]:
     server = start_server(jetstream=False)

@@ -57,6 +57,19 @@ Get = Callable[..., tuple[int, dict[str, str]]]  # (path, headers) -> (status, h
 # --- one small app per adapter, each with "/" and a decorated "/marked" --------------------------
 
 
+def _server_like(client: Client) -> Get:
+    """`get` through a werkzeug test client (Flask's is one), closing each response once its
+    body is read, as a server does: the request's `finish`."""
+
+    def get(path: str = "/", headers: dict[str, str] | None = None) -> Any:
+        response = client.get(path, headers=headers)
+        response.get_data()
+        response.close()
+        return response.status_code, dict(response.headers)
+
+    return get
+
+
 def starlette(settings: dict[str, Any]) -> Iterator[Get]:
     async def hello(request: Request) -> Response:
         return PlainTextResponse("hello")
@@ -94,11 +107,7 @@ def flask(settings: dict[str, Any]) -> Iterator[Get]:
 
     client = app.test_client()
 
-    def get(path: str = "/", headers: dict[str, str] | None = None) -> Any:
-        response = client.get(path, headers=headers)
-        response.get_data()
-        response.close()  # what a server does once the body is sent: the request ends
-        return response.status_code, dict(response.headers)
+    get = _server_like(client)
 
     yield get
     ratelimit.close()
@@ -112,11 +121,7 @@ def wsgi(settings: dict[str, Any]) -> Iterator[Get]:
     middleware = WSGIRateLimitMiddleware(hello, config=settings)
     client = Client(middleware)
 
-    def get(path: str = "/", headers: dict[str, str] | None = None) -> Any:
-        response = client.get(path, headers=headers)
-        response.get_data()
-        response.close()  # what a server does once the body is sent: the request ends
-        return response.status_code, dict(response.headers)
+    get = _server_like(client)
 
     yield get
     middleware.close()

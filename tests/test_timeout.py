@@ -29,16 +29,6 @@ SLOW_RATES: dict[str, dict[str, Any]] = {
     "rates": {"limit": ["1/minute", "100/hour"]},
     "window": {"algorithm": "sliding_window", "limit": 1, "window_seconds": 60},
 }
-STORES = ["memory", pytest.param("nats", marks=pytest.mark.nats)]
-
-
-@pytest.fixture(params=STORES)
-def store(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The `[stores.s]` table: the embedded store, or a real nats-server with a fresh bucket."""
-    if request.param == "memory":
-        return {"engine": "memory"}
-    table: dict[str, Any] = request.getfixturevalue("nats_store")
-    return {**table, "timeout": 2.0}
 
 
 def config(store: dict[str, Any], limiter: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -29,16 +29,6 @@ from tests.test_concurrency import Gate, call
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-STORES = ["memory", pytest.param("nats", marks=pytest.mark.nats)]
-
-
-@pytest.fixture(params=STORES)
-def store(request: pytest.FixtureRequest) -> dict[str, Any]:
-    if request.param == "memory":
-        return {"engine": "memory"}
-    table: dict[str, Any] = request.getfixturevalue("nats_store")
-    return {**table, "timeout": 2.0}
-
 
 def config(store: dict[str, Any], timeout: float, **limiter: Any) -> dict[str, Any]:
     """One limiter on every request: by default a token every 200 ms and a burst of one."""
