@@ -193,15 +193,11 @@ def peek(policy: Policy, tat: int, now: int, receipt: int | None = None) -> Deci
     """The bucket as a zero-cost request sees it: remaining units and time to full, changing
     nothing. With `receipt`, the decision of an admission made elsewhere (a lease's)."""
     start = tat if tat > now else now
-    return Decision(
-        allowed=True,
-        limit=policy.burst,
-        remaining=max(0, (policy.window_ns - (start - now)) // policy.interval_ns),
-        retry_after=0.0,
-        reset_after=(start - now) / NS_PER_SECOND,
-        policy=policy.name,
-        receipt=receipt,
-    )
+    interval = policy.interval_ns
+    left = (policy.burst * interval - (start - now)) // interval  # < 0: overdrawn
+    # Every field in order, without the named tuple's `__new__`: a leased admission's answer.
+    fields = (True, policy.burst, left if left > 0 else 0, 0.0, (start - now) / NS_PER_SECOND)
+    return _new_tuple(Decision, (*fields, policy.name, "", False, 0.0, receipt))
 
 
 @dataclass(frozen=True, slots=True)
