@@ -119,7 +119,9 @@ class StoreDriver(Driver):
         if package is not None:
             rate = {"rate_per_second": 1e6, "burst": 1_000_000} if self.allowed else {}
             config = {
-                "stores": {"nats": {"engine": "nats", "url": url, "bucket_name": package}},
+                "stores": {
+                    "nats": {"engine": "nats", "url": url, "bucket_name": f"{package}_{scenario}"}
+                },
                 "limiters": {
                     "api": {"store": "nats", "rate_per_second": 0.001, "burst": 10, **rate}
                 },
