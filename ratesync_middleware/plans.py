@@ -10,6 +10,7 @@ handle the request (a 404, a 405) lists no candidates: rules and the default sti
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import hashlib
 import inspect
@@ -222,8 +223,11 @@ class PlanResolver:
                 name = limiter
             if name not in self._identities:
                 known = ", ".join(sorted(self.config.limiters)) or "none"
+                hint = difflib.get_close_matches(name, self.config.limiters, n=1)
+                did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise ConfigError(
-                    f"{self.config.source}: {where}: no limiter {name!r} (defined: {known})",
+                    f"{self.config.source}: {where}: no limiter {name!r}{did_you_mean}"
+                    f" (defined: {known})",
                     source=self.config.source,
                     table="[middleware]" if where == "[middleware]" else None,
                     key="default" if where == "[middleware]" else None,

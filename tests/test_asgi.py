@@ -460,7 +460,7 @@ def test_an_unknown_limiter_in_a_decorator_fails_the_start_up() -> None:
         return PlainTextResponse("x")
 
     with (
-        pytest.raises(ConfigError, match="no limiter 'logn'"),
+        pytest.raises(ConfigError, match=r"no limiter 'logn' \(did you mean 'login'\?\)"),
         TestClient(starlette_app(routes=[Route("/", typo)])),
     ):
         pass  # pragma: no cover

@@ -995,7 +995,7 @@ def test_checks_find_an_unknown_limiter_in_a_views_limit() -> None:
         "tests.django_project.typo_urls.typo",
     ]
     typo = errors["tests.django_project.typo_urls.typo"]
-    assert "no limiter 'logn' (defined: api, login, search)" in typo.msg
+    assert "no limiter 'logn' (did you mean 'login'?) (defined: api, login, search)" in typo.msg
 
 
 def test_manage_py_check_fails_on_a_broken_configuration() -> None:
