@@ -156,6 +156,11 @@ class AsyncRateLimiter:
         )
 
     @property
+    def opened(self) -> bool:
+        """Whether a store is open (this process has something to close)."""
+        return bool(self._stores)
+
+    @property
     def opened_unused(self) -> bool:
         """A store is open but no limiter was used yet: what a pre-fork server's master holds."""
         return bool(self._stores) and not self._bound

@@ -12,6 +12,7 @@ refuses.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import weakref
@@ -59,6 +60,21 @@ if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork()
     os.register_at_fork(before=_before_fork, after_in_child=_forked)
 
 
+_remote: weakref.WeakSet[SyncRequestLimiter] = weakref.WeakSet()
+"""Limiters with stores on the background loop: closed at interpreter exit (`_close_at_exit`)."""
+
+
+def _close_at_exit() -> None:
+    """A WSGI process ends (a gunicorn worker told to stop, a script's last line) without
+    closing its limiter: close the open stores, so that settles and slot releases on their way
+    are written (the loop's thread is a daemon that would stop with them unwritten)."""
+    for limiter in list(_remote):
+        limiter.close_if_open()
+
+
+atexit.register(_close_at_exit)
+
+
 def run_inline(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine that never suspends, without an event loop."""
     try:
@@ -92,6 +108,8 @@ class SyncRequestLimiter:
         self.config = self._core.config
         self.deadline = outer_deadline(self.config)
         self._remote = bool(self._core.remote_stores)
+        if self._remote:
+            _remote.add(self)
 
     @property
     def core(self) -> RequestLimiter:
@@ -156,6 +174,8 @@ class SyncRequestLimiter:
         core.prepare(endpoints)
         self._remote = bool(core.remote_stores)  # an inline @limit may be on a NATS store
         if self._remote:
+            _remote.add(self)
+        if self._remote:
             _portal.run(core.open_stores(), self.deadline + 5.0)
             _opened_at_startup.add(self)
 
@@ -174,6 +194,14 @@ class SyncRequestLimiter:
             logger.warning("ratesync: closing the stores before fork() failed: %s", error)
             return
         _portal.stop_if_idle(_CLOSE_BEFORE_FORK_SECONDS)  # no thread of ours to copy, if idle
+
+    def close_if_open(self) -> None:
+        """`close()` if this process opened a store (at exit: never start a loop to close)."""
+        if self._forks == _forks and self._core.limiter.opened:
+            try:
+                self.close()
+            except Exception as error:  # the process ends anyway
+                logger.warning("ratesync: closing the stores at exit failed: %s", error)
 
     def close(self) -> None:
         """Close the stores of this process."""

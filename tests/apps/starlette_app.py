@@ -1,10 +1,11 @@
 """A minimal Starlette app for tests that run real servers; the configuration is discovered
-through `$RATE_SYNC_CONFIG`, as a deployed app's would be. Every path answers "ok" (a
-`[[routes]]` rule may give a path limiters of its own), and every answer, refusals included,
-names the process in an `X-Worker` header."""
+through `$RATE_SYNC_CONFIG`, as a deployed app's would be. Every path answers "ok" (after
+`?sleep=SECONDS`: a request in flight; a `[[routes]]` rule may give a path limiters of its own),
+and every answer, refusals included, names the process in an `X-Worker` header."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from starlette.applications import Starlette
@@ -36,6 +37,7 @@ class NameTheWorker:
 
 
 async def index(request: Request) -> PlainTextResponse:
+    await asyncio.sleep(float(request.query_params.get("sleep", 0)))  # a request in flight
     return PlainTextResponse("ok")
 
 

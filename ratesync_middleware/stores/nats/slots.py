@@ -91,6 +91,25 @@ class SlotKeeper:
         for group in self._groups.values():
             group.revision = None
 
+    def drain(self) -> list[asyncio.Task[None]]:
+        """Start writing every release not written yet (on the store's loop, before it closes):
+        the tasks to wait for."""
+        if self._loop is not asyncio.get_running_loop():
+            return []
+        for key, group in self._groups.items():
+            if group.dirty:
+                self._flush_soon(key, group)
+        return [g.flusher for g in self._groups.values() if g.flusher is not None]
+
+    def unwritten(self) -> int:
+        """Slots released here that the stored claims still count (they come back when the
+        claim's lease ends); a claim whose write failed counts as one."""
+        return sum(
+            group.stored - group.held if group.stored >= 0 else 1
+            for group in self._groups.values()
+            if group.stored > group.held or (group.stored < 0 and group.dirty)
+        )
+
     def close(self) -> None:
         """Stop the heartbeat and the writers (the claims lapse by themselves)."""
         tasks = [self._heartbeat, *(g.flusher for g in self._groups.values())]

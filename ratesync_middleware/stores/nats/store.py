@@ -181,6 +181,8 @@ class NatsStore:
         self._connect_errors: list[BaseException] = []
         self._permission_denied = False
         self._last_warnings: dict[str, float] = {}  # a warning's format -> when it was logged
+        self._settles: set[asyncio.Future[Decision]] = set()  # settles on their way to NATS
+        self._closing = False  # draining in `aclose`: failures are counted, not logged each
         self._last_foreign_warning = 0.0
         self._round_trip = 0.0005  # seconds, a moving average of successful writes
         self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
@@ -292,6 +294,7 @@ class NatsStore:
             raise
         self._direct = bool(info.config.allow_direct)
         self._nc, self._js, self._replies = nc, js, replies
+        self._closing = False
         self._loop = asyncio.get_running_loop()
         self._opened_before = True
         self._last_reply = time.monotonic()
@@ -521,8 +524,11 @@ class NatsStore:
                 writer.transport.abort()  # type: ignore[union-attr]
 
     async def aclose(self) -> None:
+        """Write what this process owes NATS (queued settles and refunds, slot releases, the
+        unused tokens of leases) within the store `timeout`, then close. What could not be
+        written is counted in one WARNING."""
         if self._loop is asyncio.get_running_loop():
-            await self._return_leases()
+            await self._drain(time.monotonic() + self.config.timeout)
         nc = self._nc
         self._forget_connection()
         self._slots.close()
@@ -537,6 +543,42 @@ class NatsStore:
                 with suppress(Exception):
                     await asyncio.wait_for(self._presence.goodbye(nc), self.config.timeout)
             await self._close_client(nc)
+
+    async def _drain(self, deadline: float) -> None:
+        """Wait, until `deadline`, for the settles and slot releases on their way, then give
+        back unused lease tokens; one WARNING counts what did not reach NATS."""
+        self._closing = True  # until the store opens again: failures are counted here
+        await asyncio.sleep(0)  # settles and releases sent from other threads are queued
+        settles = list(self._settles)
+        releases = self._slots.drain()
+        pending: set[asyncio.Future[Any]] = {*settles, *releases}
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        unsettled = sum(
+            1
+            for written in settles
+            if not written.done() or written.cancelled() or written.exception() is not None
+        )
+        unreleased = self._slots.unwritten()
+        unreturned = await self._return_leases(deadline)
+        lost = [
+            f"{count} {what}"
+            for count, what in (
+                (unsettled, "settles or refunds"),
+                (unreleased, "slot releases"),
+                (unreturned, "lease returns"),
+            )
+            if count
+        ]
+        if lost:
+            error = self._last_error if time.monotonic() < self._retry_at else None
+            logger.warning(
+                "store %r: closing with %s not written to NATS (%s); what they would have "
+                "given back stays charged until it refills or its lease ends",
+                self.config.name,
+                ", ".join(lost),
+                error or f"no answer within {self.config.timeout:g}s",
+            )
 
     # -- what the slots (slots.py) use of the store ---------------------------------------------
 
@@ -837,6 +879,7 @@ class NatsStore:
             state.lost = True  # a refund of an unknown state would be lost: read it first
         written: asyncio.Future[Decision] = loop.create_future()
         written.add_done_callback(lambda done: self._settled(key, state, done))
+        self._settles.add(written)
         state.settling += 1
         state.waiters.append((settlement, 0, written, time.monotonic() + self.config.timeout, 0))
         if not state.busy:
@@ -845,8 +888,9 @@ class NatsStore:
 
     def _settled(self, key: str, state: _KeyState, written: asyncio.Future[Decision]) -> None:
         state.settling -= 1
+        self._settles.discard(written)
         error = None if written.cancelled() else written.exception()
-        if error is not None:
+        if error is not None and not self._closing:  # closing: counted in one line
             self._warn(
                 "store %r: key %r: a settle was not written (%s); the admission stays charged "
                 "as it was",
@@ -919,33 +963,35 @@ class NatsStore:
             state.busy = True
             state.flusher = asyncio.get_running_loop().create_task(self._flush(key, state))
 
-    async def _return_leases(self) -> None:
+    async def _return_leases(self, deadline: float) -> int:
         """Give back the unused tokens of leases whose write is still the key's last (then
-        GCRA allows it: nobody holds a slot after them), before the connection closes."""
-        nc = self._nc
-        if nc is None or not nc.is_connected or time.monotonic() < self._retry_at:
-            return  # NATS is failing: the leases expire by themselves, soon
-        returns = []
+        GCRA allows it: nobody holds a slot after them), before the connection closes; how
+        many could not be given back (they come back by themselves as the bucket refills)."""
+        returnable = []
         now = self._clock()
         for key, state in self._cache.items():
             lease = state.lease
             unused = lease.unused(now) if lease is not None else None
-            if lease is None or unused is None or state.busy or state.revision is None:
+            if lease is None or unused is None or state.revision is None:
                 continue
             if unused[1] != state.state:
                 continue  # others wrote after the lease: its slots are not the last ones
             lease.drop()
-            returns.append(
-                self._write(
-                    self._prefix + key,
-                    max(unused[0], now),
-                    lease.policy,
-                    state.revision,
-                    self.config.timeout,
-                )
-            )
-        if returns:
-            await asyncio.gather(*returns, return_exceptions=True)  # best effort
+            returnable.append((key, state, lease.policy, max(unused[0], now)))
+        if not returnable:
+            return 0
+        nc = self._nc
+        left = deadline - time.monotonic()
+        if nc is None or not nc.is_connected or time.monotonic() < self._retry_at or left <= 0:
+            return len(returnable)  # NATS is failing, or the time is up
+        returns = [
+            self._write(self._prefix + key, tat, policy, state.revision or 0, left)
+            for key, state, policy, tat in returnable
+            if not state.busy
+        ]
+        results = await asyncio.gather(*returns, return_exceptions=True)
+        busy = len(returnable) - len(returns)  # still writing at the deadline
+        return busy + sum(isinstance(result, BaseException) for result in results)
 
     def _fits(self, remaining: float) -> bool:
         """Whether a round trip fits in `remaining` seconds, by the moving average of the last
