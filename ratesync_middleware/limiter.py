@@ -55,17 +55,41 @@ class DecisionEvent:
 DecisionHook = Callable[[DecisionEvent], None]
 
 
+@dataclass(slots=True)
+class _Outage:
+    since: float  # monotonic time of the first failure
+    answers: int = 0  # decisions answered by the fail rule since
+    reported: bool = False  # a WARNING told of it
+
+
 class _FailureLog:
     """One warning per store per interval during an outage, with the count of failures since."""
 
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        self._outages: dict[str, _Outage] = {}  # store -> since when it fails, and how often
 
     def report(self, store: str, error: StoreError) -> None:
+        outage = self._outages.get(store)
+        if outage is None:
+            outage = self._outages[store] = _Outage(time.monotonic())
+        outage.answers += 1
         more = self._due(store)
         if more is not None:
+            outage.reported = True
             logger.warning("store %r failed: %s%s", store, error, more)
+
+    def answering_again(self, store: str) -> None:
+        """The store answered after failures: one INFO line, when a WARNING told of them."""
+        outage = self._outages.pop(store, None)
+        if outage is not None and outage.reported:
+            logger.info(
+                "store %r answers again after %.1fs; %d decisions used the fail rule meanwhile",
+                store,
+                time.monotonic() - outage.since,
+                outage.answers,
+            )
 
     def report_function(self, limiter: str, error: RequestFunctionError) -> None:
         more = self._due(f"function:{limiter}")
@@ -201,6 +225,8 @@ class AsyncRateLimiter:
             if self.inline:  # a NATS bucket's TTL must cover the inline limiters' windows too
                 config = replace(config, limiters={**self.inline, **config.limiters})
             store = self._stores[name] = create_store(config, name, self._clock)
+            if hasattr(store, "on_answering_again"):
+                store.on_answering_again = functools.partial(self._failures.answering_again, name)
         return store
 
     def add_limiter(self, limiter: LimiterConfig) -> None:

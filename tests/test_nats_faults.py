@@ -199,6 +199,69 @@ async def test_back_off_answers_at_once_while_the_socket_is_still_up(
                 assert elapsed < 0.05, f"{key}: waited {elapsed:.3f}s during the back-off"
 
 
+async def test_a_cpu_starved_process_reads_its_late_reply_and_keeps_deciding(
+    nats_server: NatsServer, bucket_name: str
+) -> None:
+    # The event loop is blocked (threads holding the GIL, a busy handler) while a decision's
+    # reply arrives: when it runs again, the deadline timer and the unread reply are both due.
+    # NATS did answer: the decision takes the reply, and no back-off opens.
+    async with AsyncRateLimiter(limits(nats_server.url, bucket_name, backoff=5.0)) as limiter:
+        assert not (await limiter.hit("api", key="k")).degraded
+        decision = asyncio.ensure_future(limiter.hit("api", key="k"))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the request is written to the socket
+        time.sleep(0.4)  # noqa: ASYNC251 (the point: a loop that cannot run for 0.4 s)
+        starved = await decision
+        assert not starved.degraded, starved.reason
+        after = await limiter.hit("api", key="k")
+        assert not after.degraded, after.reason
+
+
+async def test_one_late_answer_ends_the_back_off_it_opened(
+    nats_server: NatsServer, bucket_name: str
+) -> None:
+    # The link holds everything for 0.4 s (past the 0.25 s deadline), then delivers it: the
+    # decision in flight is answered by its fail rule, but its late reply proves NATS answers,
+    # so the next decisions are NATS's again, not the fail rule's for the whole back-off.
+    with tcp_proxy(nats_server.port) as proxy:
+        async with AsyncRateLimiter(limits(proxy.url, bucket_name, backoff=5.0)) as limiter:
+            assert not (await limiter.hit("api", key="k")).degraded
+            proxy.pause()
+            missed = asyncio.ensure_future(limiter.hit("api", key="k"))
+            await asyncio.sleep(0.4)
+            proxy.resume()
+            assert (await missed).degraded
+            deadline = time.monotonic() + 1.0
+            decision = await limiter.hit("api", key="k")
+            while decision.degraded and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                decision = await limiter.hit("api", key="k")
+            assert not decision.degraded, "the back-off outlived the late answer"
+
+
+async def test_the_store_says_when_it_answers_again(
+    own_server: NatsServer, bucket_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with AsyncRateLimiter(limits(own_server.url, bucket_name, backoff=0.2)) as limiter:
+        assert not (await limiter.hit("api", key="k")).degraded
+        with caplog.at_level(logging.INFO, "ratesync_middleware"):
+            with stopped(own_server):
+                for _ in range(3):
+                    assert (await limiter.hit("api", key="k")).degraded
+            deadline = time.monotonic() + 10
+            while (await limiter.hit("api", key="k")).degraded:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+    again = [r for r in caplog.records if "answers again" in r.getMessage()]
+    assert len(again) == 1
+    assert again[0].levelno == logging.INFO
+    message = again[0].getMessage()
+    assert message.startswith("store 'prod' answers again after ")
+    count = int(message.split("; ")[1].split()[0])
+    assert count >= 3
+    assert message.endswith("decisions used the fail rule meanwhile")
+
+
 async def test_a_round_trip_average_beyond_the_deadline_does_not_stop_every_decision(
     nats_server: NatsServer, bucket_name: str
 ) -> None:

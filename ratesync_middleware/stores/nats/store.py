@@ -78,6 +78,7 @@ from .wire import (
     PENDING_BUFFER_BYTES,
     STATUS,
     Replies,
+    SilentLinkError,
     StoredEntry,
     ack_revision,
     decode_state,
@@ -184,6 +185,8 @@ class NatsStore:
         self._settles: set[asyncio.Future[Decision]] = set()  # settles on their way to NATS
         self._closing = False  # draining in `aclose`: failures are counted, not logged each
         self._last_foreign_warning = 0.0
+        self._failing = False  # a call failed since the last answer
+        self.on_answering_again: Callable[[], None] | None = None  # after failures (limiter.py)
         self._round_trip = 0.0005  # seconds, a moving average of successful writes
         self._last_reply = 0.0  # monotonic time of the last answer NATS gave to a decision
         self._slots = SlotKeeper(self)
@@ -257,7 +260,21 @@ class NatsStore:
         """Record a failure: calls fail at once with `error` until the back-off ends."""
         self._last_error = error
         self._retry_at = time.monotonic() + self.config.backoff
+        self._failing = True
         return error
+
+    def _answered_late(self) -> None:
+        """A reply came after its request's deadline: NATS answers again (a pause, a loop that
+        was starved of CPU). A back-off that a silent link opened ends at once."""
+        if isinstance(self._last_error, DeadlineError) and time.monotonic() < self._retry_at:
+            self._retry_at = 0.0
+
+    def _answers_again(self) -> None:
+        """The first answer after failures: the `on_answering_again` hook logs it."""
+        self._failing = False
+        hook = self.on_answering_again
+        if hook is not None:
+            hook()
 
     def _forget_connection(self) -> None:
         self._nc = self._js = self._replies = None
@@ -285,7 +302,7 @@ class NatsStore:
             # call made once per connection, given the connect deadline rather than a decision's.
             setup = nc.jetstream(timeout=max(self.config.timeout, self.config.connect_timeout))
             info = await self.open_bucket(setup)
-            replies = Replies(nc)
+            replies = Replies(nc, on_late_answer=self._answered_late)
             await replies.start()
             await self._resets.start(nc)
             await nc.subscribe(rules_subject(self.config.bucket_name), cb=self._rules_watch.nudge)
@@ -428,10 +445,14 @@ class NatsStore:
         self._probe = asyncio.get_running_loop().create_task(self._probe_connection(nc))
 
     async def _probe_connection(self, nc: NatsClient) -> None:
+        replies = self._replies
+        answers = replies.answers if replies is not None else 0
         try:
             # A PING queued behind everything written so far: its PONG proves the link drains.
             await asyncio.wait_for(nc.flush(timeout=_PROBE_SECONDS), _PROBE_SECONDS + 0.5)
         except NatsFailure:
+            if replies is not None and replies.answers != answers:
+                return  # the PONG is late, but requests are answered: a busy link, not a hung one
             if self._nc is nc and nc.is_connected:
                 self._give_up(nc, f"no answer to a PING within {_PROBE_SECONDS}s")
 
@@ -792,6 +813,8 @@ class NatsStore:
                     state.state, state.revision = await self._read(subject, remaining, algorithm)
                     state.lost, state.checked_ns = False, self._clock()
                     self._last_reply = time.monotonic()
+                    if self._failing:
+                        self._answers_again()
                 except NatsFailure as read_error:
                     raise self._call_failure(
                         state, read_error, alone=self._alone(read_error)
@@ -846,6 +869,8 @@ class NatsStore:
             # A moving average of the write round trip paces contended keys.
             self._last_reply = replied = time.monotonic()
             self._round_trip += (replied - started - self._round_trip) / 16
+            if self._failing:
+                self._answers_again()
             return decisions
 
     # -- settles (Admission.finish, Permit.settle) ---------------------------------------------
@@ -1011,10 +1036,13 @@ class NatsStore:
     def _alone(self, error: BaseException) -> bool:
         """Whether a failed round trip fails only its own batch, without opening the back-off.
 
-        A missed deadline opens the back-off when NATS has not answered anything for a whole
-        deadline (a hang, a black hole: every call misses, whatever the socket says). While
-        other calls are answered (a slow link), a miss fails alone: the decision had queued
-        behind other writes and its round trip did not fit in what was left. Every miss has
+        A missed deadline opens the back-off only on evidence that NATS stopped answering: no
+        reply at all to any request since this one was sent, once the replies that already
+        arrived are read (`SilentLinkError`: a hang, a black hole, a partition; every call
+        would miss, whatever the socket says). While other requests are answered (a slow
+        link, a CPU-starved process reading its replies late), a miss fails alone: its round
+        trip did not fit in what was left of its deadline. A back-off opened by a silent link
+        ends with the first reply that comes, late or not (`_answered_late`). Every miss has
         the connection checked (`_suspect_connection`). So has a request refused before it was
         sent because the outgoing buffer is full: a burst, or a link that does not drain (then
         the PING goes unanswered and the connection is given up).
@@ -1022,9 +1050,15 @@ class NatsStore:
         if isinstance(error, nats.errors.OutboundBufferLimitError):
             self._suspect_connection()
             return True
-        if not isinstance(error, nats.errors.TimeoutError | asyncio.TimeoutError):
+        if isinstance(error, SilentLinkError):
+            self._suspect_connection()
             return False
-        self._suspect_connection()
+        if isinstance(error, nats.errors.TimeoutError):
+            self._suspect_connection()
+            return True  # answered meanwhile (see `Replies.request`): slow, not dead
+        if not isinstance(error, asyncio.TimeoutError):
+            return False
+        self._suspect_connection()  # a management call (a bucket without direct get)
         return time.monotonic() - self._last_reply < self.config.timeout
 
     def _call_failure(
@@ -1037,6 +1071,7 @@ class NatsStore:
         if not isinstance(error, nats.errors.OutboundBufferLimitError):  # else: never sent
             state.revision, state.lost = None, True
         failure = self._errors.call_failure(error)
+        self._failing = True
         if alone:
             return failure
         if isinstance(failure, BucketGoneError):

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,6 +36,7 @@ _FIELDS = ("v", "tat_ns", "interval_ns", "burst")
 # a value ~100), so that publishing never waits for a link that does not drain.
 PENDING_BUFFER_BYTES = 2 * 1024 * 1024
 _PENDING_LIMIT = PENDING_BUFFER_BYTES - 64 * 1024
+_READ_TURNS = 3  # turns of the event loop a missed request gives late replies to be read
 
 
 def encode_value(tat: int, policy: Policy) -> bytes:
@@ -206,19 +208,24 @@ class Replies:
     before the publish; the publish itself never waits (see `PENDING_BUFFER_BYTES`).
     """
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, on_late_answer: Callable[[], None] | None = None) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
         self._tokens = itertools.count()
+        self.answers = 0  # replies received, late ones included: the evidence that NATS answers
+        self._on_late_answer = on_late_answer
 
     async def start(self) -> None:
         await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
 
     async def _on_reply(self, message: Msg) -> None:
+        self.answers += 1
         future = self._waiting.pop(message.subject[len(self._prefix) :], None)
         if future is not None and not future.done():
             future.set_result(message)
+        elif self._on_late_answer is not None:  # its request missed its deadline
+            self._on_late_answer()
 
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
@@ -238,15 +245,39 @@ class Replies:
         future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = future
         timer = loop.call_later(timeout, _time_out, future)
+        answers = self.answers
         try:
             await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            message = await future
+            try:
+                message = await future
+            except nats.errors.TimeoutError:
+                message = await self._late_reply(token, answers)
         finally:
             timer.cancel()
             self._waiting.pop(token, None)
         if not message.data and (message.headers or {}).get(STATUS) == NO_RESPONDERS:
             raise nats.errors.NoRespondersError  # nothing stores the subject: no bucket
         return message
+
+
+    async def _late_reply(self, token: str, answers: int) -> Msg:
+        """A request's deadline passed. A process starved of CPU (a busy loop, threads holding
+        the GIL) may hold its reply unread while the timer fires: read what arrived, a few
+        turns of the loop, and take the reply if it is there. Else `SilentLinkError` when NATS
+        answered nothing since the request was sent, `TimeoutError` when it answered others."""
+        late: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = late
+        for _ in range(_READ_TURNS):
+            await asyncio.sleep(0)
+            if late.done():
+                return late.result()
+        if self.answers == answers:
+            raise SilentLinkError
+        raise nats.errors.TimeoutError
+
+
+class SilentLinkError(nats.errors.TimeoutError):
+    """A request missed its deadline and NATS answered no other request meanwhile."""
 
 
 def _time_out(future: asyncio.Future[Msg]) -> None:
