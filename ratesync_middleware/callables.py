@@ -1,4 +1,4 @@
-"""The user's functions a limiter calls per request: `cost`, `exempt_when` and `tier`.
+"""The user's functions a limiter calls per request: `cost`, `exempt_when`, `tier` (and `key`).
 
 A `"pkg.mod:func"` in the configuration is imported once (at start-up, else on first use);
 `@limit(..., cost=func)` gives the function itself. Either is called with the framework's own
@@ -11,14 +11,80 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+import math
+import time
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .errors import ConfigError, RequestFunctionError
 
-__all__ = ["Exemption", "RequestCost", "RequestTier", "import_callable"]
+__all__ = [
+    "SLOW_FUNCTION_SECONDS",
+    "Exemption",
+    "RequestCost",
+    "RequestTier",
+    "call_timed",
+    "import_callable",
+    "on_slow_function",
+]
 
 RequestFunction = Callable[[Any], Any]
+
+SLOW_FUNCTION_SECONDS: Final = 0.1  # a request function slower than this is logged
+_SLOW_WARNING_INTERVAL: Final = 10.0  # seconds between two warnings about one function
+
+logger = logging.getLogger("ratesync_middleware")
+
+_slow_warned: dict[str, float] = {}
+_slow_since_warning: dict[str, int] = {}
+_slow_listeners: list[weakref.WeakMethod[Callable[[str, float], None]]] = []
+
+
+def on_slow_function(listener: Callable[[str, float], None]) -> None:
+    """Call the bound method `listener(label, seconds)` for every request function call slower
+    than `SLOW_FUNCTION_SECONDS`, while its object lives (the metrics count them)."""
+    _slow_listeners.append(weakref.WeakMethod(listener))
+
+
+def call_timed(label: str, function: RequestFunction, argument: Any) -> Any:
+    """`function(argument)`, timed: a call slower than `SLOW_FUNCTION_SECONDS` holds up the
+    request (and, under ASGI, every request of the event loop), so it is logged (throttled,
+    per function) and counted."""
+    started = time.perf_counter()
+    try:
+        return function(argument)
+    finally:
+        took = time.perf_counter() - started
+        if took >= SLOW_FUNCTION_SECONDS:
+            _slow(label, took)
+
+
+def _slow(label: str, took: float) -> None:
+    for reference in list(_slow_listeners):
+        listener = reference()
+        if listener is None:
+            _slow_listeners.remove(reference)
+            continue
+        try:
+            listener(label, took)
+        except Exception:  # a metrics backend's problem must not fail a request
+            logger.exception("a slow-function listener failed")
+    now = time.monotonic()
+    if now - _slow_warned.get(label, -math.inf) < _SLOW_WARNING_INTERVAL:
+        _slow_since_warning[label] = _slow_since_warning.get(label, 0) + 1
+        return
+    _slow_warned[label] = now
+    more = _slow_since_warning.pop(label, 0)
+    logger.warning(
+        "request function %r took %.2fs (over %gs)%s: it runs on every request's path (under "
+        "ASGI, on the event loop that serves every request); move blocking work to a thread",
+        label,
+        took,
+        SLOW_FUNCTION_SECONDS,
+        f" ({more} more slow calls since the last report)" if more else "",
+    )
 
 
 def import_callable(spec: str, *, source: str, table: str, key: str) -> Callable[..., Any]:
@@ -100,7 +166,7 @@ class RequestCost(_RequestFunction):
 
     def __call__(self, request: Any) -> int:
         try:  # one call per request: the user's function, then the checks
-            value = (self._function or self.load())(request)
+            value = call_timed(self.label, self._function or self.load(), request)
         except Exception as error:  # the user's code: contained, reported without its text
             raise self._raised(error) from error
         if type(value) is not int or value < 1:  # bool is not a cost
@@ -120,7 +186,7 @@ class Exemption(_RequestFunction):
 
     def __call__(self, request: Any) -> bool:
         try:
-            return bool((self._function or self.load())(request))
+            return bool(call_timed(self.label, self._function or self.load(), request))
         except Exception as error:  # the user's code: contained, reported without its text
             raise self._raised(error) from error
 
@@ -134,7 +200,7 @@ class RequestTier(_RequestFunction):
 
     def __call__(self, request: Any) -> str | None:
         try:
-            value = (self._function or self.load())(request)
+            value = call_timed(self.label, self._function or self.load(), request)
         except Exception as error:  # the user's code: contained, reported without its text
             raise self._raised(error) from error
         if value is not None and type(value) is not str:

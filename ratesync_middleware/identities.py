@@ -6,7 +6,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .callables import import_callable
+from .callables import call_timed, import_callable
+from .errors import RequestFunctionError
 from .config import LimiterConfig
 from .facts import RequestFacts
 from .keys import join_identity
@@ -44,13 +45,14 @@ class Identity:
     A global limiter's identity is None: one bucket for everybody.
     """
 
-    __slots__ = ("_callables", "_parts", "_source", "_table", "is_global", "sync")
+    __slots__ = ("_callables", "_labels", "_parts", "_source", "_table", "is_global", "sync")
 
     def __init__(self, config: LimiterConfig, source: str, table: str | None = None) -> None:
         """`table`: where the key is written, for errors (default `[limiters.<name>]`)."""
         self.is_global = config.is_global
         self._parts: list[Callable[[RequestFacts], Any]] = []
         self._callables: list[tuple[int, str]] = []  # (index, spec) still to import
+        self._labels: dict[int, str] = {}  # index -> spec of each "pkg.mod:func" part
         for spec in config.key:
             if spec == "global":
                 continue
@@ -64,6 +66,7 @@ class Identity:
                 self._parts.append(_part_header(spec[len("header:") :].lower()))
             else:
                 self._callables.append((len(self._parts), spec))
+                self._labels[len(self._parts)] = spec
                 self._parts.append(_part_ip)  # placeholder until imported
         self.sync = not self._callables
         self._table, self._source = table or f"[limiters.{config.name}]", source
@@ -87,15 +90,26 @@ class Identity:
         return join_identity([part(facts) for part in parts])
 
     async def __call__(self, facts: RequestFacts) -> str | None:
-        """The identity, awaiting async key functions."""
+        """The identity, awaiting async key functions; `RequestFunctionError` when one raises
+        (answered by the limiter's fail rule, never a 500)."""
         if self.is_global:
             return None
         if self._callables:
             self.load()
         values = []
-        for part in self._parts:
-            value = part(facts)
-            if inspect.isawaitable(value):
-                value = await value
+        labels = self._labels
+        for index, part in enumerate(self._parts):
+            label = labels.get(index)
+            if label is None:  # a built-in part: ip, user, path, header
+                value = part(facts)
+            else:
+                try:
+                    value = call_timed(label, part, facts)
+                    if inspect.isawaitable(value):
+                        value = await value
+                except Exception as error:  # the user's code: reported without its text
+                    raise RequestFunctionError(
+                        f"key function {label!r} raised {type(error).__name__}"
+                    ) from error
             values.append(facts.client_ip if value is None else str(value))
         return values[0] if len(values) == 1 else join_identity(values)

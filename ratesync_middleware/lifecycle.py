@@ -350,7 +350,14 @@ class RequestLimiter:
             waits = any(limiter(item.name).timeout > 0 for item in plan)
         for item in plan:
             identity = item.identity
-            key = identity.now(facts) if identity.sync else await identity(facts)
+            try:
+                key = identity.now(facts) if identity.sync else await identity(facts)
+            except RequestFunctionError as error:  # the fail rule answers, as in `_resolve`
+                failed = self.limiter.degraded(limiter(item.name), error)
+                if not failed.allowed and self._refuses(item, failed):
+                    return Admission(failed, self.responses)
+                best = best or (failed if failed.allowed else None)
+                continue
             timeout = limiter(item.name).timeout if waits else 0.0
             decision = await hit(item.name, key, item.cost, timeout=timeout, tier=item.tier)
             if reserved is not None and item.settle is not None:
@@ -389,7 +396,14 @@ class RequestLimiter:
         limiter = self.limiter
         for item in plan:
             identity = item.identity
-            key = identity.now(facts) if identity.sync else await identity(facts)
+            try:
+                key = identity.now(facts) if identity.sync else await identity(facts)
+            except RequestFunctionError as error:  # the fail rule answers, as in `_resolve`
+                failed = limiter.degraded(limiter.limiter(item.name), error)
+                if not failed.allowed and self._refuses(item, failed):
+                    return self._refused(failed, held)
+                best = best or (failed if failed.allowed else None)
+                continue
             config = limiter.limiter(item.name)
             timeout = config.timeout
             if config.slots is not None:

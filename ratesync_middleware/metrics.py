@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .callables import on_slow_function
 from .limiter import DecisionEvent
 
 STORE_SECONDS_BUCKETS = (
@@ -41,7 +42,8 @@ def outcome(event: DecisionEvent) -> str:
 
 
 class PrometheusMetrics:
-    """Counts decisions by limiter and outcome, times the store, counts store errors."""
+    """Counts decisions by limiter and outcome, times the store, counts store errors and slow
+    request functions."""
 
     def __init__(self, registry: Any = None, namespace: str = "ratesync") -> None:
         try:
@@ -66,6 +68,14 @@ class PrometheusMetrics:
             buckets=STORE_SECONDS_BUCKETS,
             registry=registry,
         )
+        self.slow_functions = Counter(
+            "slow_functions",
+            "Calls of a key, cost, tier or exempt_when function slower than 100 ms.",
+            ["function"],
+            namespace=namespace,
+            registry=registry,
+        )
+        on_slow_function(self._slow_function)
         self.store_errors = Counter(
             "store_errors",
             "Decisions whose store failed, by error.",
@@ -73,6 +83,9 @@ class PrometheusMetrics:
             namespace=namespace,
             registry=registry,
         )
+
+    def _slow_function(self, label: str, seconds: float) -> None:
+        self.slow_functions.labels(label).inc()
 
     def __call__(self, event: DecisionEvent) -> None:
         self.decisions.labels(event.limiter, outcome(event)).inc()

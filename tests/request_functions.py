@@ -6,6 +6,7 @@ the adapter passed.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 SEEN: list[type] = []
@@ -33,6 +34,12 @@ def internal(request: Any) -> bool:
 
 def broken(request: Any) -> int:
     raise KeyError("the secret token abc123 is not in the request")
+
+
+def slow(request: Any) -> int:
+    """A cost function that blocks (a database call made in the request's thread)."""
+    time.sleep(0.15)
+    return 1
 
 
 def not_a_number(request: Any) -> Any:

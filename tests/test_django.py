@@ -523,6 +523,14 @@ def test_a_failing_cost_function_is_answered_by_the_fail_rule(site: Site) -> Non
         assert site.statuses(2) == [503] * 2
 
 
+def test_a_raising_key_function_is_answered_by_the_fail_rule(site: Site) -> None:
+    broken = {"rate_per_second": 0.01, "burst": 5, "key": "tests.request_functions:broken"}
+    with override_settings(RATESYNC=with_config(limiters={"api": broken})):
+        assert site.statuses(3) == [200] * 3
+    with override_settings(RATESYNC=with_config(limiters={"api": {**broken, "fail_closed": True}})):
+        assert site.statuses(2) == [503] * 2
+
+
 def test_a_shadow_limiter_refuses_nothing_and_sends_no_headers(site: Site) -> None:
     shadow = {"rate_per_second": 0.01, "burst": 2, "mode": "shadow"}
     with override_settings(RATESYNC=with_config(limiters={"api": shadow})):

@@ -6,10 +6,23 @@ import logging
 
 import pytest
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
-from ratesync_middleware import AsyncRateLimiter, RateLimiter
+from ratesync_middleware import AsyncRateLimiter, RateLimiter, RateLimitMiddleware
 from ratesync_middleware.limiter import DecisionEvent
 from ratesync_middleware.metrics import PrometheusMetrics
+
+SLOW = "tests.request_functions:slow"
+
+
+async def hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
 
 LIMITS = {"limiters": {"api": {"rate_per_second": 1.0, "burst": 2}}}
 DOWN = {
@@ -77,6 +90,24 @@ async def test_prometheus_metrics() -> None:
     assert value("ratesync_decisions_total", limiter="closed", outcome="fail_closed") == 1
     assert value("ratesync_store_errors_total", store="down", error="ConnectionRefusedError") == 2
     assert value("ratesync_store_seconds_count", store="default") == 3
+
+
+def test_prometheus_metrics_count_slow_request_functions() -> None:
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry=registry)
+    slow = {
+        "limiters": {"api": {"limit": 10, "window_seconds": 60, "cost": SLOW}},
+        "middleware": {"default": "api"},
+    }
+    app = Starlette(
+        routes=[Route("/", hello)],
+        middleware=[
+            Middleware(RateLimitMiddleware, config=AsyncRateLimiter(slow, on_decision=metrics))
+        ],
+    )
+    with TestClient(app) as client:
+        assert client.get("/").status_code == 200
+    assert registry.get_sample_value("ratesync_slow_functions_total", {"function": SLOW}) == 1
 
 
 async def test_fail_local_decisions_have_outcomes_of_their_own() -> None:

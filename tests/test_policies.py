@@ -32,6 +32,7 @@ from ratesync_middleware import (
     ConfigError,
     RateLimiter,
     RateLimitMiddleware,
+    callables,
     limit,
 )
 from ratesync_middleware.flask import RateLimit
@@ -240,6 +241,40 @@ def test_a_failing_exempt_when_of_a_fail_closed_limiter_refuses_with_503(
     status, headers = get()
     assert status == 503
     assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+
+
+def test_a_raising_key_function_fails_open_by_default(
+    serve: Callable[..., Get], caplog: pytest.LogCaptureFixture
+) -> None:
+    get = serve(config(key="tests.request_functions:broken"))
+    with caplog.at_level(logging.ERROR, logger="ratesync_middleware"):
+        assert statuses(get, 3) == [200, 200, 200]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1  # throttled: one line per limiter per 10 s
+    message = errors[0].getMessage()
+    assert "limiter 'api': key function 'tests.request_functions:broken' raised KeyError" in message
+    assert "abc123" not in message  # what the function said is not logged: it may be secret
+    assert errors[0].exc_info is None
+
+
+def test_a_raising_key_function_of_a_fail_closed_limiter_refuses_with_503(
+    serve: Callable[..., Get],
+) -> None:
+    get = serve(config(fail_closed=True, key=["ip", "tests.request_functions:broken"]))
+    assert statuses(get, 2) == [503, 503]
+
+
+def test_a_slow_request_function_is_named_in_a_warning(
+    serve: Callable[..., Get], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(callables, "_slow_warned", {})  # the throttle is the process's
+    get = serve(config(cost="tests.request_functions:slow"))
+    with caplog.at_level(logging.WARNING, logger="ratesync_middleware"):
+        assert statuses(get, 2) == [200, 200]
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert len(slow) == 1  # throttled: one line per function per 10 s
+    assert slow[0].startswith("request function 'tests.request_functions:slow' took 0.1")
+    assert "move blocking work to a thread" in slow[0]
 
 
 # --- the configuration -----------------------------------------------------------------------
