@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .callables import call_timed, import_callable
-from .errors import RequestFunctionError
 from .config import LimiterConfig
+from .errors import RequestFunctionError
 from .facts import RequestFacts
 from .keys import join_identity
 

@@ -259,7 +259,6 @@ class Replies:
             raise nats.errors.NoRespondersError  # nothing stores the subject: no bucket
         return message
 
-
     async def _late_reply(self, token: str, answers: int) -> Msg:
         """A request's deadline passed. A process starved of CPU (a busy loop, threads holding
         the GIL) may hold its reply unread while the timer fires: read what arrived, a few
