@@ -39,6 +39,20 @@ def duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def key_expiry(info: StreamInfo, server: tuple[int, int]) -> tuple[bool, str]:
+    """Whether writes to this bucket carry a per-message TTL (`Nats-TTL`: a key leaves the
+    server once its state is full again), and a line saying which expiry applies."""
+    if getattr(info.config, "allow_msg_ttl", False):
+        return True, "idle keys expire when full again (per-message TTL)"
+    kept = f"idle keys are kept {duration(info.config.max_age or 0)} (the bucket's TTL"
+    if server < (2, 11):
+        return False, f"{kept}: nats-server {server[0]}.{server[1]} has no per-message TTL)"
+    return False, (
+        f"{kept}: the bucket was made without per-message TTL; "
+        f"`nats stream edit {info.config.name} --allow-msg-ttl` enables it)"
+    )
+
+
 def precreate_command(bucket: str, ttl_seconds: int) -> str:
     """The seed guide's `nats kv add` command, with a TTL long enough for this store."""
     if ttl_seconds == BUCKET_TTL_SECONDS:

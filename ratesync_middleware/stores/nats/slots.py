@@ -291,9 +291,13 @@ class SlotKeeper:
             if held:
                 claims[self.holder] = (held, until)
             payload = encode_slots(slots.limit, slots.lease_ns, claims)
+            # Kept by the server while a claim is live (its lease), then removed.
+            ttl = store.ttl_until(max((end for _, end in claims.values()), default=now))
             try:
                 revision = await self._call(
-                    store.write_raw(subject, payload, group.revision or 0, self._left(deadline)),
+                    store.write_raw(
+                        subject, payload, group.revision or 0, self._left(deadline), ttl
+                    ),
                     group,
                     writing=True,
                 )

@@ -38,13 +38,13 @@ from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamInfo
 
 from ...algorithms import Algorithm, Settlement
-from ...bucket import Decision, peek
+from ...bucket import NS_PER_SECOND, Decision, peek
 from ...config import StoreConfig
 from ...errors import StoreError, StoreUnavailableError
 from ...rules import Rules, override_key
 from ...slots import Slots
 from ..base import Clock, wall_clock
-from .bucket import BucketOpener, precreate_command
+from .bucket import BucketOpener, key_expiry, precreate_command
 from .control import (
     RECHECK_NS,
     Events,
@@ -75,6 +75,7 @@ from .slots import SlotKeeper
 from .wire import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
     KV_OPERATION,
+    MESSAGE_TTL,
     PENDING_BUFFER_BYTES,
     STATUS,
     Replies,
@@ -94,6 +95,7 @@ _WARNING_INTERVAL = 10.0
 _PROBE_SECONDS = 1  # after a missed deadline, a connection must answer a PING within this
 _RECREATION_CHECK_SECONDS = 2.0  # how often the bucket's stream is checked for a re-creation
 _CLOSE_SECONDS = 2.0
+_EXPIRY_MARGIN = 1.0  # seconds after a key's TTL ends before it is taken for gone (server lag)
 
 Waiter = tuple[Algorithm | Settlement, int, "asyncio.Future[Decision] | None", float, int]
 """One decision to write: its policy, its cost, who waits for it (None: the writer itself), its
@@ -117,6 +119,7 @@ class _KeyState:
     observed_at: float = 0.0  # monotonic time of the last write, until the key has a lease
     lease: Lease | None = None  # tokens this process took of the key's bucket (lease.py)
     settling: int = 0  # settles queued or being written: a cached denial may be stale then
+    expires_at: float = 0.0  # monotonic time the last write's per-message TTL ends (0: none)
 
 
 class _NoTimeLeftError(DeadlineError):
@@ -133,6 +136,11 @@ def _settle(waiters: list[Waiter], error: BaseException) -> None:
 def _algorithm(policy: Algorithm | Settlement) -> Algorithm:
     """The key's algorithm, whether a waiter is a decision or a settle."""
     return policy.policy if isinstance(policy, Settlement) else policy
+
+
+def _seconds_until(idle_at_ns: int, now_ns: int) -> int:
+    """A per-message TTL: whole seconds until a state is full again, at least the server's 1."""
+    return max(1, -(-(idle_at_ns - now_ns) // NS_PER_SECOND))
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -177,6 +185,7 @@ class NatsStore:
         self._stream_created: datetime | None = None
         self._highest_ack = 0  # stream sequences only grow, unless the stream was re-created
         self._direct = False
+        self._msg_ttl = False  # writes carry `Nats-TTL` (the bucket allows per-message TTL)
         self._retry_at = 0.0  # monotonic time before which calls fail at once
         self._last_error: StoreError | None = None
         self._connect_errors: list[BaseException] = []
@@ -310,6 +319,12 @@ class NatsStore:
             await self._close_client(nc)
             raise
         self._direct = bool(info.config.allow_direct)
+        version = nc.connected_server_version
+        self._msg_ttl, expiry = key_expiry(info, (version.major, version.minor))
+        if not self._opened_before:
+            logger.info(
+                "store %r: KV bucket %r: %s", self.config.name, self.config.bucket_name, expiry
+            )
         self._nc, self._js, self._replies = nc, js, replies
         self._closing = False
         self._loop = asyncio.get_running_loop()
@@ -811,7 +826,7 @@ class NatsStore:
                     raise self._no_time_left(key)
                 try:
                     state.state, state.revision = await self._read(subject, remaining, algorithm)
-                    state.lost, state.checked_ns = False, self._clock()
+                    state.lost, state.checked_ns, state.expires_at = False, self._clock(), 0.0
                     self._last_reply = time.monotonic()
                     if self._failing:
                         self._answers_again()
@@ -839,10 +854,13 @@ class NatsStore:
             remaining = deadline - started
             if not self._fits(remaining):
                 raise self._no_time_left(key)
+            written = _algorithm(last_policy)
+            ttl = _seconds_until(written.idle_at(new_state), now) if self._msg_ttl else 0
+            last = state.revision or 0
+            if last and state.expires_at and started >= state.expires_at + _EXPIRY_MARGIN:
+                last = 0  # its TTL has ended: the server removed the key (else: read, retry)
             try:
-                revision = await self._write(
-                    subject, new_state, _algorithm(last_policy), state.revision or 0, remaining
-                )
+                revision = await self._write(subject, new_state, written, last, remaining, ttl)
             except nats.js.errors.APIError as error:
                 if not is_wrong_last_sequence(error):
                     raise self._call_failure(state, error) from None
@@ -860,6 +878,7 @@ class NatsStore:
                 alone = self._alone(error)
                 raise self._call_failure(state, error, alone=alone) from None
             state.state, state.revision, state.lost = new_state, revision, False
+            state.expires_at = started + ttl if ttl else 0.0
             if run is not None and leasing is not None:
                 leasing.add(*run, self._round_trip)
             state.checked_ns = now
@@ -1010,7 +1029,14 @@ class NatsStore:
         if nc is None or not nc.is_connected or time.monotonic() < self._retry_at or left <= 0:
             return len(returnable)  # NATS is failing, or the time is up
         returns = [
-            self._write(self._prefix + key, tat, policy, state.revision or 0, left)
+            self._write(
+                self._prefix + key,
+                tat,
+                policy,
+                state.revision or 0,
+                left,
+                self.ttl_until(policy.idle_at(tat)),
+            )
             for key, state, policy, tat in returnable
             if not state.busy
         ]
@@ -1083,14 +1109,28 @@ class NatsStore:
         return self._failed(failure)
 
     async def _write(
-        self, subject: str, state: Any, policy: Algorithm, last_revision: int, timeout: float
+        self,
+        subject: str,
+        state: Any,
+        policy: Algorithm,
+        last_revision: int,
+        timeout: float,
+        ttl: int = 0,
     ) -> int:
-        """Store `state` if the subject's last revision is `last_revision`; the new revision."""
+        """Store `state` if the subject's last revision is `last_revision`; the new revision.
+        With `ttl`, the server removes the key that many seconds later unless written again."""
         headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
+        if ttl:
+            headers[MESSAGE_TTL] = f"{ttl}s"
         message = await self._connected_replies().request(
             subject, encode_state(policy, state), headers, timeout
         )
         return ack_revision(message)
+
+    def ttl_until(self, idle_at_ns: int) -> int:
+        """The per-message TTL of a value whose state is full again at `idle_at_ns` (the
+        store's clock), 0 when the bucket has none (slots.py)."""
+        return _seconds_until(idle_at_ns, self._clock()) if self._msg_ttl else 0
 
     def _connected_replies(self) -> Replies:
         replies = self._replies
@@ -1135,10 +1175,13 @@ class NatsStore:
         return data or None, revision
 
     async def write_raw(
-        self, subject: str, payload: bytes, last_revision: int, timeout: float
+        self, subject: str, payload: bytes, last_revision: int, timeout: float, ttl: int = 0
     ) -> int:
-        """Store `payload` if the subject's last revision is `last_revision`; the new revision."""
+        """Store `payload` if the subject's last revision is `last_revision`; the new revision
+        (with `ttl`: the server removes it that many seconds later unless written again)."""
         headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
+        if ttl:
+            headers[MESSAGE_TTL] = f"{ttl}s"
         message = await self._connected_replies().request(subject, payload, headers, timeout)
         return ack_revision(message)
 

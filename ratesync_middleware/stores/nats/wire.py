@@ -27,6 +27,7 @@ from ...window import Log
 VALUE_VERSION = 1
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 KV_OPERATION = "KV-Operation"
+MESSAGE_TTL = "Nats-TTL"  # seconds until the server removes the value (nats-server 2.11+)
 STATUS = "Status"  # a reply's status header: "404" not found, "503" no responders
 NO_RESPONDERS = "503"
 _FIELDS = ("v", "tat_ns", "interval_ns", "burst")
