@@ -60,7 +60,7 @@ def test_max_concurrent_with_a_rate_and_a_lease() -> None:
     table = {"rate_per_second": 5.0, "max_concurrent": 2, "lease_seconds": 2.5}
     limiter = load_config({"limiters": {"upload": table}}).limiters["upload"]
     assert limiter.policy is not None
-    assert limiter.policy.burst == 5
+    assert limiter.policy.burst == 1  # rate-sync: one every 1/rate
     assert limiter.slots == Slots("upload:concurrent", 2, 2_500_000_000)
 
 
