@@ -9,6 +9,8 @@ the wait the limiter computed (`retry_after`, `Decision.wait`), never on wall-cl
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,13 @@ from ratesync_middleware import (
 from ratesync_middleware.bucket import Policy
 from tests.test_asgi_nats import closed_port
 from tests.test_cli import ratesync
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def config(store: dict[str, Any], **limiter: Any) -> dict[str, Any]:
@@ -237,3 +246,36 @@ async def test_fail_closed_blocks_and_fail_open_admits_when_the_store_is_down(
             permit = await limiter.acquire("api", key="u1")
             assert permit.decision.degraded
             await permit.release()  # holds nothing: a release is harmless
+
+
+# -- every rate-sync file we show still loads -----------------------------------------------------
+
+
+def is_array_of_tables(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def shown_files() -> list[Any]:
+    """Each whole TOML file in the README, the docs and the examples (not the fragments of a
+    table that some pages show as lines of keys)."""
+    files = []
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+    for page in pages:
+        for number, block in enumerate(re.findall(r"```toml\n(.*?)```", page.read_text(), re.S)):
+            tables = tomllib.loads(block).values()
+            if all(isinstance(value, dict) or is_array_of_tables(value) for value in tables):
+                files.append(pytest.param(block, id=f"{page.relative_to(ROOT)}:{number}"))
+    for example in sorted((ROOT / "examples").glob("**/*.toml")):
+        files.append(pytest.param(example.read_text(), id=str(example.relative_to(ROOT))))
+    return files
+
+
+@pytest.mark.parametrize("text", shown_files())
+def test_every_toml_file_shown_loads(
+    text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text):
+        monkeypatch.setenv(variable, "secret")  # a ${VAR} without default must be set
+    path = tmp_path / "rate-sync.toml"
+    path.write_text(text)
+    assert load_config(str(path)).source == str(path)
