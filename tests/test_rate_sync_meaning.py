@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.testclient import TestClient
 
 from ratesync_middleware import (
     AsyncRateLimiter,
@@ -84,6 +85,45 @@ async def test_an_acquire_with_a_timeout_waits_its_turn_at_1_over_rate(
         assert first.decision.wait == 0
         assert second.decision.allowed
         assert 0.1 - elapsed <= second.decision.wait <= 0.1
+
+
+def paced_config(store: dict[str, Any]) -> dict[str, Any]:
+    return {**config(store, rate_per_second=10.0), "middleware": {"default": "api"}}
+
+
+def test_an_asgi_app_paces_rate_per_second(store: dict[str, Any]) -> None:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from ratesync_middleware import RateLimitMiddleware
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    middleware = [Middleware(RateLimitMiddleware, config=paced_config(store))]
+    app = Starlette(routes=[Route("/", home)], middleware=middleware)
+    with TestClient(app) as client:
+        first, second = client.get("/"), client.get("/")
+    assert (first.status_code, second.status_code) == (200, 429)
+    assert first.headers["RateLimit-Policy"] == '"api";q=1;w=1'
+    assert second.headers["Retry-After"] == "1"  # 0.1 s, in whole seconds
+
+
+def test_a_flask_app_paces_rate_per_second(store: dict[str, Any]) -> None:
+    from flask import Flask
+
+    from ratesync_middleware.flask import RateLimit
+
+    app = Flask(__name__)
+    app.add_url_rule("/", "home", lambda: "ok")
+    ratelimit = RateLimit(app, config=paced_config(store))
+    client = app.test_client()
+    try:
+        assert [client.get("/").status_code for _ in range(2)] == [200, 429]
+    finally:
+        ratelimit.close(app)
 
 
 # -- the sliding window ---------------------------------------------------------------------------
