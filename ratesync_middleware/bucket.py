@@ -135,7 +135,8 @@ class Decision(NamedTuple):
     reserved for then (`timeout`); 0 for a request allowed at once.
     `receipt` is when an admission was made (ns, the store's clock; for a reserved one, the
     instant it was admitted for), what `settle` needs; None for a decision that spent nothing
-    (a refusal, a fail-open answer).
+    (a refusal, a fail-open answer). A store's answer to a slot request carries the slot's
+    ticket there instead (what `release_slot` needs); the limiter keeps it and answers None.
     An immutable named tuple: built on every request, it costs a third of a frozen dataclass.
     """
 

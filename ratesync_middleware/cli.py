@@ -50,7 +50,7 @@ from .errors import (
     RateSyncError,
     StoreError,
 )
-from .keys import SLOTS_TOKEN, group_key, join_identity, slots_key, tier_key
+from .keys import group_key, join_identity, slots_key, tier_key
 from .limiter import AsyncRateLimiter
 from .rules import Override, override_policy
 from .slots import live_holders
@@ -903,9 +903,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
 async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -> int:
     """`get` / `reset`: exit 1 when no key of the group was ever written (nothing to show)."""
     target = resolve_target(config, args.limiter, args.identity, args.store)
-    keys = target.keys
-    if args.command == "reset":  # the rates; slots held by requests in flight are theirs
-        keys = [key for key in keys if not key.endswith(f".{SLOTS_TOKEN}")] or keys
+    keys = target.keys  # a reset frees the group's slots too, as rate-sync's reset() does
     store = NatsStore(target.store)
     results: list[dict[str, Any]] = []
     try:

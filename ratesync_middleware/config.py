@@ -821,6 +821,11 @@ def _store(where: _Where, name: str, table: Mapping[Any, Any]) -> StoreConfig:
 
 
 _PERIOD_NAMES = {seconds: unit for unit, seconds in PERIOD_SECONDS.items()}
+_TWO_ALGORITHMS = (
+    "cannot be combined with limit + window_seconds: they are two algorithms, token_bucket"
+    " (from rate_per_second) and sliding_window (from limit + window_seconds), and a limiter"
+    " has one; keep rate_per_second = 10.0, or limit = 5 with window_seconds = 300"
+)
 
 
 def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Algorithm:
@@ -831,6 +836,8 @@ def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Algorithm:
     limits: tuple[tuple[int, int | None], ...] | None = values.get("limit")
     window: int | None = values.get("window_seconds")
     one_of = 'set exactly one of rate_per_second = 10.0 or limit = "600/minute"'
+    if rate is not None and (window is not None or (limits is not None and limits[0][1] is None)):
+        raise where.error("rate_per_second", _TWO_ALGORITHMS, kind="conflict")
     if rate is not None and limits is not None:
         raise where.error("rate_per_second", one_of, kind="conflict")
     if values.get("algorithm") == "sliding_window":
@@ -857,12 +864,8 @@ def _policy(where: _Where, name: str, values: Mapping[str, Any]) -> Algorithm:
         raise where.error(
             "limit", f"missing: {one_of} (or max_concurrent = N alone)", kind="missing"
         )
-    if window is not None:
-        raise where.error(
-            "window_seconds", "goes with an integer limit, not rate_per_second", kind="conflict"
-        )
-    try:
-        policy = Policy.per_second(name, rate, values.get("burst", max(1, math.ceil(rate))))
+    try:  # rate-sync's pacing: one admission every 1/rate unless `burst` says otherwise
+        policy = Policy.per_second(name, rate, values.get("burst", 1))
     except (ValueError, OverflowError):  # a rate so small that its interval overflows a float
         policy = Policy(name, MAX_REFILL_SECONDS * NS_PER_SECOND + 1, 1)
     return _bounded(where, "rate_per_second", "burst" in values, policy)

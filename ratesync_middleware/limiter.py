@@ -581,10 +581,25 @@ class AsyncRateLimiter:
             decision = self.degraded(bound.config, error)
             self.notify(bound.config, key, decision, started, error)
             return decision, None
+        return self._taken(bound, slots, store_key, key, decision, started)
+
+    def _taken(
+        self,
+        bound: _Bound,
+        slots: Slots,
+        store_key: str,
+        key: str | None,
+        decision: Decision,
+        started: float,
+    ) -> tuple[Decision, Slot | None]:
+        """The store's answer to a slot request, told to the hook, with the slot if taken."""
+        slot = None
+        ticket = decision.receipt  # an allowed slot decision carries the slot's ticket
+        if decision.allowed and ticket is not None:
+            slot = Slot(functools.partial(bound.store.release_slot, store_key, slots, ticket))
+            decision = decision._replace(receipt=None)  # the ticket is the slot's business
         self.notify(bound.config, key, decision, started, None)
-        if not decision.allowed:
-            return decision, None
-        return decision, Slot(functools.partial(store.release_slot, store_key, slots))
+        return decision, slot
 
     def take_slot_now(self, limiter: str, key: str | None = None) -> tuple[Decision, Slot | None]:
         """`take_slot` for a limiter whose store decides without awaiting (see `decides_now`)."""
@@ -594,10 +609,7 @@ class AsyncRateLimiter:
             raise TypeError(f"limiter {limiter!r} uses store {bound.config.store!r}: await it")
         started = time.perf_counter()
         decision = store.acquire_slot_now(store_key, slots)
-        self.notify(bound.config, key, decision, started, None)
-        if not decision.allowed:
-            return decision, None
-        return decision, Slot(functools.partial(store.release_slot, store_key, slots))
+        return self._taken(bound, slots, store_key, key, decision, started)
 
     async def acquire(
         self,
@@ -685,12 +697,15 @@ class AsyncRateLimiter:
         return await store.peek(store_key, policy)
 
     async def reset(self, limiter: str, key: str | None = None) -> None:
-        """Refill one group's bucket, and its bucket under each tier; raises `StoreError` when
-        the store fails."""
+        """Refill one group's bucket, and its bucket under each tier, and free its concurrency
+        slots (rate-sync's `reset()`: a holder's later release gives back nothing); raises
+        `StoreError` when the store fails."""
         config, store, store_key = self.resolve(limiter, key)
         await store.reset(store_key)
         for tier in config.tiers:
             await store.reset(tier_key(store_key, tier))
+        if config.slots is not None:
+            await store.reset(slots_key(store_key))
 
     def _enforces(self, config: LimiterConfig, refusal: Decision) -> bool:
         if config.shadow and refusal.reason != BANNED:

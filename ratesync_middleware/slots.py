@@ -1,7 +1,8 @@
 """Concurrency slots (`max_concurrent`): at most `limit` requests of a group in flight at once.
 
 A slot is taken when a request is admitted and given back when its response has ended
-(`Admission.finish`, `Permit.release`). The shared form of the state is one value per group:
+(`Admission.finish`, `Permit.release`); a reset of the group (rate-sync's `reset()`) frees
+every slot at once, and a release of a slot taken before it gives back nothing. The shared form of the state is one value per group:
 each process's count of slots held, with the time its claim lapses unless renewed (its lease),
 so a process that dies holding slots gives them back by itself (docs/engines/nats.md, "Slots").
 
@@ -61,9 +62,15 @@ class Slots:
         """The limiter's own name."""
         return self.name.rpartition(":")[0]
 
-    def allowed(self, in_use: int) -> Decision:
-        """The answer to a request admitted with `in_use` slots now taken (its own included)."""
-        return Decision(True, self.limit, max(0, self.limit - in_use), 0.0, 0.0, self.name)
+    def allowed(self, in_use: int, ticket: int) -> Decision:
+        """The answer to a request admitted with `in_use` slots now taken (its own included).
+
+        Its `receipt` is the slot's `ticket`, what the store's `release_slot` needs: a reset
+        of the group frees every slot taken before it, so a store gives those a ticket that
+        it no longer honours, and their holders' releases free nobody else's slot."""
+        return Decision(
+            True, self.limit, max(0, self.limit - in_use), 0.0, 0.0, self.name, receipt=ticket
+        )
 
     def refused(self, in_use: int) -> Decision:
         """The answer to a request refused because `in_use` slots are taken."""

@@ -60,7 +60,7 @@ def test_max_concurrent_with_a_rate_and_a_lease() -> None:
     table = {"rate_per_second": 5.0, "max_concurrent": 2, "lease_seconds": 2.5}
     limiter = load_config({"limiters": {"upload": table}}).limiters["upload"]
     assert limiter.policy is not None
-    assert limiter.policy.burst == 5
+    assert limiter.policy.burst == 1  # rate-sync: one every 1/rate
     assert limiter.slots == Slots("upload:concurrent", 2, 2_500_000_000)
 
 
@@ -95,13 +95,15 @@ def test_the_memory_store_holds_at_most_the_limit_until_released() -> None:
     assert third.retry_after == 1.0
     assert third.policy == "upload:concurrent"
     assert store.acquire_slot_now("other", slots).allowed  # groups are apart
-    store.release_slot("k", slots)
+    ticket = first.receipt
+    assert isinstance(ticket, int)
+    store.release_slot("k", slots, ticket)
     assert store.slots_held("k") == 1
     assert store.acquire_slot_now("k", slots).allowed
-    store.release_slot("k", slots)
-    store.release_slot("k", slots)
+    store.release_slot("k", slots, ticket)
+    store.release_slot("k", slots, ticket)
     assert store.slots_held("k") == 0
-    store.release_slot("k", slots)  # one release too many gives nothing away
+    store.release_slot("k", slots, ticket)  # one release too many gives nothing away
     assert [store.acquire_slot_now("k", slots).allowed for _ in range(3)] == [True, True, False]
 
 

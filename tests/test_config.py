@@ -454,7 +454,7 @@ def test_no_coercion(table: str, line: str, expected: str) -> None:
 
 def test_integers_are_accepted_for_floats() -> None:
     config = load("[stores.s]\ntimeout = 1\n[limiters.api]\nrate_per_second = 4\n")
-    assert config.limiters["api"].policy == Policy.per_second("api", 4.0, 4)
+    assert config.limiters["api"].policy == Policy.per_second("api", 4.0, 1)
 
 
 def test_the_documented_message_shape() -> None:
@@ -605,9 +605,10 @@ def test_several_rates_are_checked(table: str, message: str) -> None:
         ("limit = '5 / Hour'", Policy.per_period("x", 5, 3600, 5)),
         ("limit = '1000/d'\nburst = 50", Policy.per_period("x", 1000, 86400, 50)),
         ("limit = 30\nwindow_seconds = 90", Policy.per_period("x", 30, 90, 30)),
-        ("rate_per_second = 2.5", Policy.per_second("x", 2.5, 3)),
+        ("rate_per_second = 2.5", Policy.per_second("x", 2.5, 1)),
         ("rate_per_second = 0.1", Policy.per_second("x", 0.1, 1)),
-        ("rate_per_second = 10\nburst = 1", Policy.per_second("x", 10, 1)),
+        ("rate_per_second = 90", Policy.per_second("x", 90, 1)),
+        ("rate_per_second = 10\nburst = 20", Policy.per_second("x", 10, 20)),
     ],
 )
 def test_rate_forms_and_default_bursts(lines: str, policy: Policy) -> None:
@@ -621,7 +622,7 @@ def test_rate_forms_and_default_bursts(lines: str, policy: Policy) -> None:
         ("rate_per_second = 1\nlimit = '1/s'", "rate_per_second", "exactly one of"),
         ("limit = 30", "limit", "needs window_seconds"),
         ("limit = '30/minute'\nwindow_seconds = 60", "window_seconds", "cannot be combined"),
-        ("rate_per_second = 1\nwindow_seconds = 60", "window_seconds", "integer limit"),
+        ("rate_per_second = 1\nwindow_seconds = 60", "rate_per_second", "two algorithms"),
         ("limit = '10/week'", "limit", 'expected "N/second"'),
         ("limit = '0/second'", "limit", 'expected "N/second"'),
         ("limit = 0\nwindow_seconds = 1", "limit", "expected"),

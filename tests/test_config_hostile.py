@@ -286,7 +286,7 @@ def test_twenty_thousand_limiters_load() -> None:
     )
     assert len(config.limiters) == count
     assert list(config.limiters)[:3] == ["l0", "l1", "l2"]
-    assert config.limiters["l12345"].policy == Policy.per_second("l12345", 46, 46)
+    assert config.limiters["l12345"].policy == Policy.per_second("l12345", 46, 1)
 
 
 def test_a_name_made_twice_by_expansion_among_many(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,18 +40,21 @@ class Store(Protocol):
         ...
 
     async def reset(self, key: str) -> None:
-        """Forget the bucket at `key` (it becomes full)."""
+        """Forget the bucket at `key` (it becomes full); for a slots key, free every slot
+        (their holders' later releases give back nothing)."""
         ...
 
     async def acquire_slot(self, key: str, slots: Slots, timeout: float = 0.0) -> Decision:
         """Take one of the `slots.limit` slots of the group at `key`, or refuse (none taken);
         raise `StoreError` when no answer. With `timeout`, wait up to so many seconds for a
-        slot to be given back (woken by the release, never by polling)."""
+        slot to be given back (woken by the release, never by polling). An allowed decision's
+        `receipt` is the slot's ticket, for `release_slot`."""
         ...
 
-    def release_slot(self, key: str, slots: Slots) -> None:
-        """Give back one slot taken by `acquire_slot`. Never blocks, never raises, callable from
-        any thread: a store that must write does it in the background (and retries)."""
+    def release_slot(self, key: str, slots: Slots, ticket: int) -> None:
+        """Give back one slot taken by `acquire_slot` (`ticket`: its decision's `receipt`);
+        nothing when a reset freed it since. Never blocks, never raises, callable from any
+        thread: a store that must write does it in the background (and retries)."""
         ...
 
     async def aclose(self) -> None:

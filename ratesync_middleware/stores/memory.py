@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -32,7 +33,10 @@ class MemoryStore:
         self._max_keys = max_keys
         self._clock = clock
         self._writes = 0
-        self._held: dict[str, int] = {}  # group key -> slots taken (> 0)
+        # group key -> (slots taken (> 0), their ticket): a group's ticket is new each time its
+        # first slot is taken, so a release of a slot that a reset freed matches nothing
+        self._held: dict[str, tuple[int, int]] = {}
+        self._tickets = itertools.count(1)
         # group key -> the acquires waiting for a slot (`timeout`), oldest first
         self._released: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
 
@@ -107,11 +111,13 @@ class MemoryStore:
             return self._take_slot(key, slots)
 
     def _take_slot(self, key: str, slots: Slots) -> Decision:
-        held = self._held.get(key, 0)
+        held, ticket = self._held.get(key) or (0, 0)
         if held >= slots.limit:
             return slots.refused(held)
-        self._held[key] = held + 1
-        return slots.allowed(held + 1)
+        if not held:
+            ticket = next(self._tickets)
+        self._held[key] = (held + 1, ticket)
+        return slots.allowed(held + 1, ticket)
 
     async def acquire_slot(self, key: str, slots: Slots, timeout: float = 0.0) -> Decision:
         """Take a slot, waiting up to `timeout` seconds for a release when none is free."""
@@ -147,13 +153,15 @@ class MemoryStore:
             decision = self.acquire_slot_now(key, slots)
         return decision
 
-    def release_slot(self, key: str, slots: Slots) -> None:
+    def release_slot(self, key: str, slots: Slots, ticket: int) -> None:
         with self._lock:
-            held = self._held.get(key, 0)
+            held, current = self._held.get(key) or (0, 0)
+            if current != ticket:
+                return  # a reset freed that slot already
             if held > 1:
-                self._held[key] = held - 1
+                self._held[key] = (held - 1, ticket)
             else:
-                self._held.pop(key, None)
+                del self._held[key]
             self._wake_next(key)
 
     def _wake_next(self, key: str) -> None:
@@ -169,7 +177,8 @@ class MemoryStore:
 
     def slots_held(self, key: str) -> int:
         """The slots taken now in the group at `key` (tests, `ratesync`)."""
-        return self._held.get(key, 0)
+        held, _ = self._held.get(key) or (0, 0)
+        return held
 
     async def peek(self, key: str, policy: Algorithm) -> Decision:
         now = self._clock()
@@ -183,6 +192,9 @@ class MemoryStore:
     async def reset(self, key: str) -> None:
         with self._lock:
             self._states.pop(key, None)
+            if self._held.pop(key, None) is not None:
+                for _ in range(len(self._released.get(key, ()))):
+                    self._wake_next(key)  # each tries again; those still refused wait again
 
     async def aclose(self) -> None:
         """Nothing to release; state survives so a closed-then-reused limiter keeps its buckets."""

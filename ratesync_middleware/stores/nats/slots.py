@@ -11,7 +11,9 @@ by compare-and-set:
 - a heartbeat renews this process's claims, one write per group held per `lease/3`, whatever
   the traffic (a group written meanwhile for an acquire or a release needs none);
 - an acquire that may wait (`timeout`) watches the group's KV subject and tries again when it
-  is written (a release, anywhere) or when another claim's lease ends: no polling.
+  is written (a release, anywhere) or when another claim's lease ends: no polling;
+- a reset deletes the value: a process that reads it without its own live claim knows that
+  its slots were freed, and forgets them (its holders' releases then give back nothing).
 
 What this process counts as held never exceeds what its stored claim says (a slot is counted
 once its write landed, and uncounted before the release is written), so the sum of live claims
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import secrets
@@ -68,6 +71,7 @@ class _Group:
     held: int = 0  # slots this process holds now (its requests in flight)
     stored: int = 0  # this process's count in the stored value; -1: unknown (a failed write)
     stored_until: int = 0  # the lease end written with it (ns since the epoch)
+    ticket: int = 0  # of the slots held: a reset gives the group a new one
     waiters: list[tuple[asyncio.Future[Decision], float]] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
 
@@ -83,6 +87,7 @@ class SlotKeeper:
         self._store = store
         self.holder = holder_id()
         self._groups: dict[str, _Group] = {}
+        self._tickets = itertools.count(1)
         self._heartbeat: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -109,6 +114,12 @@ class SlotKeeper:
             for group in self._groups.values()
             if group.stored > group.held or (group.stored < 0 and group.dirty)
         )
+
+    def forget(self, key: str) -> None:
+        """`key` was reset: the next write reads first, and finds whether its claim is gone."""
+        group = self._groups.get(key)
+        if group is not None:
+            group.revision = None
 
     def close(self) -> None:
         """Stop the heartbeat and the writers (the claims lapse by themselves)."""
@@ -169,7 +180,7 @@ class SlotKeeper:
             self._loop = loop
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(slots)
+            group = self._groups[key] = _Group(slots, ticket=next(self._tickets))
             if len(self._groups) > _MAX_IDLE_GROUPS:
                 self._drop_idle()
         store.check_backoff()
@@ -178,8 +189,9 @@ class SlotKeeper:
         self._flush_soon(key, group)
         return await future
 
-    def release(self, key: str) -> None:
-        """Give back one slot of `key`'s group; from any thread, never blocking."""
+    def release(self, key: str, ticket: int) -> None:
+        """Give back one slot of `key`'s group taken with `ticket`; from any thread, never
+        blocking."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # the store was closed: its claims lapse with their lease
@@ -188,15 +200,15 @@ class SlotKeeper:
         except RuntimeError:
             running = None
         if running is loop:
-            self._release(key)
+            self._release(key, ticket)
         else:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._release, key)
+                loop.call_soon_threadsafe(self._release, key, ticket)
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: str, ticket: int) -> None:
         group = self._groups.get(key)
-        if group is None or group.held < 1:
-            return  # the store was closed and reopened since: that claim lapses by itself
+        if group is None or group.held < 1 or group.ticket != ticket:
+            return  # a reset freed it, or the store was closed and reopened (the claim lapses)
         group.held -= 1
         self._flush_soon(key, group)
 
@@ -263,8 +275,12 @@ class SlotKeeper:
                 holders, problem = decode_slots(data)
                 if problem is not None:
                     store.foreign_value(subject, problem)
-                group.holders, group.revision = holders, revision
                 mine = holders.get(self.holder)
+                if mine is None and group.stored > 0 and group.stored_until > store.now_ns():
+                    # Our live claim is gone: a reset deleted the value. The slots it freed are
+                    # no longer ours to count, nor to give back.
+                    group.held, group.ticket = 0, next(self._tickets)
+                group.holders, group.revision = holders, revision
                 group.stored, group.stored_until = mine if mine is not None else (0, 0)
             now = store.now_ns()
             others = live_holders(group.holders, now, self.holder)
@@ -274,7 +290,7 @@ class SlotKeeper:
             for _ in range(wanted):
                 if in_use + held < slots.limit:
                     held += 1
-                    decisions.append(slots.allowed(in_use + held))
+                    decisions.append(slots.allowed(in_use + held, group.ticket))
                 else:
                     decisions.append(slots.refused(in_use + held))
             admitted = held - group.held

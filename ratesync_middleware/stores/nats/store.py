@@ -666,8 +666,8 @@ class NatsStore:
     async def acquire_slot(self, key: str, slots: Slots, timeout: float = 0.0) -> Decision:
         return await self._slots.acquire(key, slots, timeout)
 
-    def release_slot(self, key: str, slots: Slots) -> None:
-        self._slots.release(key)
+    def release_slot(self, key: str, slots: Slots, ticket: int) -> None:
+        self._slots.release(key, ticket)
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -1303,6 +1303,7 @@ class NatsStore:
 
     def forget(self, key: str) -> None:
         """Drop the cached state of `key` (a reset): the next decision reads it first."""
+        self._slots.forget(key)
         state = self._cache.get(key)
         if state is not None:
             state.revision, state.lost = None, True
