@@ -413,17 +413,24 @@ class NatsStore:
     def _on_runtime_error(self, error: Exception) -> None:
         if is_permission_violation(error):
             self._permission_denied = True
-            subject = refused_subject(error)
-            if subject is not None and self._concerns_bucket(subject):
-                self._refused = (subject, time.monotonic())
+            refusal = refused_subject(error)
+            if refusal is not None:
+                refusal = self._bucket_refusal(refusal)
+            if refusal is not None:
+                self._refused = (refusal, time.monotonic())
         # A permissions violation names the subject refused (what to grant); nothing secret.
         shown = str(error) if is_permission_violation(error) else type(error).__name__
         self._warn("store %r: NATS reported %s", self.config.name, shown)
 
-    def _concerns_bucket(self, refusal: str) -> bool:
-        """Whether a refused subject is one a decision waits on (its write, read or reply)."""
-        subject = refusal.rsplit(" ", 1)[-1]
-        return subject.startswith((self._prefix, self._direct_get, "_INBOX.", "$JS.API."))
+    def _bucket_refusal(self, refusal: str) -> str | None:
+        """`publish to <subject>` when the subject is one a decision waits on (its write, its
+        read or its reply), else None. nats-py lowercases the server's text: the bucket's
+        prefix gets its case back (the rest of the subject may have had capitals)."""
+        action, _, subject = refusal.rpartition(" ")
+        for prefix in (self._prefix, self._direct_get, "_INBOX.", "$JS.API."):
+            if subject.lower().startswith(prefix.lower()):
+                return f"{action} {prefix}{subject[len(prefix) :]}"
+        return None
 
     def _recent_refusal(self) -> str | None:
         """The bucket's subject the server refused within the last deadline (and a second)."""
