@@ -421,6 +421,7 @@ def test_watch_shows_decoded_updates(nats_url: str, bucket_name: str, tmp_path: 
         reader.join(5)
     update = json.loads(lines[0])
     assert update["group"] == "api_external"
+    assert update["name"] == "api_external"  # a global limiter's group: its name alone
     assert update["available"] == 99
 
 
