@@ -50,9 +50,31 @@ def flask_home():
 """
 
 
+DJANGO_SETTINGS = """
+import os
+
+SECRET_KEY = "not-a-secret"
+DEBUG = True
+ALLOWED_HOSTS = ["127.0.0.1"]
+ROOT_URLCONF = "djurls"
+INSTALLED_APPS = []
+MIDDLEWARE = ["ratesync_middleware.django.RateLimitMiddleware"]
+RATESYNC = {"config": os.environ["CONFIG"]}
+"""
+
+DJANGO_URLS = """
+from django.http import HttpResponse
+from django.urls import path
+
+urlpatterns = [path("", lambda request: HttpResponse("ok"))]
+"""
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     (tmp_path / "logapp.py").write_text(APP)
+    (tmp_path / "djsettings.py").write_text(DJANGO_SETTINGS)
+    (tmp_path / "djurls.py").write_text(DJANGO_URLS)
     (tmp_path / "rate-sync.toml").write_text(
         f"""
 [stores.prod]
@@ -133,6 +155,26 @@ def test_under_flask_run(project: Path) -> None:
     assert shown, lines
     assert all(line.startswith("WARNING ratesync_middleware") for line in shown), shown
     assert any("failed: Connection refused" in line for line in shown)
+
+
+def test_under_runserver(project: Path) -> None:
+    port = free_port()
+    command = ["django", "runserver", f"127.0.0.1:{port}", "--noreload"]
+    with serving(command, project, port, DJANGO_SETTINGS_MODULE="djsettings") as lines:
+        pass
+    shown = ours(lines)
+    assert shown, lines
+    assert all(line.startswith("WARNING ratesync_middleware") for line in shown), shown
+
+
+def test_under_gunicorn(project: Path) -> None:
+    port = free_port()
+    command = ["gunicorn", "logapp:flask_app", "--bind", f"127.0.0.1:{port}", "--workers", "1"]
+    with serving(command, project, port) as lines:
+        pass
+    shown = ours(lines)
+    assert shown, lines
+    assert all(line.startswith("WARNING ratesync_middleware") for line in shown), shown
 
 
 def test_an_application_that_configures_logging_sees_each_line_once(project: Path) -> None:
