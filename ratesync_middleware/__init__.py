@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._logging import install as _install_log_fallback
 from .bucket import Decision, Policy
 from .config import Config, load_config
 from .errors import ConfigError, RateLimitExceeded, RateSyncError, StoreError
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from .asgi import RateLimitMiddleware
 
 __version__ = "0.1.0"
+
+_install_log_fallback()  # level and name on our log lines under servers that configure none
 
 __all__ = [
     "AsyncRateLimiter",

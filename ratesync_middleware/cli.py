@@ -11,9 +11,16 @@
     ratesync watch --events                          denials, bans and overrides, live
 
 The shared options (`--config`, `--store`, `--json`) go before or after the command alike.
-Human-readable by default, `--json` for scripts. Exit status 0 on success (a check's warnings
-included), 1 when a check fails or a store cannot be reached, 2 for a bad command line or
-configuration: a missing, unreadable or invalid file, or none found at all.
+Human-readable by default, `--json` for scripts. A composite identity is given part by part,
+`--key ip=127.0.0.13 --key user=kim`, and shown decoded: `login ip=127.0.0.13 user=kim`.
+
+Exit status, so that a script can tell the cases apart:
+
+    0  success (a check's warnings included)
+    1  not found (a group never written, no ban or override to lift) or a check failed
+    2  a bad command line or configuration: a missing, unreadable or invalid file, none found
+       at all, no NATS store to act on
+    3  the store is unreachable or refused us (connection, name, credentials, permissions)
 """
 
 from __future__ import annotations
@@ -50,9 +57,18 @@ from .errors import (
     RateSyncError,
     StoreError,
 )
-from .keys import group_key, join_identity, slots_key, tier_key
+from .keys import (
+    SLOTS_TOKEN,
+    TIER_TOKEN,
+    decode_identity,
+    group_key,
+    join_identity,
+    slots_key,
+    split_identity,
+    tier_key,
+)
 from .limiter import AsyncRateLimiter
-from .rules import Override, override_policy
+from .rules import OVERRIDE_TOKEN, Override, override_policy
 from .slots import live_holders
 from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
@@ -67,6 +83,17 @@ from .stores.nats.control import (
 )
 from .stores.nats.wire import decode_slots, decode_state
 from .window import SlidingWindow
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1  # also: a check failed
+EXIT_CONFIG = 2
+EXIT_STORE = 3
+
+EXIT_STATUS_HELP = """exit status:
+  0  success (a check's warnings included)
+  1  not found (a group never written, no ban or override to lift), or a check failed
+  2  bad command line or configuration (no NATS store to act on included)
+  3  store unreachable or refused (connection, name, credentials, permissions)"""
 
 
 @dataclass
@@ -376,25 +403,121 @@ class Target:
     hint: str = ""  # for a raw key that looks like an identity the middleware would encode
 
 
+# A named part of `--key`: `ip=...`, `user=...`, `path=...`, `header:X-User=...`, `pkg.mod:func=...`.
+_NAMED_PART = re.compile(
+    r"(ip|user|path|global|header:[-A-Za-z0-9_]+|[\w.]+:[\w.]+)=(.*)", re.DOTALL
+)
+
+
+def _same_part(spec: str, name: str) -> bool:
+    if spec.startswith("header:") and name.startswith("header:"):
+        return spec.lower() == name.lower()  # header names are case-insensitive
+    return spec == name
+
+
+def _ordered_parts(
+    config: Config, limiter: LimiterConfig, specs: Sequence[str], given: Sequence[str]
+) -> list[str]:
+    """`--key` values in the order of the limiter's `key`: named (`ip=1.2.3.4`) or by position."""
+    where = f"{config.source}: limiter {limiter.name!r} has key = {list(specs)}"
+    named = [_NAMED_PART.fullmatch(part) for part in given]
+    if not any(named):
+        if len(given) != len(specs):
+            example = " ".join(f"--key {spec}=..." for spec in specs)
+            raise ConfigError(
+                f"{where}: give --key once per part ({len(given)} given), e.g. {example}"
+            )
+        return list(given)
+    values: dict[str, str] = {}
+    for part, match in zip(given, named, strict=True):
+        if match is None:
+            raise ConfigError(
+                f"{where}: --key {part!r} names no part; name every part (--key ip=...) or none"
+            )
+        name, value = match.group(1), match.group(2)
+        spec = next((spec for spec in specs if _same_part(spec, name)), None)
+        if spec is None:
+            raise ConfigError(
+                f"{where}: it has no part {name!r} (its parts: {', '.join(specs)}); the group "
+                "named would not be one the application uses"
+            )
+        if spec in values:
+            raise ConfigError(f"{where}: part {spec!r} given twice")
+        values[spec] = value
+    missing = [spec for spec in specs if spec not in values]
+    if missing:
+        raise ConfigError(f"{where}: --key {missing[0]}=... is missing")
+    return [values[spec] for spec in specs]
+
+
 def operator_identity(config: Config, limiter: LimiterConfig, parts: Sequence[str]) -> str:
     """The identity the middleware computes for a request with these key parts.
 
-    One value per part of the limiter's `key`, in order (`key = ["ip", "header:X-User"]`:
-    `--key 1.2.3.4 --key kim`). An IPv6 address of an `ip` part is grouped by network as the
-    middleware groups it (`ipv6_prefix`).
+    Each part of the limiter's `key` by name (`key = ["ip", "user"]`: `--key ip=1.2.3.4
+    --key user=kim`, in any order), or one value per part in that order. An IPv6 address of an
+    `ip` part is grouped by network as the middleware groups it (`ipv6_prefix`).
     """
     specs = [spec for spec in limiter.key if spec != "global"]
-    if len(parts) != len(specs):
-        raise ConfigError(
-            f"{config.source}: limiter {limiter.name!r} has key = {list(specs)}: give --key once "
-            f"per part, in that order ({len(parts)} given)"
-        )
+    ordered = _ordered_parts(config, limiter, specs, parts)
     address = ClientAddress((), config.middleware.ipv6_prefix)
     values = [
         address(part, lambda _: None) if spec == "ip" and part else part
-        for spec, part in zip(specs, parts, strict=True)
+        for spec, part in zip(specs, ordered, strict=True)
     ]
     return join_identity(values)
+
+
+@dataclass(frozen=True)
+class GroupName:
+    """A KV key as an operator reads it: `login ip=127.0.0.13 user=kim`, not its encoding."""
+
+    key: str
+    limiter: str
+    identity: dict[str, str] | None  # part -> value; {} for a global limiter; None: unknown
+    note: str = ""  # "slots", "tier pro", "override", "hashed identity"
+
+    def __str__(self) -> str:
+        shown = [self.limiter]
+        if self.identity:  # a global limiter's group is its name alone
+            shown += [f"{part}={value}" for part, value in self.identity.items()]
+        if self.note:
+            shown.append(f"({self.note})")
+        return " ".join(shown)
+
+    def fields(self) -> dict[str, Any]:
+        """For `--json`: the KV key, the limiter, the identity's parts and the shown name."""
+        return {"limiter": self.limiter, "identity": self.identity, "name": str(self)}
+
+
+def name_group(config: Config, key: str) -> GroupName:
+    """Decode a group's KV key with the limiter's `key` parts (docs/engines/nats.md)."""
+    limiter_name, *tokens = key.split(".")
+    limiter = config.limiters.get(limiter_name)
+    notes: list[str] = []
+    identity: dict[str, str] | None = None
+    if limiter is not None and limiter.is_global:
+        identity = {}
+    elif tokens and not (tokens[0].startswith("=") and len(tokens[0]) != 65):
+        token, tokens = tokens[0], tokens[1:]
+        decoded = decode_identity(token)
+        specs = [spec for spec in (limiter.key if limiter else ("identity",)) if spec != "global"]
+        parts = split_identity(decoded, len(specs)) if decoded is not None else None
+        if parts is not None:
+            identity = dict(zip(specs, parts, strict=True))
+        elif token.startswith("="):
+            notes.append(f"hashed identity {token[:13]}...")
+        else:
+            notes.append(f"identity {token}")
+    for token in tokens:
+        if token == SLOTS_TOKEN:
+            notes.append("slots")
+        elif token == OVERRIDE_TOKEN:
+            notes.append("override")
+        elif token.startswith(TIER_TOKEN):
+            notes.append(f"tier {token[len(TIER_TOKEN) :]}")
+        else:
+            notes.append(token)
+    return GroupName(key, limiter_name, identity, ", ".join(notes))
 
 
 def resolve_target(
@@ -577,13 +700,20 @@ _LABELS = {
 }
 
 
+def _shown(result: Mapping[str, Any]) -> str:
+    """A result's group as an operator reads it (its decoded name), else its KV key."""
+    return str(result.get("name") or result["group"])
+
+
 def _format_entry(described: dict[str, Any]) -> str:
     if not described.get("written", True):
         return (
-            f"{described['group']}: never written (not found: no request has been counted in this "
+            f"{_shown(described)}: never written (not found: no request has been counted in this "
             "group, or it was idle for longer than the bucket's TTL)"
         )
-    lines = [f"{'group':<12} {described['group']}"]
+    lines = [f"{'group':<12} {_shown(described)}"]
+    if "name" in described:
+        lines.append(f"{'KV key':<12} {described['group']}")
     of = described.get("burst", described.get("limit"))
     for key, label in _LABELS.items():
         value = described.get(key)
@@ -605,7 +735,13 @@ def _format_entry(described: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Event) -> None:
+async def watch(
+    store: NatsStore,
+    out: TextIO,
+    as_json: bool,
+    stop: asyncio.Event,
+    config: Config | None = None,
+) -> None:
     """Print decoded updates of the bucket until `stop` is set."""
     js = await store.ready()
     kv = await js.key_value(store.config.bucket_name)
@@ -628,14 +764,17 @@ async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Even
                 data=None if deleted else update.value,
             )
             described = describe_entry(entry, update.key, time.time_ns())
+            if config is not None:
+                described.update(name_group(config, update.key).fields())
+            shown = _shown(described)
             if as_json:
                 out.write(json.dumps(described) + "\n")
             elif deleted:
-                out.write(f"{update.key}: deleted (rev {entry.revision})\n")
+                out.write(f"{shown}: deleted (rev {entry.revision})\n")
             else:
                 available = described.get("available", "?")
                 out.write(
-                    f"{update.key}: {available}/{described.get('burst', '?')} available, "
+                    f"{shown}: {available}/{described.get('burst', '?')} available, "
                     f"full in {described.get('full_in_seconds', '?')}s (rev {entry.revision})\n"
                 )
             out.flush()
@@ -643,7 +782,13 @@ async def watch(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Even
         await watcher.stop()
 
 
-async def watch_events(store: NatsStore, out: TextIO, as_json: bool, stop: asyncio.Event) -> None:
+async def watch_events(
+    store: NatsStore,
+    out: TextIO,
+    as_json: bool,
+    stop: asyncio.Event,
+    config: Config | None = None,
+) -> None:
     """Print the events of the bucket (docs/engines/nats.md, "Events") until `stop` is set."""
 
     async def show(message: Any) -> None:
@@ -651,12 +796,16 @@ async def watch_events(store: NatsStore, out: TextIO, as_json: bool, stop: async
             event = json.loads(message.data)
         except ValueError:
             return
+        if not isinstance(event, dict):
+            return
+        if config is not None and isinstance(event.get("group"), str):
+            event.update(name_group(config, event["group"]).fields())
         if as_json:
             out.write(json.dumps(event) + "\n")
         else:
             detail = event.get("count", event.get("policy", ""))
             out.write(
-                f"{event.get('type', '?'):<17} {event.get('group', '')} {detail} "
+                f"{event.get('type', '?'):<17} {event.get('name', event.get('group', ''))} {detail} "
                 f"(pid {event.get('pid')} on {event.get('host')})\n"
             )
         out.flush()
@@ -669,7 +818,14 @@ async def watch_events(store: NatsStore, out: TextIO, as_json: bool, stop: async
             await subscription.unsubscribe()
 
 
-async def top(store: NatsStore, out: TextIO, interval: float, once: bool, as_json: bool) -> None:
+async def top(
+    store: NatsStore,
+    out: TextIO,
+    interval: float,
+    once: bool,
+    as_json: bool,
+    config: Config | None = None,
+) -> None:
     """Writes (admissions, coalesced) and refusals per group, one table per `interval`.
 
     Writes are the bucket's own messages (`$KV.<bucket>.>`, seen as they are stored: nothing
@@ -702,6 +858,7 @@ async def top(store: NatsStore, out: TextIO, interval: float, once: bool, as_jso
                 {
                     "limiter": group.split(".", 1)[0],
                     "group": group,
+                    **(name_group(config, group).fields() if config is not None else {}),
                     "writes_per_second": round(writes.get(group, 0) / interval, 1),
                     "refused_per_second": round(refused.get(group, 0) / interval, 1),
                 }
@@ -716,7 +873,7 @@ async def top(store: NatsStore, out: TextIO, interval: float, once: bool, as_jso
                 out.write(f"{'limiter':<16} {'group':<48} {'writes/s':>9} {'refused/s':>10}\n")
                 for row in rows[:20]:
                     out.write(
-                        f"{row['limiter']:<16} {row['group']:<48} "
+                        f"{row['limiter']:<16} {_shown(row):<48} "
                         f"{row['writes_per_second']:>9} {row['refused_per_second']:>10}\n"
                     )
                 if not rows:
@@ -763,7 +920,11 @@ def _shared_options(defaults: bool) -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ratesync", description=__doc__.splitlines()[0], parents=[_shared_options(True)]
+        prog="ratesync",
+        description=__doc__.splitlines()[0],
+        parents=[_shared_options(True)],
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ratesync {__version__}")
     common = _shared_options(False)
@@ -831,18 +992,43 @@ def _nats_stores(config: Config, name: str | None) -> list[StoreConfig]:
 
 def _one_nats_store(config: Config, name: str | None) -> StoreConfig:
     stores = _nats_stores(config, name)
-    if len(stores) != 1 or stores[0].engine != "nats":
-        names = ", ".join(s.name for s in stores) or "none"
+    if len(stores) == 1 and stores[0].engine == "nats":
+        return stores[0]
+    if name is not None:
         raise ConfigError(
-            f"{config.source}: name one NATS store with --store (NATS stores: {names})"
+            f"{config.source}: store {name!r} is a {stores[0].engine} store; this command "
+            'reads a NATS bucket (engine = "nats")'
         )
-    return stores[0]
+    if not stores:
+        raise ConfigError(
+            f"{config.source}: no NATS store (stores found: {_engines(config)}); this command "
+            'reads a NATS bucket (engine = "nats")'
+        )
+    names = ", ".join(s.name for s in stores)
+    raise ConfigError(f"{config.source}: several NATS stores ({names}): name one with --store")
+
+
+def _engines(config: Config) -> str:
+    """`dev (memory), prod (nats)`: what a configuration has, for an error that found none."""
+    return ", ".join(f"{s.name} ({s.engine})" for s in config.stores.values()) or "none"
 
 
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     config = _load(args.config)
     if args.command == "check":
-        stores = _nats_stores(config, args.store) or list(config.stores.values())
+        stores = _nats_stores(config, args.store)
+        if not any(store.engine == "nats" for store in stores):
+            # Exit 2, not 0: an operator who ran `check` believes NATS was checked.
+            raise ConfigError(
+                f"{config.source}: nothing to check: "
+                + (
+                    f"store {args.store!r} is a {stores[0].engine} store"
+                    if args.store
+                    else f"no NATS store (stores found: {_engines(config)})"
+                )
+                + '; `ratesync check` verifies a store with engine = "nats" (memory stores '
+                "keep their state inside each process and need no set-up)"
+            )
         steps = [
             step
             for store in stores
@@ -857,19 +1043,7 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
                     current = step.store
                     out.write(f"store {current}\n")
                 out.write(step.line() + "\n")
-            if all(store.engine != "nats" for store in stores):
-                # Exit 0: a memory-only configuration is valid (development, one process), and
-                # there is no NATS set-up that could be wrong.
-                which = (
-                    f"store {args.store!r} is a memory store"
-                    if args.store
-                    else f"no NATS store in {config.source}"
-                )
-                out.write(
-                    f"{which}: nothing to check (memory stores keep their state inside each "
-                    "process)\n"
-                )
-        return 0 if all(step.ok for step in steps) else 1
+        return EXIT_OK if all(step.ok for step in steps) else EXIT_NOT_FOUND
 
     if args.command in ("get", "reset"):
         return await _get_or_reset(config, args, out)
@@ -885,19 +1059,19 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             status = await bucket_status(store)
             _emit(out, args.json, status, lambda s: "\n".join(f"{k:<12} {v}" for k, v in s.items()))
         elif args.command == "top":
-            await top(store, out, args.interval, args.once, args.json)
+            await top(store, out, args.interval, args.once, args.json, config)
         elif args.command == "watch":
             stop = asyncio.Event()
             try:
                 if args.events:
-                    await watch_events(store, out, args.json, stop)
+                    await watch_events(store, out, args.json, stop, config)
                 else:
-                    await watch(store, out, args.json, stop)
+                    await watch(store, out, args.json, stop, config)
             except asyncio.CancelledError:
                 stop.set()
     finally:
         await store.aclose()
-    return 0
+    return EXIT_OK
 
 
 async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -909,13 +1083,14 @@ async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -
     try:
         for key in keys:
             entry = await store.read_entry(key)
+            named = name_group(config, key).fields()
             if args.command == "get":
-                results.append(describe_entry(entry, key, time.time_ns()))
+                results.append({**describe_entry(entry, key, time.time_ns()), **named})
             elif entry is None:
-                results.append({"group": key, "reset": False, "written": False})
+                results.append({"group": key, **named, "reset": False, "written": False})
             else:
                 await store.reset(key)
-                results.append({"group": key, "reset": True})
+                results.append({"group": key, **named, "reset": True})
     finally:
         await store.aclose()
     human = _format_entry if args.command == "get" else _format_reset
@@ -925,10 +1100,10 @@ async def _get_or_reset(config: Config, args: argparse.Namespace, out: TextIO) -
     else:
         out.write(("\n\n" if args.command == "get" else "\n").join(map(human, results)) + "\n")
     if any(result.get("written", True) for result in results):
-        return 0
+        return EXIT_OK
     if target.hint:
         sys.stderr.write(f"ratesync:{target.hint}\n")
-    return 1
+    return EXIT_NOT_FOUND
 
 
 async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -945,7 +1120,13 @@ async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> in
     identity = limiter_identity(config, limiter, args.identity)
     group = group_key(limiter.name, identity)
     ttl = getattr(args, "ttl", None)
-    result: dict[str, Any] = {"group": group, "command": args.command, "ttl_seconds": ttl}
+    result: dict[str, Any] = {
+        "group": group,
+        **name_group(config, group).fields(),
+        "command": args.command,
+        "ttl_seconds": ttl,
+    }
+    shown = _shown(result)
     lifting: RuleKind | None = "ban" if args.command == "unban" else None
     if args.command == "override" and args.clear:
         lifting = "override"
@@ -955,8 +1136,8 @@ async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> in
             what = "not banned (no ban in force), nothing to unban"
             if lifting == "override":
                 what = "no override in force, nothing to clear"
-            _emit(out, args.json, result, lambda r: f"{group}: {what}")
-            return 1
+            _emit(out, args.json, result, lambda r: f"{shown}: {what}")
+            return EXIT_NOT_FOUND
     async with AsyncRateLimiter(config) as rate_limiter:
         try:
             if args.command == "ban":
@@ -976,9 +1157,10 @@ async def _set_rule(config: Config, args: argparse.Namespace, out: TextIO) -> in
     done = {"ban": "banned", "unban": "unbanned", "override": "overridden"}.get(
         result["command"], result["command"]
     )
-    until = f" for {ttl:g}s" if ttl else "" if args.command == "unban" else " until removed"
-    _emit(out, args.json, result, lambda r: f"{group}: {done}{until}")
-    return 0
+    lasting = args.command in ("ban", "override") and result["command"] != "override removed"
+    until = f" for {ttl:g}s" if ttl else " until removed" if lasting else ""
+    _emit(out, args.json, result, lambda r: f"{shown}: {done}{until}")
+    return EXIT_OK
 
 
 async def _rule_in_force(config: StoreConfig, kind: RuleKind, group: str) -> bool:
@@ -1005,7 +1187,12 @@ async def _list_rules(config: Config, args: argparse.Namespace, out: TextIO) -> 
             for kind, group, rule in await store.read_rules():
                 if rule.until_ns and rule.until_ns <= now:
                     continue
-                row: dict[str, Any] = {"store": store_config.name, "kind": kind, "group": group}
+                row: dict[str, Any] = {
+                    "store": store_config.name,
+                    "kind": kind,
+                    "group": group,
+                    **name_group(config, group).fields(),
+                }
                 if isinstance(rule, Override):
                     row.update(policy=rule.policy.name, burst=rule.policy.burst)
                 row["expires_in_seconds"] = (
@@ -1016,15 +1203,15 @@ async def _list_rules(config: Config, args: argparse.Namespace, out: TextIO) -> 
             await store.aclose()
     if args.json:
         out.write(json.dumps(rows, indent=2) + "\n")
-        return 0
+        return EXIT_OK
     for row in rows:
         what = f"{row['policy']} (burst {row['burst']})" if row["kind"] == "override" else ""
         left = row["expires_in_seconds"]
         until = f"{left:g}s left" if left is not None else "until removed"
-        out.write(f"{row['kind']:<9} {row['group']:<40} {what:<28} {until}\n")
+        out.write(f"{row['kind']:<9} {_shown(row):<40} {what:<28} {until}\n")
     if not rows:
         out.write("no overrides or bans in force\n")
-    return 0
+    return EXIT_OK
 
 
 async def _fleet(config: Config, args: argparse.Namespace, out: TextIO) -> int:
@@ -1042,7 +1229,7 @@ async def _fleet(config: Config, args: argparse.Namespace, out: TextIO) -> int:
             await store._close_client(nc)
     if args.json:
         out.write(json.dumps(rows, indent=2) + "\n")
-        return 0
+        return EXIT_OK
     for row in rows:
         limiters = ",".join(row.get("limiters", []))
         out.write(
@@ -1051,13 +1238,13 @@ async def _fleet(config: Config, args: argparse.Namespace, out: TextIO) -> int:
         )
     if not rows:
         out.write("no process answered (none running, or none may publish on its bucket)\n")
-    return 0
+    return EXIT_OK
 
 
 def _format_reset(result: dict[str, Any]) -> str:
     if result["reset"]:
-        return f"{result['group']}: reset"
-    return f"{result['group']}: never written (not found), nothing to reset"
+        return f"{_shown(result)}: reset"
+    return f"{_shown(result)}: never written (not found), nothing to reset"
 
 
 def _emit(out: TextIO, as_json: bool, value: Any, human: Callable[[Any], str]) -> None:
@@ -1071,13 +1258,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         return asyncio.run(_run(args, out))
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     except ConfigError as error:
         sys.stderr.write(f"ratesync: {error}\n")
-        return 2
+        return EXIT_CONFIG
+    except StoreError as error:
+        sys.stderr.write(f"ratesync: {error}\n")
+        return EXIT_STORE
     except RateSyncError as error:
         sys.stderr.write(f"ratesync: {error}\n")
-        return 1
+        return EXIT_NOT_FOUND
 
 
 if __name__ == "__main__":  # pragma: no cover

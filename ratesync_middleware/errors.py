@@ -7,9 +7,13 @@
     └── StoreError                     the shared store failed to answer
         ├── StoreUnavailableError      deadline passed, connection lost, back-off in force
         ├── ConnectionRefusedError     "Connection refused": nothing listens at the URL
-        ├── AuthenticationError        "Authentication violation": bad token, user or password
+        ├── NameNotResolvedError       "Name not resolved": the URL's host is not in the DNS
+        ├── ConnectTimeoutError        "No answer": nothing answered a connection in time
+        ├── AuthenticationError        "Authentication violation": bad token, user or password,
+        │                              or none configured where the server wants one
         ├── JetStreamNotEnabledError   "JetStream not enabled": server started without -js
-        ├── InsufficientPermissionsError  "Insufficient permissions": may not create the bucket
+        ├── InsufficientPermissionsError  "Insufficient permissions": may not create or use
+        │                                 the bucket (the message names the subject refused)
         ├── BucketNotFoundError        "Bucket not found": auto_create = false and no bucket
         └── BucketTtlTooShortError     the bucket would forget keys before their window ends
 
@@ -135,6 +139,15 @@ class ConnectionRefusedError(StoreError, builtins.ConnectionRefusedError):
     """Nothing accepted a connection at any of the store's URLs."""
 
 
+class NameNotResolvedError(StoreError):
+    """The host name of every URL failed to resolve (DNS, /etc/hosts, a container network)."""
+
+
+class ConnectTimeoutError(StoreError):
+    """No server answered a connection within `connect_timeout` (a firewall that drops
+    packets, a host that is down): unlike a refused connection, this waits the deadline out."""
+
+
 class AuthenticationError(StoreError):
     """The server rejected the token, user/password, creds or nkey."""
 
@@ -144,7 +157,8 @@ class JetStreamNotEnabledError(StoreError):
 
 
 class InsufficientPermissionsError(StoreError):
-    """The account may not create (or use) the bucket."""
+    """The account may not create the bucket, or (at run time) publish or subscribe on one of
+    its subjects: the message names the subject refused."""
 
 
 class BucketTtlTooShortError(StoreError):

@@ -82,3 +82,45 @@ def tier_key(group: str, tier: str) -> str:
     """The store key of a group's state under `tier`, beside its own rate's key: each tier
     counts on its own, so an upgraded group starts at once from the new tier's state."""
     return f"{group}.{TIER_TOKEN}{tier}"
+
+
+def decode_identity(token: str) -> str | None:
+    """The identity a key token encodes (the inverse of `encode_identity`), for display.
+
+    None for a hashed identity (`=` and a SHA-256: the identity is not in the key) and for a
+    token this package would not have written.
+    """
+    if token.startswith("="):
+        return None
+    if token == _EMPTY_IDENTITY:
+        return ""
+    if "_" not in token:
+        return token
+    raw = bytearray()
+    index = 0
+    try:
+        while index < len(token):
+            if token[index] == "_":
+                raw.append(int(token[index + 1 : index + 3], 16))
+                index += 3
+            else:
+                raw.append(ord(token[index]))
+                index += 1
+        return raw.decode("utf-8", "surrogatepass")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def split_identity(identity: str, count: int) -> list[str] | None:
+    """The parts `join_identity` combined (`count` of them); None when it does not split so."""
+    if count == 1:
+        return [identity]
+    parts: list[str] = []
+    rest = identity
+    while rest:
+        length, colon, rest = rest.partition(":")
+        if not colon or not length.isdigit() or int(length) > len(rest):
+            return None
+        parts.append(rest[: int(length)])
+        rest = rest[int(length) :]
+    return parts if len(parts) == count else None

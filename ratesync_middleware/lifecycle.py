@@ -523,7 +523,12 @@ class RequestLimiter:
         except BucketTtlTooShortError:
             raise  # a bucket that forgets keys early would over-admit: refuse to start
         except StoreError as error:  # requests answer fail-open/closed until it is back
-            logger.warning("store %r is not reachable at start-up: %s", name, error)
+            logger.warning(
+                "store %r did not open at start-up (requests follow each limiter's fail rule "
+                "until it does): %s",
+                name,
+                error,
+            )
 
     async def aclose(self) -> None:
         """Close the stores (they reopen on next use)."""

@@ -173,13 +173,21 @@ def test_check_a_user_who_may_not_create_the_bucket(
     assert "ok    bucket present" in output
 
 
-def test_memory_stores_need_nothing(tmp_path: Path) -> None:
+def test_check_without_a_nats_store_is_a_configuration_error(tmp_path: Path) -> None:
+    """Exit 2, naming the file and the engines found: an operator who ran `check` must not
+    believe NATS was checked."""
     path = tmp_path / "rate-sync.toml"
-    path.write_text('[stores.dev]\nengine = "memory"\n')
-    status, output = ratesync("check", "--config", path)
-    assert status == 0
-    assert "nothing to set up" in output
-    assert f"no NATS store in {path}: nothing to check" in output
+    path.write_text('[stores.dev]\nengine = "memory"\n[stores.cache]\nengine = "memory"\n')
+    result = console("check", "--config", path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"ratesync: {path}: nothing to check: no NATS store")
+    assert "stores found: dev (memory), cache (memory)" in result.stderr
+    assert console("check", "--store", "dev", "--config", path).returncode == 2
+    status = console("status", "--config", path)
+    assert status.returncode == 2
+    assert "no NATS store (stores found: dev (memory), cache (memory))" in status.stderr
+    assert "NATS stores: none" not in status.stderr
 
 
 def test_options_go_before_or_after_the_command(
@@ -246,8 +254,8 @@ def test_check_without_any_configuration(tmp_path: Path) -> None:
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "rate-sync.toml").write_text('[stores.dev]\nengine = "memory"\n')
     result = console("check", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "no NATS store in config/rate-sync.toml: nothing to check" in result.stdout
+    assert result.returncode == 2, result.stderr
+    assert "config/rate-sync.toml: nothing to check: no NATS store" in result.stderr
 
 
 def test_version_is_the_package_version() -> None:
@@ -413,6 +421,7 @@ def test_watch_shows_decoded_updates(nats_url: str, bucket_name: str, tmp_path: 
         reader.join(5)
     update = json.loads(lines[0])
     assert update["group"] == "api_external"
+    assert update["name"] == "api_external"  # a global limiter's group: its name alone
     assert update["available"] == 99
 
 

@@ -78,7 +78,7 @@ def test_get_and_reset_a_client_by_its_ip(config: Path, capsys: pytest.CaptureFi
     assert "--key 127.0.0.1" in capsys.readouterr().err
 
     reset = ratesync("reset", "login", "--key", "127.0.0.1", "--config", config)
-    assert reset == (0, "login.127_2E0_2E0_2E1: reset\n")
+    assert reset == (0, "login ip=127.0.0.1: reset\n")
     state = json.loads(
         ratesync("get", "login", "--key", "127.0.0.1", "--json", "--config", config)[1]
     )
@@ -103,7 +103,37 @@ def test_a_composite_key_takes_one_key_per_part(config: Path) -> None:
     state = json.loads(output)
     assert state["kind"] == "rates"
     assert [rate["available"] for rate in state["rates"]] == [1, 9]
+    assert state["identity"] == {"ip": "10.0.0.7", "header:X-User": "kim"}
     assert ratesync("get", "api", "--key", "10.0.0.7", "--config", config)[0] == 2
+
+
+def test_a_composite_key_by_part_names_shown_decoded(config: Path) -> None:
+    spend(config, "api", join_identity(["10.0.0.7", "kim"]))
+    named = ("--key", "header:x-user=kim", "--key", "ip=10.0.0.7")  # any order, any case
+    status, output = ratesync("get", "api", *named, "--config", config)
+    assert status == 0, output
+    assert "group        api ip=10.0.0.7 header:X-User=kim\n" in output
+    assert "KV key       api.8_3A10_2E0_2E0_2E73_3Akim\n" in output
+    assert ratesync("reset", "api", *named, "--config", config) == (
+        0,
+        "api ip=10.0.0.7 header:X-User=kim: reset\n",
+    )
+
+
+def test_a_key_part_the_limiter_does_not_have_is_an_error(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Banning another group than the application's would report success and change nothing."""
+    for given in (
+        ("--key", "ip=10.0.0.7", "--key", "user=kim"),  # api's parts: ip, header:X-User
+        ("--key", "ip=10.0.0.7"),  # a part missing
+        ("--key", "ip=10.0.0.7", "--key", "kim"),  # named and not
+        ("--key", "ip=10.0.0.7", "--key", "ip=10.0.0.8"),  # twice
+    ):
+        assert ratesync("ban", "api", *given, "--config", config)[0] == 2
+    assert "it has no part 'user' (its parts: ip, header:X-User)" in capsys.readouterr().err
+    assert ratesync("ban", "login", "--key", "user=kim", "--config", config)[0] == 2
+    assert ratesync("overrides", "--config", config) == (0, "no overrides or bans in force\n")
 
 
 def test_a_group_never_written_exits_1_for_get_and_reset(config: Path) -> None:
@@ -111,7 +141,14 @@ def test_a_group_never_written_exits_1_for_get_and_reset(config: Path) -> None:
     assert (status, "never written" in output) == (1, True)
     status, output = ratesync("reset", "login", "--key", "10.9.9.9", "--json", "--config", config)
     assert status == 1
-    assert json.loads(output) == {"group": "login.10_2E9_2E9_2E9", "reset": False, "written": False}
+    assert json.loads(output) == {
+        "group": "login.10_2E9_2E9_2E9",
+        "limiter": "login",
+        "identity": {"ip": "10.9.9.9"},
+        "name": "login ip=10.9.9.9",
+        "reset": False,
+        "written": False,
+    }
 
 
 def test_a_keyed_limiter_without_key_is_a_usage_error(config: Path) -> None:
@@ -156,10 +193,10 @@ def test_override_ban_unban_and_the_list_in_force(config: Path) -> None:
         "--config",
         config,
     )
-    assert (status, output) == (0, "login.127_2E0_2E0_2E1: overridden for 60s\n")
+    assert (status, output) == (0, "login ip=127.0.0.1: overridden for 60s\n")
     assert ratesync("ban", "login", "--key", "10.0.0.9", "--config", config) == (
         0,
-        "login.10_2E0_2E0_2E9: banned until removed\n",
+        "login ip=10.0.0.9: banned until removed\n",
     )
     rules = json.loads(ratesync("overrides", "--json", "--config", config)[1])
     by_kind = {rule["kind"]: rule for rule in rules}
@@ -175,9 +212,13 @@ def test_override_ban_unban_and_the_list_in_force(config: Path) -> None:
 
     assert asyncio.run(decide()) == (True, "banned")  # a process started later loads both
 
-    assert ratesync("unban", "login", "--key", "10.0.0.9", "--config", config)[0] == 0
-    assert (
-        ratesync("override", "login", "--key", "127.0.0.1", "--clear", "--config", config)[0] == 0
+    assert ratesync("unban", "login", "--key", "10.0.0.9", "--config", config) == (
+        0,
+        "login ip=10.0.0.9: unbanned\n",
+    )
+    assert ratesync("override", "login", "--key", "127.0.0.1", "--clear", "--config", config) == (
+        0,
+        "login ip=127.0.0.1: override removed\n",
     )
     assert ratesync("overrides", "--config", config) == (0, "no overrides or bans in force\n")
 
@@ -188,13 +229,16 @@ def test_lifting_a_rule_never_set_says_so_and_exits_1(config: Path) -> None:
     unban = ("unban", "login", "--key", "10.9.9.9", "--config", config)
     assert ratesync(*unban) == (
         1,
-        "login.10_2E9_2E9_2E9: not banned (no ban in force), nothing to unban\n",
+        "login ip=10.9.9.9: not banned (no ban in force), nothing to unban\n",
     )
     clear = ("override", "login", "--key", "10.9.9.9", "--clear", "--json", "--config", config)
     status, output = ratesync(*clear)
     assert status == 1
     assert json.loads(output) == {
         "group": "login.10_2E9_2E9_2E9",
+        "limiter": "login",
+        "identity": {"ip": "10.9.9.9"},
+        "name": "login ip=10.9.9.9",
         "command": "override",
         "ttl_seconds": None,
         "found": False,

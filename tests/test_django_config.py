@@ -93,6 +93,21 @@ def test_an_env_var_hint_says_how_to_fix_it() -> None:
     assert "${VAR:-default}" in error.hint
 
 
+def test_hints_point_at_the_published_documentation() -> None:
+    """A pip user has no docs/ directory: hints name pages of the documentation site."""
+    mkdocs = (Path(__file__).parent.parent / "mkdocs.yml").read_text()
+    site = next(
+        line.split(":", 1)[1].strip()
+        for line in mkdocs.splitlines()
+        if line.startswith("site_url:")
+    )
+    [error] = config_errors({"stores": {"main": {"engine": "memory", "colour": "blue"}}})
+    assert error.id == "ratesync.E004"
+    assert f"{site}django/" in error.hint
+    assert f"{site}configuration/" in error.hint
+    assert "docs/" not in error.hint.replace(site, "")
+
+
 def test_the_middleware_without_ratesync_setting_warns_that_nothing_is_configured(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -409,6 +409,8 @@ def test_top_once_shows_the_busiest_and_most_refused_groups(
     assert rows["login.kim"]["writes_per_second"] > 0
     assert rows["login.user-0"]["refused_per_second"] == 0  # (20 rows at most: the first)
     assert next(iter(rows)) == "login.kim"  # the most refused first
+    assert rows["login.kim"]["name"] == "login ip=kim"  # shown as the application's identity
+    assert rows["login.kim"]["identity"] == {"ip": "kim"}
 
 
 def test_watch_events_prints_a_ban(nats_url: str, bucket_name: str, tmp_path: Path) -> None:

@@ -7,7 +7,14 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ratesync_middleware.keys import MAX_IDENTITY_LENGTH, encode_identity, group_key, join_identity
+from ratesync_middleware.keys import (
+    MAX_IDENTITY_LENGTH,
+    decode_identity,
+    encode_identity,
+    group_key,
+    join_identity,
+    split_identity,
+)
 
 NATS_KEY = re.compile(r"[-/_=.A-Za-z0-9]+")
 
@@ -52,3 +59,23 @@ def test_escapes_and_hashes_cannot_collide() -> None:
     assert encode_identity("a_b") != encode_identity("a_5Fb")
     assert encode_identity("a_5Fb") == "a_5F5Fb"
     assert encode_identity("x" * 200).startswith("=")
+
+
+@given(st.lists(st.text(), min_size=1, max_size=4))
+def test_an_operator_reads_back_every_identity_that_was_not_hashed(parts: list[str]) -> None:
+    """`ratesync` shows groups decoded: the encoding is reversible, and so is the joining."""
+    token = encode_identity(join_identity(parts))
+    decoded = decode_identity(token)
+    if token.startswith("="):
+        assert decoded is None  # hashed: the identity is not in the key
+    else:
+        assert decoded is not None
+        assert split_identity(decoded, len(parts)) == parts
+
+
+def test_the_documented_example_decodes() -> None:
+    assert decode_identity("10_3A127_2E0_2E0_2E133_3Akim") == "10:127.0.0.133:kim"
+    assert split_identity("10:127.0.0.133:kim", 2) == ["127.0.0.13", "kim"]
+    assert split_identity("10:127.0.0.133:kim", 3) is None
+    assert decode_identity("_") == ""
+    assert decode_identity("_ZZ") is None

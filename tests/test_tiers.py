@@ -410,7 +410,7 @@ tiers = {{ free = "2/minute", pro = "5/minute" }}
     assert "available    0 of 2" in output
     reset = ratesync("reset", "search", "--key", "alice", "--config", path)
     assert reset[0] == 0
-    assert "search.alice.=tier-free: reset" in reset[1]
+    assert "search header:X-User=alice (tier free): reset" in reset[1]
 
     async def free_left() -> int:
         async with AsyncRateLimiter(str(path)) as limiter:

@@ -48,7 +48,8 @@ from .middleware import RateLimitMiddleware
 __all__ = ["TAG", "check_settings", "check_views"]
 
 TAG: Final = "ratesync"
-DOCS: Final = "See docs/django.md and docs/configuration.md."
+DOCS_URL: Final = "https://ratesync.github.io/ratesync-middleware/"  # mkdocs.yml's site_url
+DOCS: Final = f"See {DOCS_URL}django/ and {DOCS_URL}configuration/."
 _MAX_URLCONF_DEPTH: Final = 32
 
 # A ConfigError's id and hint, from the fields it was raised with (never its message):

@@ -17,7 +17,7 @@ from nats.js.api import KeyValueConfig, StreamInfo
 from ...bucket import NS_PER_SECOND
 from ...config import StoreConfig
 from ...errors import PRECREATE_COMMAND, BucketNotFoundError, BucketTtlTooShortError
-from .errors import BUCKET_EXISTS_WITH_OTHER_SETTINGS, Translator
+from .errors import BUCKET_EXISTS_WITH_OTHER_SETTINGS, Translator, in_cluster
 
 logger = logging.getLogger("ratesync_middleware.nats")
 
@@ -97,7 +97,9 @@ class BucketOpener:
             return await self._create(js, permission_denied)
         except Exception as error:
             raise self.translator.bucket_failure(
-                error, permission_denied=permission_denied()
+                error,
+                permission_denied=permission_denied(),
+                clustered=in_cluster(getattr(js, "_nc", None)),
             ) from None
         self.check(info)
         return info

@@ -5,19 +5,26 @@
     │   ├── DeadlineError          no answer within the decision's deadline
     │   ├── StalledError           the connection's outgoing buffer does not drain
     │   ├── BucketGoneError        nothing stores the bucket's subjects (deleted)
+    │   │   └── NoQuorumError      "No JetStream quorum": in a cluster, the stream has no leader
     │   └── WriteRejectedError     the server refused the write, with its reason
     └── BucketTtlTooShortError     the bucket would forget keys before their window ends
-    (and the seed guide's: ConnectionRefusedError, AuthenticationError, ...)
+    (and the seed guide's: ConnectionRefusedError, NameNotResolvedError, ConnectTimeoutError,
+    AuthenticationError, InsufficientPermissionsError, ...)
 
 The kind of failure is the class, so the store decides what to do (back off, probe the
 connection, reopen the bucket) without reading messages. The only text tests left are the two
 that nats-py reports as text alone: a permissions violation, and an authorization violation
-while connecting.
+while connecting. A deadline missed right after the server refused one of the bucket's subjects
+is that refusal (the server answers a forbidden publish with an -ERR, never with a reply), so it
+is named as such; "no answer within the deadline" is left for real timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import re
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,8 +36,10 @@ from ...config import StoreConfig
 from ...errors import (
     AuthenticationError,
     ConnectionRefusedError,
+    ConnectTimeoutError,
     InsufficientPermissionsError,
     JetStreamNotEnabledError,
+    NameNotResolvedError,
     StoreError,
     StoreUnavailableError,
 )
@@ -52,6 +61,12 @@ class StalledError(StoreUnavailableError):
 
 class BucketGoneError(StoreUnavailableError):
     """Nothing stores `$KV.<bucket>.>` any more: the bucket was deleted."""
+
+
+class NoQuorumError(BucketGoneError):
+    """In a cluster, no server answers for the bucket's stream: it has no leader (the cluster
+    lost its majority), or the bucket was deleted. Reopened after the back-off, like a gone
+    bucket, which succeeds once a leader is elected."""
 
 
 class WriteRejectedError(StoreUnavailableError):
@@ -77,6 +92,37 @@ def is_permission_violation(error: BaseException) -> bool:
     return isinstance(error, nats.errors.Error) and "permissions violation" in str(error).lower()
 
 
+_REFUSED_SUBJECT = re.compile(r'permissions violation for (\w+) to "?([^"\s]+)"?', re.IGNORECASE)
+
+
+def refused_subject(error: BaseException) -> str | None:
+    """The subject of a permissions violation (`Publish to "$KV.b.k"`), as the server named it."""
+    if not is_permission_violation(error):
+        return None
+    match = _REFUSED_SUBJECT.search(str(error))
+    return f"{match.group(1).lower()} to {match.group(2)}" if match else "a subject"
+
+
+def in_cluster(nc: object) -> bool:
+    """Whether the connected server is part of a cluster (its INFO names one)."""
+    info = getattr(nc, "_server_info", None)  # nats-py keeps the server's INFO there
+    return isinstance(info, dict) and bool(info.get("cluster"))
+
+
+def _is_refused(error: BaseException) -> bool:
+    return isinstance(error, builtins.ConnectionRefusedError)
+
+
+def _is_unresolved(error: BaseException) -> bool:
+    return isinstance(error, socket.gaierror)
+
+
+def is_definite_connect_failure(error: BaseException) -> bool:
+    """A failure that waiting will not change: refused, not resolved, or credentials rejected
+    (a timeout is not: a server may still answer)."""
+    return _is_refused(error) or _is_unresolved(error) or is_auth_rejection(error)
+
+
 @dataclass(frozen=True)
 class Translator:
     """Builds our errors, with their remedies, for one store's configuration."""
@@ -88,10 +134,24 @@ class Translator:
     def _servers(self) -> str:
         return ", ".join(self.config.redacted_servers)
 
+    @property
+    def _credentials_configured(self) -> bool:
+        config = self.config
+        return bool(
+            config.token or config.creds or config.nkey or any("@" in u for u in config.servers)
+        )
+
     def connect_failure(self, errors: Sequence[BaseException]) -> StoreError:
-        """The seed guide's error for what went wrong while connecting."""
+        """The seed guide's error for what went wrong while connecting, by cause."""
         config = self.config
         if any(is_auth_rejection(error) for error in errors):
+            if not self._credentials_configured:
+                return AuthenticationError(
+                    f"Authentication violation: the NATS server at {self._servers} wants "
+                    f"credentials and store {config.name!r} has none configured. Set `token` "
+                    '(e.g. token = "${NATS_TOKEN}"), user:password@ in `url`, `creds` or '
+                    f"`nkey` in [stores.{config.name}]."
+                )
             how = (
                 "the token (check the environment variable it comes from, e.g. `echo $NATS_TOKEN`)"
             )
@@ -104,19 +164,62 @@ class Translator:
                 f"credentials of store {config.name!r}. Verify {how} against the server "
                 "configuration."
             )
+        if errors and all(_is_unresolved(error) for error in errors):
+            return NameNotResolvedError(
+                f"Name not resolved: the host of {self._servers} (store {config.name!r}) is "
+                "not known to this host's resolver. Verify the host name in `url` (DNS, "
+                "/etc/hosts, the container network)."
+            )
+        if any(_is_refused(error) for error in errors):
+            return ConnectionRefusedError(
+                f"Connection refused: nothing accepts connections at {self._servers} (store "
+                f"{config.name!r}). Verify the URL and port, and that nats-server is running "
+                "there (e.g. `telnet HOST 4222`)."
+            )
         reasons = sorted({type(error).__name__ for error in errors}) or ["no answer"]
-        return ConnectionRefusedError(
-            f"Connection refused: no NATS server accepted a connection at {self._servers} within "
-            f"{config.connect_timeout:g}s ({', '.join(reasons)}). Verify the URL, that "
-            "nats-server is running, and that the network and firewall let this host reach it "
-            "(e.g. `telnet HOST 4222`)."
+        return ConnectTimeoutError(
+            f"No answer: no NATS server at {self._servers} (store {config.name!r}) completed a "
+            f"connection within connect_timeout = {config.connect_timeout:g}s "
+            f"({', '.join(reasons)}). Verify that the host is up and that the network and "
+            "firewall let this host reach it (e.g. `telnet HOST 4222`)."
         )
 
-    def bucket_failure(self, error: BaseException, *, permission_denied: bool) -> StoreError:
+    def no_quorum(self, what: str) -> NoQuorumError:
+        name, bucket = self.config.name, self.config.bucket_name
+        return NoQuorumError(
+            f"No JetStream quorum: no server of the NATS cluster answers for KV bucket "
+            f"{bucket!r} (store {name!r}, {what}): its stream has no leader, because the cluster "
+            "lost its majority (servers down or partitioned; or the bucket was deleted). "
+            "Decisions follow each limiter's fail rule until a leader is elected; check the "
+            "cluster with `nats server report jetstream`."
+        )
+
+    def refused(self, subject: str, what: str = "request") -> InsufficientPermissionsError:
+        """The server refused one of the bucket's subjects to these credentials."""
+        bucket = self.config.bucket_name
+        return InsufficientPermissionsError(
+            f"Insufficient permissions: the NATS server refused store {self.config.name!r} "
+            f"{subject} (a {what} on KV bucket {bucket!r}). Ask your NATS administrator to grant "
+            f"publish on `$KV.{bucket}.>` and `$JS.API.>` and subscribe on `_INBOX.>` to these "
+            "credentials (docs/setup/nats-setup.md, Permissions)."
+        )
+
+    def bucket_failure(
+        self, error: BaseException, *, permission_denied: bool, clustered: bool = False
+    ) -> StoreError:
         """Opening or creating the bucket failed (a management call, once per connection)."""
         config, bucket = self.config, self.config.bucket_name
         if isinstance(error, StoreError):
             return error
+        if clustered and isinstance(
+            error,
+            nats.errors.TimeoutError
+            | asyncio.TimeoutError
+            | nats.js.errors.ServiceUnavailableError
+            | nats.errors.NoRespondersError,
+        ):
+            # A cluster whose JetStream answers nothing (no meta leader) or answers 503.
+            return self.no_quorum("opening the bucket")
         if isinstance(
             error, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError
         ):
@@ -135,12 +238,27 @@ class Translator:
             f"store {config.name!r}: opening KV bucket {bucket!r} failed ({describe(error)})"
         )
 
-    def call_failure(self, error: BaseException, what: str = "request") -> StoreError:
-        """A call of a decision, a read or a reset failed; the class says what to do next."""
+    def call_failure(
+        self,
+        error: BaseException,
+        what: str = "request",
+        *,
+        refused: str | None = None,
+        clustered: bool = False,
+    ) -> StoreError:
+        """A call of a decision, a read or a reset failed; the class says what to do next.
+
+        `refused`: a subject of the bucket the server refused just now (a permissions
+        violation), which is why no answer came; `clustered`: the server is in a cluster,
+        where nobody answering for the bucket means its stream has no leader.
+        """
         name, bucket = self.config.name, self.config.bucket_name
         if isinstance(error, StoreError):
             return error
-        if isinstance(error, nats.errors.TimeoutError | asyncio.TimeoutError):
+        timeout = isinstance(error, nats.errors.TimeoutError | asyncio.TimeoutError)
+        if refused is not None and (timeout or is_permission_violation(error)):
+            return self.refused(refused, what)
+        if timeout:
             return DeadlineError(
                 f"store {name!r}: no answer from NATS to a {what} within the deadline "
                 f"({self.config.timeout:g}s)"
@@ -151,6 +269,8 @@ class Translator:
                 "(the server or the link hangs)"
             )
         if isinstance(error, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError):
+            if clustered:
+                return self.no_quorum(f"a {what}")
             return BucketGoneError(
                 f"store {name!r}: KV bucket {bucket!r} does not answer (deleted?); it is opened "
                 "again after the back-off"

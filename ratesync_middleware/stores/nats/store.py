@@ -66,9 +66,11 @@ from .errors import (
     NatsFailure,
     StalledError,
     Translator,
-    is_auth_rejection,
+    in_cluster,
+    is_definite_connect_failure,
     is_permission_violation,
     is_wrong_last_sequence,
+    refused_subject,
 )
 from .lease import Lease, lease_for, warm
 from .slots import SlotKeeper
@@ -190,6 +192,7 @@ class NatsStore:
         self._last_error: StoreError | None = None
         self._connect_errors: list[BaseException] = []
         self._permission_denied = False
+        self._refused: tuple[str, float] | None = None  # a subject of the bucket refused, when
         self._last_warnings: dict[str, float] = {}  # a warning's format -> when it was logged
         self._settles: set[asyncio.Future[Decision]] = set()  # settles on their way to NATS
         self._closing = False  # draining in `aclose`: failures are counted, not logged each
@@ -344,19 +347,28 @@ class NatsStore:
         self.rules.mark_loaded()
 
     async def connect(self) -> NatsClient:
-        """Connect within `connect_timeout` over all URLs, failing early on a rejected login."""
+        """Connect within `connect_timeout` over all URLs.
+
+        Fails at once when every URL failed for good in a row (refused, not resolved, or
+        credentials rejected): nats-py would try them again until the deadline. Only a server
+        that does not answer at all (a black hole) costs the whole `connect_timeout`.
+        """
         loop = asyncio.get_running_loop()
         self._connect_errors = []
         self._permission_denied = False
         rejected: asyncio.Future[None] = loop.create_future()
         nc = NatsClient()
+        definite_in_a_row = 0
 
         async def on_error(error: Exception) -> None:
+            nonlocal definite_in_a_row
             if nc.is_connected:
                 self._on_runtime_error(error)
                 return
             self._connect_errors.append(error)
-            if is_auth_rejection(error) and not rejected.done():
+            definite_in_a_row = definite_in_a_row + 1 if is_definite_connect_failure(error) else 0
+            # nats-py tries the URLs in turn: as many failures in a row as URLs covers each.
+            if definite_in_a_row >= len(self.config.servers) and not rejected.done():
                 rejected.set_result(None)
 
         connecting = loop.create_task(nc.connect(**self._connect_options(nc, on_error)))
@@ -429,14 +441,38 @@ class NatsStore:
 
     def _jetstream_failure(self, error: BaseException) -> StoreError:
         """The seed guide's error for a failed management call (`ratesync check` shows it)."""
-        return self._errors.bucket_failure(error, permission_denied=self._permission_denied)
+        return self._errors.bucket_failure(
+            error, permission_denied=self._permission_denied, clustered=in_cluster(self._nc)
+        )
 
     def _on_runtime_error(self, error: Exception) -> None:
         if is_permission_violation(error):
             self._permission_denied = True
+            refusal = refused_subject(error)
+            if refusal is not None:
+                refusal = self._bucket_refusal(refusal)
+            if refusal is not None:
+                self._refused = (refusal, time.monotonic())
         # A permissions violation names the subject refused (what to grant); nothing secret.
         shown = str(error) if is_permission_violation(error) else type(error).__name__
         self._warn("store %r: NATS reported %s", self.config.name, shown)
+
+    def _bucket_refusal(self, refusal: str) -> str | None:
+        """`publish to <subject>` when the subject is one a decision waits on (its write, its
+        read or its reply), else None. nats-py lowercases the server's text: the bucket's
+        prefix gets its case back (the rest of the subject may have had capitals)."""
+        action, _, subject = refusal.rpartition(" ")
+        for prefix in (self._prefix, self._direct_get, "_INBOX.", "$JS.API."):
+            if subject.lower().startswith(prefix.lower()):
+                return f"{action} {prefix}{subject[len(prefix) :]}"
+        return None
+
+    def _recent_refusal(self) -> str | None:
+        """The bucket's subject the server refused within the last deadline (and a second)."""
+        refused = self._refused
+        if refused is None or time.monotonic() - refused[1] > self.config.timeout + 1.0:
+            return None
+        return refused[0]
 
     def _warn(self, message: str, *args: object) -> None:
         """One line per kind of warning (its format) every `_WARNING_INTERVAL` at most: a flood
@@ -1096,7 +1132,9 @@ class NatsStore:
         """
         if not isinstance(error, nats.errors.OutboundBufferLimitError):  # else: never sent
             state.revision, state.lost = None, True
-        failure = self._errors.call_failure(error)
+        failure = self._errors.call_failure(
+            error, refused=self._recent_refusal(), clustered=in_cluster(self._nc)
+        )
         self._failing = True
         if alone:
             return failure
