@@ -33,10 +33,10 @@ from .compat import flask_error_handlers
 from .config import ConfigSource
 from .errors import ConfigError
 from .headers import Denial, add_missing, retry_after_seconds, text_headers
-from .lifecycle import Admission
+from .lifecycle import Admission, RequestLimiter
 from .limiter import AsyncRateLimiter, logger
 from .marks import Cost, Key, exempt, get_marks, limit
-from .plans import EXEMPT, Plan, PlanResolver, endpoint_objects, method_handler
+from .plans import EXEMPT, Plan, endpoint_objects, method_handler
 from .sync import SyncRequestLimiter
 from .wsgi import EnvironFacts
 
@@ -182,14 +182,15 @@ class _AppState:
     """
 
     def __init__(
-        self, app: Any, plans: PlanResolver, client_address: ClientAddress, exempt_static: bool
+        self, app: Any, limiter: SyncRequestLimiter | RequestLimiter, exempt_static: bool
     ) -> None:
         self.app = app
-        self.plans = plans
+        self.config = limiter.config
+        self.plans = plans = limiter.plans
         # Configuration only, so safe across fork(); bound once: they run on every request.
         self._cached_plan = plans.cached_plan
         self._find = self._candidates
-        self._client_address = client_address
+        self._client_address = limiter.client_address
         self.exempt_static = exempt_static
         self._started = False
         self._handled: dict[type[Exception], bool] = {}  # refusal class -> the app handles it
@@ -319,10 +320,7 @@ class _FlaskState(_AppState):
         self, app: Flask, config: ConfigSource | AsyncRateLimiter, exempt_static: bool
     ) -> None:
         self.limiter = SyncRequestLimiter(config)
-        self.config = self.limiter.config
-        _AppState.__init__(
-            self, app, self.limiter.plans, self.limiter.client_address, exempt_static
-        )
+        _AppState.__init__(self, app, self.limiter, exempt_static)
         self._start_lock = threading.Lock()
 
     def startup(self, strict: bool = True) -> None:

@@ -83,8 +83,7 @@ class _QuartState(_AppState):
         self, app: Quart, config: ConfigSource | AsyncRateLimiter, exempt_static: bool
     ) -> None:
         self.core = RequestLimiter(config)
-        self.config = self.core.config
-        _AppState.__init__(self, app, self.core.plans, self.core.client_address, exempt_static)
+        _AppState.__init__(self, app, self.core, exempt_static)
         self._start_lock = asyncio.Lock()
         self.replaced: _QuartState | None = None  # the state a second `init_app` replaced
 
