@@ -4,7 +4,10 @@ under a real hypercorn process."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from ratesync_middleware import ConfigError, RateLimiter
 from ratesync_middleware.flask import RateLimit as FlaskRateLimit
 from ratesync_middleware.quart import RateLimit, RateLimitExceeded, limit
 from tests.servers import hypercorn_server
+
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "quart.md"
 
 CONFIG: dict[str, Any] = {
     "limiters": {
@@ -335,6 +340,36 @@ async def test_a_concurrency_slot_is_held_until_the_response_is_sent(
     gate.opened.set()
     assert (await first).status_code == 200
     assert await statuses(client, 2, "/upload", method="POST") == [200, 200]
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+async def test_the_example_of_the_quart_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks: dict[str, list[str]] = {}
+    for language, body in re.findall(r"```(\w*)\n(.*?)```", PAGE.read_text(), re.S):
+        blocks.setdefault(language, []).append(body)
+    (tmp_path / "app.py").write_text(blocks["python"][0])
+    (tmp_path / "rate-sync.toml").write_text(blocks["toml"][0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "app", raising=False)
+    app = importlib.import_module("app").app
+
+    page_test: dict[str, Any] = {"app": app}
+    exec(blocks["python"][1], page_test)  # the page's own test, as written
+    await page_test["test_the_fourth_wrong_password_is_refused"]()
+
+    async with app.test_app() as served:  # and what the page says around it
+        client = served.test_client()
+        right = {"password": "s3cret"}
+        assert await statuses(client, 5, "/login", method="POST", form=right) == [200] * 5
+        item = await client.get("/items/7")
+        assert (item.status_code, await item.get_json()) == (200, {"id": 7})
+        assert item.headers["RateLimit-Policy"] == '"api";q=100;w=60'
+        assert "RateLimit" not in (await client.get("/health")).headers
 
 
 # --- a real server on a real NATS ------------------------------------------------------------
