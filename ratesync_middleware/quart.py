@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from quart import Quart, current_app, request
+from quart import Quart, current_app, request, websocket
 from quart.wrappers.response import DataBody
 from werkzeug.wrappers import Response as WerkzeugResponse
 
@@ -35,11 +35,11 @@ from .flask import (
     _AppState,
 )
 from .lifecycle import Admission, RequestLimiter
-from .limiter import AsyncRateLimiter
+from .limiter import AsyncRateLimiter, logger
 from .marks import exempt, limit
 
 if TYPE_CHECKING:
-    from quart import Request
+    from quart import Request, Websocket
     from quart.typing import ResponseReturnValue
     from starlette.types import Receive, Scope, Send
     from werkzeug.sansio.response import Response as SansioResponse
@@ -64,15 +64,15 @@ class QuartFacts(ScopeFacts):
 
     __slots__ = ("_quart_request",)
 
-    def __init__(self, quart_request: Request, client_address: ClientAddress) -> None:
+    def __init__(self, quart_request: Request | Websocket, client_address: ClientAddress) -> None:
         ScopeFacts.__init__(  # not super(): this runs on every request
             self, cast(Any, quart_request.scope), quart_request.path, client_address
         )
         self._quart_request = quart_request
 
     @property
-    def request(self) -> Request:  # type: ignore[override]
-        """The Quart `request` object (`facts.scope` is its ASGI scope)."""
+    def request(self) -> Request | Websocket:  # type: ignore[override]
+        """The Quart `request` (or `websocket`) object (`facts.scope` is its ASGI scope)."""
         return self._quart_request
 
 
@@ -86,6 +86,12 @@ class _QuartState(_AppState):
         _AppState.__init__(self, app, self.core, exempt_static)
         self._start_lock = asyncio.Lock()
         self.replaced: _QuartState | None = None  # the state a second `init_app` replaced
+        if any(rule.messages for rule in self.config.routes):
+            logger.warning(
+                "%s: [[routes]] messages: the Quart extension checks a websocket when it"
+                " opens; it does not limit the messages it receives",
+                self.config.source,
+            )
 
     async def startup(self, strict: bool = True) -> None:
         """Check every view's and blueprint's marks, import key functions, open the stores."""
@@ -97,17 +103,26 @@ class _QuartState(_AppState):
     # -- the hooks ------------------------------------------------------------------------------
 
     async def before_request(self) -> ResponseReturnValue | None:
+        quart_request: Request = cast(Any, request)._get_current_object()  # one proxy lookup
+        return await self.check(quart_request, quart_request.method)
+
+    async def before_websocket(self) -> ResponseReturnValue | None:
+        """A websocket is checked at its opening handshake, a GET; a refusal is answered with
+        the HTTP refusal where the server can send one (ASGI's `websocket.http.response`),
+        else Quart closes the socket before accepting it."""
+        return await self.check(cast(Any, websocket)._get_current_object(), "GET")
+
+    async def check(self, connection: Request | Websocket, method: str) -> WerkzeugResponse | None:
+        """Decide a request or a websocket: None to go on, else the refusal (or it raises)."""
         if not self._started:
             await self.startup(strict=False)
-        quart_request: Request = cast(Any, request)._get_current_object()  # one proxy lookup
-        method = quart_request.method
-        plan = self.plan(quart_request, method)
+        plan = self.plan(connection, method)
         if not plan:
             return None
-        admission = self.core.begin(QuartFacts(quart_request, self._client_address), plan)
+        admission = self.core.begin(QuartFacts(connection, self._client_address), plan)
         if not isinstance(admission, Admission):  # a store that must be awaited
             admission = await admission
-        cast(Any, quart_request.scope)[ADMISSION_KEY] = admission
+        cast(Any, connection.scope)[ADMISSION_KEY] = admission
         return None if admission.allowed else self.refuse(admission)
 
     async def after_request(self, response: SansioResponse) -> SansioResponse:
@@ -185,8 +200,13 @@ class RateLimit(RateLimitExtension[Quart, _QuartState]):
         async def close_stores() -> None:
             await app.extensions[EXTENSION].aclose()
 
+        async def check_websocket() -> ResponseReturnValue | None:
+            refused: ResponseReturnValue | None = await app.extensions[EXTENSION].before_websocket()
+            return refused
+
         app.before_request(check_rate_limit)
         app.after_request(add_rate_limit_headers)
+        app.before_websocket(check_websocket)
         app.before_serving(open_stores)
         app.after_serving(close_stores)
 

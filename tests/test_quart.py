@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 from flask import Flask
-from quart import Blueprint, Quart, Response, request
-from quart.testing import QuartClient
+from quart import Blueprint, Quart, Response, request, websocket
+from quart.testing import QuartClient, WebsocketResponseError
 from quart.testing.app import LifespanError
 
 from ratesync_middleware import ConfigError, RateLimiter
@@ -153,6 +153,38 @@ def test_each_extension_refuses_the_other_frameworks_app() -> None:
         FlaskRateLimit(Quart(__name__), config=CONFIG)
     with pytest.raises(TypeError, match=r"use ratesync_middleware\.flask\.RateLimit"):
         RateLimit(Flask(__name__), config=CONFIG)
+
+
+async def test_a_websocket_is_checked_when_it_opens() -> None:
+    app, ratelimit = create_app()
+
+    @app.websocket("/ws")
+    @ratelimit.limit("login")
+    async def echo() -> None:
+        while True:
+            await websocket.send(await websocket.receive())
+
+    client = app.test_client()
+    for _ in range(2):
+        async with client.websocket("/ws") as socket:
+            await socket.send("hello")
+            assert await socket.receive() == "hello"
+    with pytest.raises(WebsocketResponseError) as refused:
+        async with client.websocket("/ws") as socket:
+            await socket.send("hello")
+    assert refused.value.response.status_code == 429
+    assert refused.value.response.headers["RateLimit"].startswith('"login";r=0;')
+
+
+def test_per_message_limits_are_not_applied_and_it_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = {**CONFIG, "routes": [{"path": "/ws/*", "messages": ["login"]}]}
+    with caplog.at_level(logging.WARNING, "ratesync_middleware"):
+        create_app(config)
+    assert "[[routes]] messages: the Quart extension checks a websocket when it opens" in (
+        caplog.text
+    )
 
 
 # --- a typo in a mark --------------------------------------------------------------------------
