@@ -321,10 +321,9 @@ def settling_app(config: dict[str, Any], gate: Gate) -> Quart:
     return app
 
 
-@pytest.fixture(params=["memory", "nats"])
-async def settling(
-    request: pytest.FixtureRequest, bucket_name: str
-) -> AsyncIterator[tuple[QuartClient, Gate]]:
+@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+async def settling(request: pytest.FixtureRequest) -> AsyncIterator[tuple[QuartClient, Gate]]:
+    """Quart's test client on the settling app, on the memory store, then a real NATS."""
     config = dict(SETTLING)
     if request.param == "nats":
         store = request.getfixturevalue("nats_store")
