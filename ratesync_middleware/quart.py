@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from quart import Quart, current_app, request, websocket
+from quart import Quart, current_app, has_request_context, request, websocket
 from quart.wrappers.response import DataBody
 from werkzeug.wrappers import Response as WerkzeugResponse
 
@@ -211,7 +211,8 @@ class RateLimit(RateLimitExtension[Quart, _QuartState]):
         app.after_serving(close_stores)
 
     def current_admission(self) -> Admission | None:
-        admission: Admission | None = cast(Any, request.scope).get(ADMISSION_KEY)
+        connection = request if has_request_context() else websocket
+        admission: Admission | None = cast(Any, connection.scope).get(ADMISSION_KEY)
         return admission
 
     def current_app(self) -> Any:

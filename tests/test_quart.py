@@ -161,12 +161,15 @@ async def test_a_websocket_is_checked_when_it_opens() -> None:
     @app.websocket("/ws")
     @ratelimit.limit("login")
     async def echo() -> None:
+        decision = ratelimit.current_decision
+        await websocket.send(f"{decision.remaining} left" if decision else "not limited")
         while True:
             await websocket.send(await websocket.receive())
 
     client = app.test_client()
-    for _ in range(2):
+    for left in (1, 0):
         async with client.websocket("/ws") as socket:
+            assert await socket.receive() == f"{left} left"
             await socket.send("hello")
             assert await socket.receive() == "hello"
     with pytest.raises(WebsocketResponseError) as refused:
