@@ -4,7 +4,7 @@
     nox -s oldest             # Python 3.10 with every declared minimum of pyproject.toml
     nox -s newest             # the newest Python here with the latest release of everything
     nox -s tests              # the latest releases on every Python interpreter found here
-    nox -s django flask asgi nats   # one dependency at its minimum, then at its latest
+    nox -s django flask quart asgi nats   # one dependency at its minimum, then at its latest
     nox -s docs               # the documentation site, `mkdocs build --strict`
     nox -l                    # every session
 
@@ -41,7 +41,11 @@ nox.options.error_on_missing_interpreters = True  # a missing Python fails, neve
 
 PYTEST = ("-m", "not slow", "-p", "no:cacheprovider", "-q")
 # The extras whose minimums are part of the contract, with the runtime dependencies.
-USER_EXTRAS = ("fastapi", "django", "flask", "prometheus")
+USER_EXTRAS = ("fastapi", "django", "flask", "quart", "prometheus")
+# Quart (>= 0.19) is built on Flask >= 3.0, above Flask's own minimum: where Flask is at its
+# minimum, Quart is left out, and `oldest` tests it afterwards at its minimum on this Flask.
+QUART_TESTS = ("tests/test_quart.py",)
+QUART_OLDEST_FLASK = "flask==3.0.0"
 
 
 def find_interpreters() -> list[str]:
@@ -127,16 +131,30 @@ def run_suite(
     tests: tuple[str, ...] = (),
     at_minimum: list[str] | None = None,
 ) -> None:
-    session.install("-e", ".[test]", *pins)
+    at_minimum = at_minimum or []
+    if "flask" in at_minimum:  # no Quart: it needs a newer Flask
+        test_extra = PROJECT["optional-dependencies"]["test"]
+        without_quart = [text for text in test_extra if Requirement(text).name != "quart"]
+        session.install("-e", ".", *without_quart, *pins)
+        left_out = [f"--ignore={path}" for path in QUART_TESTS]
+    else:
+        session.install("-e", ".[test]", *pins)
+        left_out = []
     session.run("python", "-m", "pip", "list", "--format=freeze")
-    args = session.posargs or [*tests, *deselected(at_minimum or [])]
-    session.run("python", "-m", "pytest", *PYTEST, *args)
+    args = session.posargs or [*tests, *deselected(at_minimum)]
+    session.run("python", "-m", "pytest", *PYTEST, *args, *left_out)
 
 
 @nox.session(python=OLDEST_PYTHON)
 def oldest(session: nox.Session) -> None:
-    """The oldest Python with every declared minimum (Django 4.2, Flask 2.3, ...)."""
-    run_suite(session, *MINIMUMS.values(), *OLDEST_TEST_TOOLS, at_minimum=list(MINIMUMS))
+    """The oldest Python with every declared minimum (Django 4.2, Flask 2.3, ...), then Quart
+    at its minimum with the oldest Flask it accepts."""
+    minimums = [name for name in MINIMUMS if name != "quart"]
+    pins = [MINIMUMS[name] for name in minimums]
+    run_suite(session, *pins, *OLDEST_TEST_TOOLS, at_minimum=minimums)
+    session.install(MINIMUMS["quart"], QUART_OLDEST_FLASK)
+    session.run("python", "-m", "pip", "list", "--format=freeze")
+    session.run("python", "-m", "pytest", *PYTEST, *QUART_TESTS)
 
 
 @nox.session(python=NEWEST_PYTHON)
@@ -183,6 +201,13 @@ def django(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None
 def flask(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None:
     """Flask 2.3, then the latest Flask: the Flask and WSGI adapters' tests."""
     run_suite(session, *pins, tests=FLASK_TESTS, at_minimum=at_minimum)
+
+
+@nox.session
+@one_at_a_time(["quart"])
+def quart(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None:
+    """Quart 0.19, then the latest Quart: the Quart extension's tests."""
+    run_suite(session, *pins, tests=QUART_TESTS, at_minimum=at_minimum)
 
 
 @nox.session

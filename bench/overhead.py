@@ -1162,10 +1162,10 @@ def breakdown(scenario_name: str) -> None:
 
             return fn
 
-        _component("Flask: _AppState.before_request", before)
+        _component("Flask: _FlaskState.before_request", before)
         if decision.allowed:
             _component(
-                "Flask: _AppState.after_request",
+                "Flask: _FlaskState.after_request",
                 lambda: lambda: state.after_request(response),
             )
             from ratesync_middleware.headers import text_headers

@@ -9,8 +9,10 @@
 The check runs in `before_request`, where `request.endpoint` names the view Flask will call, so
 view and blueprint marks apply; a refusal raises `RateLimitExceeded` (a `TooManyRequests`) or
 `RateLimitUnavailable` (a `ServiceUnavailable`), and the app's own error handlers apply.
-`after_request` adds the rate-limit headers and ends the request when its body is closed. The
-limiting itself lives in the core (`lifecycle.py`, `plans.py`).
+`after_request` adds the rate-limit headers and settles what the status and headers say
+(`count_status`, `settle_header`); a streamed body settles, and slots are given back, when the
+server closes it. The limiting itself lives in the core (`lifecycle.py`, `plans.py`); the
+Quart twin (`ratesync_middleware.quart`) shares everything here but the driving of the core.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import Forbidden, HTTPException, ServiceUnavailable, TooManyRequests
@@ -28,17 +31,19 @@ from .bucket import Decision
 from .client_ip import ClientAddress
 from .compat import flask_error_handlers
 from .config import ConfigSource
+from .errors import ConfigError
 from .headers import Denial, add_missing, retry_after_seconds, text_headers
-from .lifecycle import Admission
+from .lifecycle import Admission, RequestLimiter
 from .limiter import AsyncRateLimiter, logger
-from .marks import Cost, Key, exempt, limit
-from .plans import EXEMPT, Plan, method_handler
+from .marks import Cost, Key, exempt, get_marks, limit
+from .plans import EXEMPT, Plan, endpoint_objects, method_handler
 from .sync import SyncRequestLimiter
 from .wsgi import EnvironFacts
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
     from flask import Request
+    from werkzeug.sansio.response import Response as SansioResponse
 
 __all__ = [
     "EXTENSION",
@@ -52,6 +57,7 @@ __all__ = [
 ]
 
 _F = TypeVar("_F")
+_App = TypeVar("_App")  # Flask, or Quart
 
 EXTENSION: Final = "ratesync"
 """The key of the per-app state in `app.extensions`."""
@@ -168,33 +174,31 @@ def _is_static(endpoint: str) -> bool:
 
 
 class _AppState:
-    """What one app needs per request, built once at `init_app`: in `app.extensions["ratesync"]`."""
+    """What one app needs per request, built once at `init_app`: in `app.extensions["ratesync"]`.
+
+    The plans, the candidate endpoints, the refusals and the headers, which Flask and Quart
+    share; a subclass drives the core (Flask: `SyncRequestLimiter`; Quart: awaited on its loop).
+    `request` is Flask's or Quart's request object: both have `endpoint`, `blueprints`, `path`.
+    """
 
     def __init__(
-        self, app: Flask, config: ConfigSource | AsyncRateLimiter, exempt_static: bool
+        self, app: Any, limiter: SyncRequestLimiter | RequestLimiter, exempt_static: bool
     ) -> None:
         self.app = app
-        self.limiter = SyncRequestLimiter(config)
-        self.config = self.limiter.config
+        self.config = limiter.config
+        self.plans = plans = limiter.plans
         # Configuration only, so safe across fork(); bound once: they run on every request.
-        self._cached_plan = self.limiter.plans.cached_plan
+        self._cached_plan = plans.cached_plan
         self._find = self._candidates
-        self._client_address = self.limiter.client_address
+        self._client_address = limiter.client_address
         self.exempt_static = exempt_static
         self._started = False
-        self._start_lock = threading.Lock()
         self._handled: dict[type[Exception], bool] = {}  # refusal class -> the app handles it
 
     # -- start-up -------------------------------------------------------------------------------
 
-    def startup(self) -> None:
-        """Check every view's and blueprint's marks, import key functions, open the stores."""
-        with self._start_lock:
-            if not self._started:
-                self.limiter.startup(self._endpoints())
-                self._started = True
-
-    def _endpoints(self) -> Iterator[object]:
+    def endpoints(self) -> Iterator[object]:
+        """Every view, `View` class and blueprint of the app: what may carry marks."""
         app = self.app
         for view in app.view_functions.values():
             yield view
@@ -203,20 +207,44 @@ class _AppState:
                 yield view_class
         yield from app.blueprints.values()
 
+    def check_marks(self, endpoints: Iterable[object]) -> None:
+        """`ConfigError` (one line, with "did you mean") for a mark naming no limiter here."""
+        for endpoint in endpoints:
+            marks = get_marks(endpoint)
+            if marks is not None:
+                self.plans.marked_plan(marks, endpoint)
+
+    def served_endpoints(self, strict: bool) -> list[object]:
+        """The endpoints to check at start-up. Not `strict` (the first request starts it): an
+        endpoint whose marks name no limiter is logged and left out, so that its own route
+        answers 500 with that error and every other route is served."""
+        endpoints = list(self.endpoints())
+        if strict:
+            return endpoints
+        served = []
+        for endpoint in endpoints:
+            try:
+                self.check_marks(endpoint_objects(endpoint))
+            except ConfigError as error:
+                logger.error("%s", error)
+                continue
+            served.append(endpoint)
+        return served
+
     # -- plans ----------------------------------------------------------------------------------
 
-    def plan(self, flask_request: Request, method: str) -> Plan:
+    def plan(self, request: Any, method: str) -> Plan:
         """The limiters of this request (plans.py): view > blueprint > route rules > default."""
-        path = flask_request.path
+        path = request.path
         return self._cached_plan(
-            (flask_request.endpoint, method, path), method, path, self._find, flask_request, method
+            (request.endpoint, method, path), method, path, self._find, request, method
         )
 
-    def _candidates(self, flask_request: Request, method: str) -> Iterator[object]:
+    def _candidates(self, request: Any, method: str) -> Iterator[object]:
         """What may carry marks, in Flask's order: the `View` class's method handler, the view
         function, the class, the static exemption, the blueprints (innermost first). None for
-        a request no view handles (404, 405: Flask's routing already told)."""
-        endpoint = flask_request.endpoint
+        a request no view handles (404, 405: the routing already told)."""
+        endpoint = request.endpoint
         if endpoint is None:
             return
         view = self.app.view_functions.get(endpoint)
@@ -228,23 +256,14 @@ class _AppState:
         if self.exempt_static and _is_static(endpoint):
             yield EXEMPT
         blueprints = self.app.blueprints
-        for name in flask_request.blueprints:
+        for name in request.blueprints:
             yield blueprints.get(name)
 
-    # -- the hooks ------------------------------------------------------------------------------
+    # -- responses ------------------------------------------------------------------------------
 
-    def before_request(self) -> Response | None:
-        if not self._started:
-            self.startup()
-        flask_request: Request = cast(Any, request)._get_current_object()  # one proxy lookup
-        method = flask_request.method
-        plan = self.plan(flask_request, method)
-        if not plan:
-            return None
-        facts = FlaskFacts(flask_request, flask_request.path, self._client_address)
-        admission = flask_request.environ[ADMISSION_KEY] = self.limiter.begin(facts, plan)
-        if admission.allowed:
-            return None
+    def refuse(self, admission: Admission) -> Response:
+        """The refusal of `admission`: raised when a handler of the app's would catch it, else
+        its response, returned from `before_request`."""
         denial = admission.denial()
         refusal = _REFUSALS.get(denial.status, RateLimitExceeded)(
             cast(Decision, admission.decision), denial
@@ -272,21 +291,67 @@ class _AppState:
             )
         return handled
 
+    def respond(self, admission: Admission, response: SansioResponse) -> bool:
+        """Add the rate-limit headers to `response` and, unless its body is streamed, settle
+        what its status and headers say now: before the server or a test client sees it.
+        Whether the admission has work left for the end of the body (`finish`)."""
+        if not admission.allowed:
+            # Refused: the default response has these already; an error handler's may not.
+            add_missing(response.headers, admission.refusal_headers())
+            return False
+        extra = admission.headers()
+        if extra:
+            response.headers.extend(text_headers(extra))
+        if not admission.settles:
+            return False
+        if not self.streamed(response):
+            admission.settle(response.status_code, response.headers)
+        return True  # slots, and a streamed body's settlement, wait for the body's end
+
+    def streamed(self, response: SansioResponse) -> bool:
+        """Whether the body is sent as it is made (no length known before it ends)."""
+        return bool(getattr(response, "is_streamed", True))
+
+
+class _FlaskState(_AppState):
+    """A Flask app's state: the core driven through `SyncRequestLimiter` (one loop thread)."""
+
+    def __init__(
+        self, app: Flask, config: ConfigSource | AsyncRateLimiter, exempt_static: bool
+    ) -> None:
+        self.limiter = SyncRequestLimiter(config)
+        _AppState.__init__(self, app, self.limiter, exempt_static)
+        self._start_lock = threading.Lock()
+
+    def startup(self, strict: bool = True) -> None:
+        """Check every view's and blueprint's marks, import key functions, open the stores."""
+        with self._start_lock:
+            if not self._started:
+                self.limiter.startup(self.served_endpoints(strict))
+                self._started = True
+
+    # -- the hooks ------------------------------------------------------------------------------
+
+    def before_request(self) -> Response | None:
+        if not self._started:
+            self.startup(strict=False)
+        flask_request: Request = cast(Any, request)._get_current_object()  # one proxy lookup
+        method = flask_request.method
+        plan = self.plan(flask_request, method)
+        if not plan:
+            return None
+        facts = FlaskFacts(flask_request, flask_request.path, self._client_address)
+        admission = flask_request.environ[ADMISSION_KEY] = self.limiter.begin(facts, plan)
+        return None if admission.allowed else self.refuse(admission)
+
     def after_request(self, response: Response) -> Response:
-        admission: Admission | None = request.environ.get(ADMISSION_KEY)
-        if admission is None:
-            return response
-        if admission.allowed:
-            extra = admission.headers()
-            if extra:
-                response.headers.extend(text_headers(extra))
-            if admission.settles:  # it ends when the server closes the body (a streamed one too)
-                finish = functools.partial(admission.finish, response.status_code, response.headers)
-                response.call_on_close(finish)
-                request.environ[_ENDS_AT_CLOSE] = True  # not at teardown, which comes first
-            return response
-        # Refused: the default response has these already; an error handler's may not.
-        add_missing(response.headers, admission.refusal_headers())
+        environ = request.environ
+        admission: Admission | None = environ.get(ADMISSION_KEY)
+        if admission is not None and self.respond(admission, response):
+            # The server closes the body after its last byte (a test client, when asked to).
+            finish = functools.partial(admission.finish, response.status_code, response.headers)
+            response.call_on_close(finish)
+            environ[_ENDS_AT_CLOSE] = True  # not at teardown, which comes first
         return response
 
     def teardown_request(self, error: BaseException | None) -> None:
@@ -300,10 +365,135 @@ class _AppState:
         self.limiter.close()
 
 
+_State = TypeVar("_State", bound=_AppState)
+
+
 # --- the extension ---------------------------------------------------------------------------
 
 
-class RateLimit:
+class RateLimitExtension(Generic[_App, _State]):
+    """What the Flask and Quart extensions share: options, marks and their check, the state.
+
+    A subclass says which app class it serves (`app_class`), builds the app's state and
+    registers its hooks (`register`).
+    """
+
+    app_class: type[Any]
+    other: str  # the module a user who passed the other framework's app needs
+    state_class: Callable[[Any, ConfigSource | AsyncRateLimiter, bool], _State]
+
+    def __init__(
+        self,
+        app: _App | None = None,
+        config: ConfigSource | AsyncRateLimiter = None,
+        *,
+        enabled: bool | None = None,
+        exempt_static: bool | None = None,
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.enabled = enabled
+        self.exempt_static = exempt_static
+        self._marked: list[object] = []  # what `self.limit` decorated, checked at `init_app`
+        self._apps: weakref.WeakSet[Any] = weakref.WeakSet()  # where `init_app` ran
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: _App) -> None:
+        """Read the options, load the configuration, check the marks, register the hooks
+        (once per app). `ConfigError` for a mark that names no limiter.
+
+        Calling it again on the same app replaces that app's configuration.
+        """
+        if not isinstance(app, self.app_class):
+            raise TypeError(
+                f"{type(self).__module__}.RateLimit needs a {self.app_class.__name__} app, not"
+                f" {type(app).__module__}.{type(app).__qualname__}: use {self.other}.RateLimit"
+            )
+        options = cast(Any, app).config
+        enabled = _option(self.enabled, options, "RATESYNC_ENABLED", True)
+        if not enabled:
+            return
+        config = self.config if self.config is not None else options.get("RATESYNC_CONFIG")
+        exempt_static = _option(self.exempt_static, options, "RATESYNC_EXEMPT_STATIC", True)
+        state = self.state_class(app, config, exempt_static)
+        # Fail here rather than at the first request: the views this extension marked (maybe
+        # on blueprints not registered yet), and those the app has now.
+        state.check_marks(self._marked)
+        state.check_marks(
+            obj for endpoint in state.endpoints() for obj in endpoint_objects(endpoint)
+        )
+        self._apps.add(app)
+        extensions = cast(Any, app).extensions
+        previous = extensions.get(EXTENSION)
+        extensions[EXTENSION] = state
+        self.register(app, state, previous if isinstance(previous, _AppState) else None)  # type: ignore[arg-type]
+
+    def register(self, app: _App, state: _State, previous: _State | None) -> None:
+        """Register the app's hooks (`previous`: the state `init_app` replaces, hooks set)."""
+        raise NotImplementedError
+
+    # -- decorators -----------------------------------------------------------------------------
+
+    def limit(
+        self, *names: str, cost: Cost | None = None, key: Key | None = None
+    ) -> Callable[[_F], _F]:
+        """Limit a view (function, `View` class or one of its methods) or every view of a blueprint.
+
+            @app.post("/login")
+            @ratelimit.limit("login")
+            def login(): ...
+
+            ratelimit.limit("api")(api_blueprint)
+
+        All named limiters must allow; each request spends `cost` (a whole number, or a
+        function of the `request`; default: the limiter's own `cost`, else 1). Marks on a view
+        win over its blueprint's, which win over `[[routes]]` rules and the `[middleware]
+        default`. A rate (`ratelimit.limit("5/minute", key="header:X-User")`) is an inline
+        limiter of the view. A name no limiter has is a `ConfigError` here, once `init_app`
+        has run, else at `init_app`.
+        """
+        mark = limit(*names, cost=cost, key=key)
+
+        def decorate(target: _F) -> _F:
+            marked = mark(target)
+            for app in list(self._apps):
+                state = cast(Any, app).extensions.get(EXTENSION)
+                if isinstance(state, _AppState):
+                    state.check_marks((marked,))
+            self._marked.append(marked)
+            return marked
+
+        return decorate
+
+    def exempt(self, target: _F) -> _F:
+        """Never limit a view, or every view of a blueprint (`ratelimit.exempt(blueprint)`)."""
+        return exempt(target)
+
+    # -- for the app ----------------------------------------------------------------------------
+
+    @property
+    def current_decision(self) -> Decision | None:
+        """The `Decision` for the current request, None when it is not limited."""
+        admission = self.current_admission()
+        return None if admission is None else admission.decision
+
+    def current_admission(self) -> Admission | None:
+        """The current request's `Admission`, None when it is not limited."""
+        raise NotImplementedError
+
+    def current_app(self) -> Any:
+        raise NotImplementedError
+
+    def state(self, app: _App | None) -> _State | None:
+        """The state `init_app` left on `app` (default: this extension's app, else the
+        current app), None when it is not enabled there."""
+        target: Any = app or self.app or self.current_app()
+        state = target.extensions.get(EXTENSION)
+        return state if isinstance(state, _AppState) else None  # type: ignore[return-value]
+
+
+class RateLimit(RateLimitExtension[Flask, _FlaskState]):
     """Rate limiting for Flask apps, configured by a `rate-sync.toml`.
 
         ratelimit = RateLimit(app, config="rate-sync.toml")
@@ -326,38 +516,15 @@ class RateLimit:
       and its blueprints, as flask-limiter does; default True.
 
     One instance can serve several apps, each with its own configuration: the state of an app
-    lives in `app.extensions["ratesync"]`, never on this object.
+    lives in `app.extensions["ratesync"]`, never on this object. A Quart app is refused
+    (`TypeError`): `ratesync_middleware.quart.RateLimit` is its twin.
     """
 
-    def __init__(
-        self,
-        app: Flask | None = None,
-        config: ConfigSource | AsyncRateLimiter = None,
-        *,
-        enabled: bool | None = None,
-        exempt_static: bool | None = None,
-    ) -> None:
-        self.app = app
-        self.config = config
-        self.enabled = enabled
-        self.exempt_static = exempt_static
-        if app is not None:
-            self.init_app(app)
+    app_class = Flask
+    other = "ratesync_middleware.quart"
+    state_class = _FlaskState
 
-    def init_app(self, app: Flask) -> None:
-        """Read the options, load the configuration, register the hooks (once per app).
-
-        Calling it again on the same app replaces that app's configuration.
-        """
-        options = app.config
-        enabled = _option(self.enabled, options, "RATESYNC_ENABLED", True)
-        if not enabled:
-            return
-        config = self.config if self.config is not None else options.get("RATESYNC_CONFIG")
-        exempt_static = _option(self.exempt_static, options, "RATESYNC_EXEMPT_STATIC", True)
-        state = _AppState(app, config, exempt_static)
-        previous = app.extensions.get(EXTENSION)
-        app.extensions[EXTENSION] = state
+    def register(self, app: Flask, state: _FlaskState, previous: _FlaskState | None) -> None:
         if state.limiter.core.settles and not app.extensions.get(_TEARDOWN):
             # Only a configuration with work at the end (slots) pays for a teardown hook.
             app.extensions[_TEARDOWN] = True
@@ -366,7 +533,7 @@ class RateLimit:
                 app.extensions[EXTENSION].teardown_request(error)
 
             app.teardown_request(end_request)
-        if isinstance(previous, _AppState):
+        if previous is not None:
             previous.close()
             return  # the hooks below read app.extensions, so they now use the new state
 
@@ -381,59 +548,30 @@ class RateLimit:
         app.before_request(check_rate_limit)
         app.after_request(add_rate_limit_headers)
 
-    # -- decorators -----------------------------------------------------------------------------
-
-    def limit(
-        self, *names: str, cost: Cost | None = None, key: Key | None = None
-    ) -> Callable[[_F], _F]:
-        """Limit a view (function, `View` class or one of its methods) or every view of a blueprint.
-
-            @app.post("/login")
-            @ratelimit.limit("login")
-            def login(): ...
-
-            ratelimit.limit("api")(api_blueprint)
-
-        All named limiters must allow; each request spends `cost` (a whole number, or a
-        function of the Flask `request`; default: the limiter's own `cost`, else 1). Marks on a view win over its
-        blueprint's, which win over `[[routes]]` rules and the `[middleware] default`. A rate
-        (`ratelimit.limit("5/minute", key="header:X-User")`) is an inline limiter of the view.
-        """
-        return limit(*names, cost=cost, key=key)
-
-    def exempt(self, target: _F) -> _F:
-        """Never limit a view, or every view of a blueprint (`ratelimit.exempt(blueprint)`)."""
-        return exempt(target)
-
-    # -- for the app ----------------------------------------------------------------------------
-
-    @property
-    def current_decision(self) -> Decision | None:
-        """The `Decision` for the current request, None when it is not limited."""
+    def current_admission(self) -> Admission | None:
         admission: Admission | None = request.environ.get(ADMISSION_KEY)
-        return None if admission is None else admission.decision
+        return admission
+
+    def current_app(self) -> Any:
+        return current_app
 
     def startup(self, app: Flask | None = None) -> None:
         """Check the marks of every view and blueprint and open the stores now.
 
         Otherwise this happens on the app's first request. Call it once the views are
-        registered (end of `create_app`) to fail at deploy time on `@ratelimit.limit("typo")`.
+        registered (end of `create_app`) to fail at deploy time on a bare `@limit("typo")`
+        (`ratelimit.limit` checks its names when it runs, or at `init_app`).
         Raises `ConfigError`; a store that cannot be reached is only logged.
         """
-        state = self._state(app)
+        state = self.state(app)
         if state is not None:
             state.startup()
 
     def close(self, app: Flask | None = None) -> None:
         """Close the app's stores in this process (they reopen on next use)."""
-        state = self._state(app)
+        state = self.state(app)
         if state is not None:
             state.close()
-
-    def _state(self, app: Flask | None) -> _AppState | None:
-        target = app or self.app or current_app
-        state = target.extensions.get(EXTENSION)
-        return state if isinstance(state, _AppState) else None
 
 
 def _option(argument: bool | None, options: dict[str, Any], name: str, default: bool) -> bool:

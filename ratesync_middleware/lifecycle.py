@@ -93,6 +93,16 @@ class Admission:
         admission has none of them (`settles` is false).
         """
 
+    def settle(self, status: int, headers: ResponseHeaders | None = None) -> None:
+        """The response's status and headers are final, its body may still be on its way:
+        charge what they say now (`count_status`, `settle_header`). `finish` still gives the
+        slots back when the body is done, and settles nothing twice. Idempotent.
+
+        For adapters whose response is complete before the server sends it (Flask, Quart),
+        so that the next request, or a test client that never closes a response, sees the
+        charge.
+        """
+
 
 class _HoldingAdmission(Admission):
     """An admission that holds concurrency slots, given back at `finish`."""
@@ -129,6 +139,12 @@ class _SettlingAdmission(_HoldingAdmission):
 
     def finish(self, status: int | None = None, headers: ResponseHeaders | None = None) -> None:
         _HoldingAdmission.finish(self, status, headers)
+        self._charge(status, headers)
+
+    def settle(self, status: int, headers: ResponseHeaders | None = None) -> None:
+        self._charge(status, headers)
+
+    def _charge(self, status: int | None, headers: ResponseHeaders | None) -> None:
         reservations, self._reservations = self._reservations, None
         if reservations:
             _settle(self._limiter, reservations, status, headers)

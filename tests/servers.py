@@ -152,3 +152,39 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
+
+
+@contextmanager
+def hypercorn_server(
+    app: str, env: Mapping[str, str], log: Path, timeout: float = 30.0
+) -> Iterator[str]:
+    """`hypercorn app` on 127.0.0.1 (an app that exempts `/health`); yields its base URL once
+    `/health` answers, and stops it with SIGTERM (a graceful shutdown: lifespan runs)."""
+    port = free_port()
+    command = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", app]
+    environment = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # `stop` may have to kill its process group
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"hypercorn exited with {process.returncode}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            yield url
+        finally:
+            stop(process)

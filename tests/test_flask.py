@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import socket
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Blueprint, Flask, request
+from flask import Blueprint, Flask, Response, request
 from flask.testing import FlaskClient
 from flask.views import MethodView
 from werkzeug.exceptions import HTTPException, ServiceUnavailable, TooManyRequests
+from werkzeug.test import TestResponse
 
 from ratesync_middleware import ConfigError
 from ratesync_middleware.facts import RequestFacts
-from ratesync_middleware.flask import RateLimit, RateLimitExceeded, RateLimitUnavailable
+from ratesync_middleware.flask import RateLimit, RateLimitExceeded, RateLimitUnavailable, limit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -520,20 +523,192 @@ def test_static_files_are_exempt_unless_asked(tmp_path: Path) -> None:
     assert statuses(limited_app.test_client(), 2, "/static/app.css") == [200, 429]
 
 
-def test_an_unknown_limiter_in_a_mark_fails_at_startup() -> None:
-    app = plain_app()
-    app.testing = True
-    ratelimit = RateLimit(app, config=CONFIG)
+def test_a_typo_in_a_mark_fails_when_the_decorator_runs() -> None:
+    app, ratelimit = create_app()
+
+    with pytest.raises(ConfigError, match="did you mean 'login'") as raised:
+
+        @app.get("/typo")
+        @ratelimit.limit("logn")
+        def typo() -> str:
+            return "never"
+
+    assert "\n" not in str(raised.value)
+
+
+def accounts_blueprint(ratelimit: RateLimit, name: str) -> Blueprint:
+    accounts = Blueprint("accounts", __name__)
+
+    @accounts.post("/login")
+    @ratelimit.limit(name)
+    def login() -> str:
+        return "welcome"
+
+    return accounts
+
+
+@pytest.mark.parametrize("blueprint_first", [True, False])
+def test_a_typo_in_a_mark_made_before_init_app_fails_at_init_app(blueprint_first: bool) -> None:
+    ratelimit = RateLimit()  # module level, as in an app factory
+    accounts = accounts_blueprint(ratelimit, "logn")  # decorated at import, before any app
+    app = Flask(__name__)
+    app.config["RATESYNC_CONFIG"] = CONFIG
+    if blueprint_first:
+        app.register_blueprint(accounts)
+
+    with pytest.raises(ConfigError, match="did you mean 'login'"):
+        ratelimit.init_app(app)
+
+
+def test_a_typo_in_a_mark_made_after_init_app_fails_when_the_decorator_runs() -> None:
+    ratelimit = RateLimit()
+    app = Flask(__name__)
+    app.config["RATESYNC_CONFIG"] = CONFIG
+    ratelimit.init_app(app)
+
+    with pytest.raises(ConfigError, match="did you mean 'login'"):
+        accounts_blueprint(ratelimit, "logn")
+    app.register_blueprint(accounts_blueprint(ratelimit, "login"))  # the fixed name is fine
+    assert statuses(app.test_client(), 3, "/login", "POST") == [200, 200, 429]
+
+
+def test_a_bare_mark_with_a_typo_fails_its_own_route_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, _ = create_app()
 
     @app.get("/typo")
-    @ratelimit.limit("logn")
+    @limit("logn")  # not checked by the extension: found at start-up
     def typo() -> str:
         return "never"
 
-    with pytest.raises(ConfigError, match="logn"):
+    client = app.test_client()
+    with caplog.at_level(logging.ERROR, "ratesync_middleware"):
+        assert client.get("/health").status_code == 200
+    assert client.get("/").status_code == 200
+    assert client.post("/login").status_code == 200
+    assert client.get("/typo").status_code == 500
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("no limiter 'logn' (did you mean 'login'?)" in line for line in logged)
+
+
+def test_startup_refuses_a_bare_mark_with_a_typo() -> None:
+    app, ratelimit = create_app()
+
+    @app.get("/typo")
+    @limit("logn")
+    def typo() -> str:
+        return "never"
+
+    with pytest.raises(ConfigError, match="did you mean 'login'"):
         ratelimit.startup(app)
-    with pytest.raises(ConfigError, match="logn"):  # or on the first request, on any view
-        app.test_client().get("/")
+
+
+def test_a_mark_of_a_view_registered_before_init_app_is_checked_at_init_app() -> None:
+    app = Flask(__name__)
+
+    @app.get("/typo")
+    @limit("logn")
+    def typo() -> str:
+        return "never"
+
+    with pytest.raises(ConfigError, match="did you mean 'login'"):
+        RateLimit(app, config=CONFIG)
+
+
+# --- the end of a request: count_status, settle_header, max_concurrent ----------------------
+
+
+def login_app() -> Flask:
+    """Logins limited to 3 a minute, of which only the failed ones (401) count."""
+    config = {"limiters": {"login": {"limit": "3/minute", "count_status": [401]}}}
+    app = Flask(__name__)
+    ratelimit = RateLimit(app, config=config)
+
+    @app.post("/login")
+    @ratelimit.limit("login")
+    def login() -> tuple[str, int]:
+        right = request.headers.get("X-Password") == "s3cret"
+        return ("welcome", 200) if right else ("no", 401)
+
+    return app
+
+
+def test_count_status_is_settled_before_the_test_client_sees_the_response() -> None:
+    client = login_app().test_client()
+    right, wrong = {"X-Password": "s3cret"}, {"X-Password": "guess"}
+
+    assert statuses(client, 10, "/login", "POST", headers=right) == [200] * 10
+    assert statuses(client, 4, "/login", "POST", headers=wrong) == [401, 401, 401, 429]
+
+
+def tokens_app() -> Flask:
+    """100 tokens a day, 50 reserved per call, charged what X-Tokens says; /stream streams."""
+    config = {
+        "limiters": {
+            "llm": {"limit": 100, "window_seconds": 86400, "cost": 50, "settle_header": "X-Tokens"}
+        },
+        "middleware": {"default": "llm"},
+    }
+    app = Flask(__name__)
+    RateLimit(app, config=config)
+
+    @app.get("/complete")
+    def complete() -> tuple[str, dict[str, str]]:
+        return "an answer", {"X-Tokens": "10"}
+
+    @app.get("/stream")
+    def stream() -> Response:
+        def chunks() -> Iterator[str]:
+            yield from ("an ", "answer")
+
+        return Response(chunks(), headers={"X-Tokens": "10"})
+
+    return app
+
+
+def remaining(response: TestResponse) -> int:
+    return int(response.headers["RateLimit"].split(";r=")[1].split(";")[0])
+
+
+def test_settle_header_is_charged_before_the_test_client_sees_the_response() -> None:
+    client = tokens_app().test_client()
+
+    assert [remaining(client.get("/complete")) for _ in range(4)] == [50, 40, 30, 20]
+
+
+def test_a_streamed_response_settles_when_its_body_is_closed() -> None:
+    client = tokens_app().test_client()
+
+    streaming = client.get("/stream")  # its body is still to come: its 50 stay reserved
+    assert remaining(streaming) == 50
+    assert remaining(client.get("/complete")) == 0  # 50 + 50 reserved, then 10 charged
+    assert streaming.get_data(as_text=True) == "an answer"
+    streaming.close()  # what a server does after the last byte: charged 10 of its 50
+
+    assert remaining(client.get("/complete")) == 30  # 100 - 10 - 10 - 50
+
+
+def test_a_concurrency_slot_is_given_back_when_the_response_is_closed() -> None:
+    app = Flask(__name__)
+    RateLimit(
+        app,
+        config={"limiters": {"upload": {"max_concurrent": 1}}, "middleware": {"default": "upload"}},
+    )
+
+    @app.post("/upload")
+    def upload() -> str:
+        return "stored"
+
+    client = app.test_client()
+    first = client.post("/upload")  # a server has not closed it yet: the slot is held
+    assert first.status_code == 200
+    assert client.post("/upload").status_code == 429
+    first.close()
+    with client.post("/upload") as again:  # `with` closes it, as a server does
+        assert again.status_code == 200
+    assert client.post("/upload", buffered=True).status_code == 200  # buffered: closed too
+    assert client.post("/upload", buffered=True).status_code == 200
 
 
 # --- responses and error handlers ------------------------------------------------------------

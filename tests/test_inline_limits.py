@@ -212,17 +212,17 @@ def test_flask_views_take_inline_rates() -> None:
     ratelimit.close()
 
 
-def test_flask_refuses_to_start_with_a_malformed_rate() -> None:
+def test_flask_refuses_a_malformed_rate_when_the_decorator_runs() -> None:
     app = Flask(__name__)
     ratelimit = RateLimit(app, config={})
 
-    @app.get("/search")
-    @ratelimit.limit("5/fortnight")
-    def search() -> str:
-        return "results"
-
     with pytest.raises(ConfigError, match="@limit: expected"):
-        ratelimit.startup()
+
+        @app.get("/search")
+        @ratelimit.limit("5/fortnight")
+        def search() -> str:
+            return "results"
+
     ratelimit.close()
 
 
