@@ -72,7 +72,7 @@ from .rules import OVERRIDE_TOKEN, Override, override_policy
 from .slots import live_holders
 from .stores import limiter_windows_ns
 from .stores.nats import BUCKET_HISTORY, BUCKET_TTL_SECONDS, NatsStore, StoredEntry, decode_value
-from .stores.nats.bucket import bucket_ttl_seconds, precreate_command
+from .stores.nats.bucket import bucket_ttl_seconds, key_expiry, precreate_command
 from .stores.nats.control import (
     RuleKind,
     events_subject,
@@ -179,7 +179,8 @@ async def check_store(
             step("bucket present", True, config.bucket_name)
         else:
             step("bucket creatable", True, f"{config.bucket_name} created (auto_create = true)")
-        step(*_settings_step(config, info, bucket_ttl_seconds(windows_ns)))
+        name, ok, detail = _settings_step(config, info, bucket_ttl_seconds(windows_ns))
+        step(name, ok, f"{detail}; {key_expiry(info, (version.major, version.minor))[1]}")
         steps.append(Step(config.name, *_limits_step(config, info)))
         step(*await _control_step(store, nc))
         step(*await _rules_step(config, js))

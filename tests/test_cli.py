@@ -73,7 +73,12 @@ def test_check_a_healthy_server(nats_url: str, bucket_name: str, tmp_path: Path)
         assert f"ok    {step}" in output
     assert f"{bucket_name} created (auto_create = true)" in output
     assert "ok    bucket settings" in output
-    assert "history 1, TTL 24h, replicas 1" in output
+    assert "history 1, TTL 24h, replicas 1; idle keys " in output
+    # Which expiry applies: per-message TTL on nats-server 2.11+, the bucket's TTL before.
+    assert (
+        "idle keys expire when full again (per-message TTL)" in output
+        or "idle keys are kept 24h (the bucket's TTL: nats-server 2." in output
+    )
     assert "ok    bucket limits            no size limits" in output
 
     status, output = ratesync("check", "--config", write_config(tmp_path, nats_url, bucket_name))
