@@ -13,14 +13,17 @@ Each request is counted exactly once. Requests that reach a view are checked in 
 where the view (and its `@limit` / `@exempt` marks) is known, so a refused request never runs its
 view. Requests that reach no view (a 404, a response from a middleware listed later, or one an
 earlier middleware's `process_view` refused) are checked by `[[routes]]` and the default once
-their response is known; a refusal replaces that response.
+their response is known; a refusal replaces that response. A DRF view limited by
+`ratesync_middleware.drf.RateSyncThrottle` is left to the throttle (it decides after DRF's
+authentication, with this middleware's limiter); if DRF answers before its throttles run (a
+failed authentication, a denied permission), the middleware counts it after the response.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -37,9 +40,10 @@ from ..facts import RequestFacts
 from ..headers import add_missing, text_headers
 from ..lifecycle import Admission, RequestLimiter
 from ..limiter import AsyncRateLimiter, DecisionHook
-from ..plans import Plan, method_handler
+from ..plans import BoundedCache, Plan
 from ..sync import SyncRequestLimiter
 from .conf import SETTING, LimitedView, import_hook, import_view, read_settings
+from .endpoints import throttle_candidates, throttled_by_ratesync, view_candidates
 
 __all__ = ["DjangoFacts", "RateLimitMiddleware", "view_candidates"]
 
@@ -131,31 +135,24 @@ def _evaluated_user(request: HttpRequest) -> Any:
     return user
 
 
-# --- which objects carry a view's marks ----------------------------------------------------
-
-
-def view_candidates(view: ViewFunction | None, method: str) -> tuple[Any, ...]:
-    """What may carry the `@limit` / `@exempt` marks of `view` for `method`, in precedence order.
-
-    A function view carries them itself (decorators built with `functools.wraps` copy them).
-    For a class-based view: the handler method of the request (`post`, with `@limit` or
-    `method_decorator`), the `as_view()` function (marked in the URLconf, or given the marks
-    of `dispatch`, which `as_view()` copies), and the class. A class without a handler for the
-    method answers 405 itself: none of its marks apply (rules and the default still do).
-    """
-    if view is None:
-        return ()
-    view_class = getattr(view, "view_class", None)
-    if view_class is None:
-        return (view,)
-    handler = method_handler(view_class, method, getattr(view_class, "http_method_names", ()))
-    return () if handler is None else (handler, view, view_class)
+# --- the view of a request ------------------------------------------------------------------
 
 
 def _resolved_view(request: HttpRequest) -> ViewFunction | None:
     """The view URL resolution found for a request that did not reach it (None for a 404)."""
     match = getattr(request, "resolver_match", None)
     return None if match is None else match.func
+
+
+class Deferred:
+    """Left on a request whose view `RateSyncThrottle` limits: the throttle decides it with
+    these limits and replaces this with its admission; still there after the response, the
+    throttle never ran (DRF refused first) and the middleware counts the request."""
+
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: _Limits) -> None:
+        self.limits = limits
 
 
 # --- everything RATESYNC decides -----------------------------------------------------------
@@ -182,17 +179,42 @@ class _Limits:
         self.client_address = self.core.client_address
         self.view = view
         self._needs_user: dict[Plan, bool] = {}
+        self._throttled: BoundedCache[ViewFunction, bool] = BoundedCache(1024)
 
-    def plan(self, request: HttpRequest, view: ViewFunction | None) -> Plan:
+    def plan(
+        self, request: HttpRequest, view: ViewFunction | None, *, throttled: bool = False
+    ) -> Plan:
+        """The plan of a request to `view`; `throttled`: as `RateSyncThrottle` decides it (its
+        view's `throttle_scope` after its marks)."""
         method = request.method or "GET"
         plans = (self.sync or self.core).plans
         path = request.path_info
+        find = throttle_candidates if throttled else view_candidates
+        key = (view, method, path, True) if throttled else (view, method, path)
         try:
-            return plans.cached_plan(
-                (view, method, path), method, path, view_candidates, view, method
-            )
+            return plans.cached_plan(key, method, path, find, view, method)
         except TypeError:  # an unhashable callable as a view: not cached
-            return plans.plan(method, path, *view_candidates(view, method))
+            return plans.plan(method, path, *find(view, method))
+
+    def throttled(self, view: ViewFunction) -> bool:
+        """Whether `RateSyncThrottle` decides the requests to `view` (a DRF view using it)."""
+        try:
+            found = self._throttled.get(view)
+        except TypeError:  # an unhashable callable as a view
+            return throttled_by_ratesync(view)
+        if found is None:
+            found = self._throttled.put(view, throttled_by_ratesync(view))
+        return found
+
+    def admit(self, request: HttpRequest, plan: Plan, user: Any) -> Admission:
+        """The admission of a plan for `RateSyncThrottle`, from a synchronous DRF view (under
+        ASGI, Django runs it in a thread: the store is awaited on the server's loop)."""
+        facts = DjangoFacts(request, self.client_address)
+        facts.user = user
+        if self.sync is not None:
+            return self.sync.begin(facts, plan)
+        begun = self.core.begin(facts, plan)
+        return begun if isinstance(begun, Admission) else async_to_sync(_awaited)(begun)
 
     def begin(self, request: HttpRequest, plan: Plan) -> Admission:
         """The admission of a plan, blocking (synchronous middleware)."""
@@ -280,6 +302,10 @@ def _load(*, asynchronous: bool) -> _Limits | None:
     return _Limits(config, view, asynchronous=asynchronous, on_decision=hook)
 
 
+async def _awaited(admission: Coroutine[Any, Any, Admission]) -> Admission:
+    return await admission
+
+
 def _rendered(response: HttpResponseBase) -> HttpResponseBase:
     render = getattr(response, "render", None)
     return render() if callable(render) else response
@@ -330,8 +356,9 @@ class RateLimitMiddleware:
             return self.get_response(request)
         response = self.get_response(request)
         admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
-        if admission is _UNCHECKED:  # no view was reached: count it here, once
-            plan = limits.plan(request, _resolved_view(request))
+        if admission is _UNCHECKED or type(admission) is Deferred:  # not counted yet: now, once
+            throttled = admission is not _UNCHECKED
+            plan = limits.plan(request, _resolved_view(request), throttled=throttled)
             admission = limits.begin(request, plan) if plan else None
             if admission is not None and not admission.allowed:
                 return self._refuse(limits, request, admission, render=True)
@@ -346,6 +373,9 @@ class RateLimitMiddleware:
     ) -> HttpResponseBase | None:
         limits = self._current()
         if limits is None:
+            return None
+        if limits.throttled(view):
+            request.__dict__[ADMISSION_ATTRIBUTE] = Deferred(limits)
             return None
         plan = limits.plan(request, view)
         admission = limits.begin(request, plan) if plan else None
@@ -388,8 +418,9 @@ class RateLimitMiddleware:
             return await self.get_response(request)
         response = await self.get_response(request)
         admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
-        if admission is _UNCHECKED:
-            plan = limits.plan(request, _resolved_view(request))
+        if admission is _UNCHECKED or type(admission) is Deferred:
+            throttled = admission is not _UNCHECKED
+            plan = limits.plan(request, _resolved_view(request), throttled=throttled)
             admission = await limits.abegin(request, plan) if plan else None
             if admission is not None and not admission.allowed:
                 return await self._arefuse(limits, request, admission, render=True)
@@ -404,6 +435,9 @@ class RateLimitMiddleware:
     ) -> HttpResponseBase | None:
         limits = await self._acurrent()
         if limits is None:
+            return None
+        if limits.throttled(view):
+            request.__dict__[ADMISSION_ATTRIBUTE] = Deferred(limits)
             return None
         plan = limits.plan(request, view)
         admission = await limits.abegin(request, plan) if plan else None
