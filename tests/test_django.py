@@ -71,6 +71,8 @@ def django_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 "django.contrib.contenttypes",
                 "django.contrib.auth",
                 "django.contrib.sessions",
+                "rest_framework",
+                "rest_framework.authtoken",
                 "ratesync_middleware.django",
             ],
             DATABASES={
@@ -82,6 +84,13 @@ def django_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
             PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
             USE_TZ=True,
+            # Read when DRF is first imported (APIView binds its defaults then): tests/test_drf.py
+            REST_FRAMEWORK={
+                "DEFAULT_AUTHENTICATION_CLASSES": [
+                    "rest_framework.authentication.TokenAuthentication",
+                ],
+                "DEFAULT_THROTTLE_CLASSES": ["ratesync_middleware.drf.RateSyncThrottle"],
+            },
             **PROJECT,
         )
         django.setup()

@@ -51,7 +51,7 @@ class ScopeMark:
         return f"{self.view_class.__module__}.{self.view_class.__qualname__}.throttle_scope"
 
 
-def view_candidates(view: ViewFunction | None, method: str) -> tuple[Any, ...]:
+def view_candidates(view: object | None, method: str) -> tuple[Any, ...]:
     """What may carry the marks of `view` for `method`, most specific first.
 
     - A function view carries them itself (decorators built with `functools.wraps` copy them).
@@ -86,7 +86,7 @@ def view_candidates(view: ViewFunction | None, method: str) -> tuple[Any, ...]:
     return (view,)
 
 
-def throttled_by_ratesync(view: ViewFunction | None) -> bool:
+def throttled_by_ratesync(view: object | None) -> bool:
     """Whether `view` is a DRF view whose `throttle_classes` include `RateSyncThrottle`."""
     view_class = _view_class(view)
     throttles = getattr(view_class, "throttle_classes", None) or ()
@@ -96,7 +96,7 @@ def throttled_by_ratesync(view: ViewFunction | None) -> bool:
         return False
 
 
-def throttle_scope(view: ViewFunction | None) -> ScopeMark | None:
+def throttle_scope(view: object | None) -> ScopeMark | None:
     """The `throttle_scope` of a DRF view, as a candidate (None when it has none)."""
     view_class = _view_class(view)
     scope = getattr(view_class, "throttle_scope", None)
@@ -105,7 +105,7 @@ def throttle_scope(view: ViewFunction | None) -> ScopeMark | None:
     return ScopeMark(scope, view_class)
 
 
-def throttle_candidates(view: ViewFunction | None, method: str) -> tuple[Any, ...]:
+def throttle_candidates(view: object | None, method: str) -> tuple[Any, ...]:
     """The candidates of a view limited by `RateSyncThrottle`: its marks, then its
     `throttle_scope` (a 405 has neither: rules and the default decide)."""
     candidates = view_candidates(view, method)
@@ -170,7 +170,7 @@ def _markable(view: ViewFunction) -> Iterator[Any]:
 # --- the frameworks' shapes ------------------------------------------------------------------
 
 
-def _view_class(view: ViewFunction | None) -> type | None:
+def _view_class(view: object | None) -> type | None:
     """The class of a Django or DRF class-based view (`view_class`, or a ViewSet's `cls`)."""
     found = getattr(view, "view_class", None) or getattr(view, "cls", None)
     return found if isinstance(found, type) else None
@@ -205,7 +205,7 @@ def _viewset_action(viewset: type, actions: Mapping[Any, Any], method: str) -> o
     return getattr(viewset, action, None) if isinstance(action, str) else None
 
 
-def _ninja_path_view(view: ViewFunction) -> Any:
+def _ninja_path_view(view: object) -> Any:
     """The Ninja `PathView` behind a URL view: a bound method's `__self__` (older Ninja), or
     the `PathView` its wrapper closes over (newer)."""
     owner = getattr(view, "__self__", None)
@@ -218,7 +218,7 @@ def _ninja_path_view(view: ViewFunction) -> Any:
     return None
 
 
-def _ninja_operation(view: ViewFunction, method: str) -> ViewFunction | None:
+def _ninja_operation(view: object, method: str) -> ViewFunction | None:
     """The operation function Ninja runs for `method` (None: Ninja answers 405)."""
     for operation in getattr(_ninja_path_view(view), "operations", None) or ():
         if method in getattr(operation, "methods", ()):

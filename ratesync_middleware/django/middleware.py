@@ -151,14 +151,14 @@ class Deferred:
 
     __slots__ = ("limits",)
 
-    def __init__(self, limits: _Limits) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
 
 
 # --- everything RATESYNC decides -----------------------------------------------------------
 
 
-class _Limits:
+class Limits:
     """The limiter, headers and refusal view of one value of `settings.RATESYNC`.
 
     `sync` drives the limiter for a synchronous middleware; an asynchronous one awaits `core`.
@@ -256,8 +256,10 @@ class _Limits:
 
     def respond(self, response: HttpResponseBase, admission: Admission | None) -> HttpResponseBase:
         """An admitted request's response: the rate-limit headers, and `finish` at its close."""
-        if admission is None or not admission.allowed:  # a refusal has its headers already
+        if admission is None:
             return response
+        if not admission.allowed:  # RateSyncThrottle's refusal (DRF's), with its headers
+            return _unlogged(response)
         add_missing(response, admission.headers())
         if admission.settles:  # Django closes a response once sent (a streamed one at its end)
             on_django_response_close(
@@ -288,8 +290,8 @@ def _unlogged(response: _Response) -> _Response:
     return response
 
 
-def _load(*, asynchronous: bool) -> _Limits | None:
-    """The `_Limits` of the current `settings.RATESYNC`, None when it says `enabled: False`."""
+def _load(*, asynchronous: bool) -> Limits | None:
+    """The `Limits` of the current `settings.RATESYNC`, None when it says `enabled: False`."""
     options = read_settings()
     if not options.enabled:
         return None
@@ -299,11 +301,33 @@ def _load(*, asynchronous: bool) -> _Limits | None:
         raise ImproperlyConfigured(f"{SETTING}: {error}") from error
     view = None if options.view is None else import_view(options.view)
     hook = None if options.on_decision is None else import_hook(options.on_decision)
-    return _Limits(config, view, asynchronous=asynchronous, on_decision=hook)
+    return Limits(config, view, asynchronous=asynchronous, on_decision=hook)
 
 
 async def _awaited(admission: Coroutine[Any, Any, Admission]) -> Admission:
     return await admission
+
+
+_standalone: tuple[int, Limits | None] | None = None
+_standalone_lock = threading.Lock()
+
+
+def standalone_limits() -> Limits | None:
+    """The `Limits` of the current `settings.RATESYNC` for a request no middleware handles
+    (`RateSyncThrottle` without the middleware): one per process, synchronous, rebuilt when
+    the setting changes as a middleware's are. None when it says `enabled: False`."""
+    global _standalone
+    known = _standalone
+    if known is not None and known[0] == _generation:
+        return known[1]
+    with _standalone_lock:
+        known = _standalone
+        if known is None or known[0] != _generation:
+            generation, retired = _generation, None if known is None else known[1]
+            known = _standalone = (generation, _load(asynchronous=False))
+            if retired is not None:
+                retired.close()
+    return known[1]
 
 
 def _rendered(response: HttpResponseBase) -> HttpResponseBase:
@@ -385,7 +409,7 @@ class RateLimitMiddleware:
         return self._refuse(limits, request, admission, render=False)
 
     def _refuse(
-        self, limits: _Limits, request: HttpRequest, admission: Admission, *, render: bool
+        self, limits: Limits, request: HttpRequest, admission: Admission, *, render: bool
     ) -> HttpResponseBase:
         view = limits.view
         if view is None:
@@ -398,7 +422,7 @@ class RateLimitMiddleware:
         # From process_view, Django renders a TemplateResponse itself; after the fact, we do.
         return limits.complete(_rendered(response) if render else response, admission)
 
-    def _current(self) -> _Limits | None:
+    def _current(self) -> Limits | None:
         if self._generation == _generation:
             return self._limits
         with self._reload_lock:
@@ -447,7 +471,7 @@ class RateLimitMiddleware:
         return await self._arefuse(limits, request, admission, render=False)
 
     async def _arefuse(
-        self, limits: _Limits, request: HttpRequest, admission: Admission, *, render: bool
+        self, limits: Limits, request: HttpRequest, admission: Admission, *, render: bool
     ) -> HttpResponseBase:
         view = limits.view
         if view is None:
@@ -461,7 +485,7 @@ class RateLimitMiddleware:
             response = await sync_to_async(_rendered)(response)
         return limits.complete(response, admission)
 
-    async def _acurrent(self) -> _Limits | None:
+    async def _acurrent(self) -> Limits | None:
         if self._generation == _generation:
             return self._limits
         generation, retired = _generation, self._limits
