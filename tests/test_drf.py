@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from tests.test_django import (
@@ -222,6 +223,16 @@ def test_checks_find_unknown_limiters_in_drf_views() -> None:
     )
     assert "throttle_scope" in errors["tests.drf_project.typo_urls.Login.throttle_scope"].hint
     assert "(did you mean 'search'?)" in errors["tests.drf_project.typo_urls.search"].msg
+
+
+def test_an_unknown_throttle_scope_fails_start_up() -> None:
+    from django.core.handlers.wsgi import WSGIHandler
+
+    with (
+        override_settings(ROOT_URLCONF="tests.drf_project.typo_urls"),
+        pytest.raises(ImproperlyConfigured, match=r"no limiter 'logn' \(did you mean 'login'\?\)"),
+    ):
+        WSGIHandler()
 
 
 # --- a real nats-server -------------------------------------------------------------------------

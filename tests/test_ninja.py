@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.handlers.wsgi import WSGIHandler
 from django.test import AsyncClient, Client, override_settings
 
 from tests.test_django import (
@@ -102,3 +104,11 @@ def test_checks_find_unknown_limiters_in_ninja_operations() -> None:
         "no limiter 'logn' (did you mean 'login'?)"
         in errors["tests.ninja_project.typo_urls.login"].msg
     )
+
+
+def test_an_unknown_limiter_on_an_operation_fails_start_up() -> None:
+    with (
+        override_settings(ROOT_URLCONF="tests.ninja_project.typo_urls"),
+        pytest.raises(ImproperlyConfigured, match=r"no limiter 'logn' \(did you mean 'login'\?\)"),
+    ):
+        WSGIHandler()

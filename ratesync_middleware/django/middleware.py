@@ -31,6 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
+from django.urls import get_resolver
 
 from ..client_ip import ClientAddress
 from ..compat import mark_django_response_logged, on_django_response_close
@@ -43,7 +44,7 @@ from ..limiter import AsyncRateLimiter, DecisionHook
 from ..plans import BoundedCache, Plan
 from ..sync import SyncRequestLimiter
 from .conf import SETTING, LimitedView, import_hook, import_view, read_settings
-from .endpoints import throttle_candidates, throttled_by_ratesync, view_candidates
+from .endpoints import marked_endpoints, throttle_candidates, throttled_by_ratesync, view_candidates
 
 __all__ = ["DjangoFacts", "RateLimitMiddleware", "view_candidates"]
 
@@ -206,6 +207,20 @@ class Limits:
             found = self._throttled.put(view, throttled_by_ratesync(view))
         return found
 
+    def check_marks(self) -> None:
+        """Every mark reachable from the URLconf names a limiter (or is a well-formed inline
+        rate): `ImproperlyConfigured` with the first that does not, so a typo fails start-up."""
+        try:
+            patterns = get_resolver().url_patterns
+        except Exception:  # no or a broken ROOT_URLCONF: Django reports it at the first request
+            return
+        plans = (self.sync or self.core).plans
+        for endpoint, marks in marked_endpoints(patterns):
+            try:
+                plans.marked_plan(marks, endpoint)
+            except ConfigError as error:
+                raise ImproperlyConfigured(f"{SETTING}: {error}") from error
+
     def admit(self, request: HttpRequest, plan: Plan, user: Any) -> Admission:
         """The admission of a plan for `RateSyncThrottle`, from a synchronous DRF view (under
         ASGI, Django runs it in a thread: the store is awaited on the server's loop)."""
@@ -301,7 +316,9 @@ def _load(*, asynchronous: bool) -> Limits | None:
         raise ImproperlyConfigured(f"{SETTING}: {error}") from error
     view = None if options.view is None else import_view(options.view)
     hook = None if options.on_decision is None else import_hook(options.on_decision)
-    return Limits(config, view, asynchronous=asynchronous, on_decision=hook)
+    limits = Limits(config, view, asynchronous=asynchronous, on_decision=hook)
+    limits.check_marks()
+    return limits
 
 
 async def _awaited(admission: Coroutine[Any, Any, Admission]) -> Admission:
