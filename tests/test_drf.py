@@ -8,6 +8,7 @@ so the middleware runs) with token authentication; tests/test_django.py configur
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
+from tests.doc_examples import write_example
 from tests.test_django import (
     AUTH,
     RATESYNC,
@@ -259,3 +261,39 @@ def test_the_throttle_on_nats_keys_by_the_token_user(
     assert [a.status_code for a in answers] == [200, 200, 429]
     assert answers[2].headers["Retry-After"] == "30"
     assert other.status_code == 200
+
+
+# --- docs/drf.md -------------------------------------------------------------------------------
+
+
+def test_the_documented_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokens: dict[str, str]
+) -> None:
+    from django.conf import settings
+    from rest_framework.test import APIClient
+
+    example = write_example("drf.md", "Set up", tmp_path, monkeypatch)
+    documented = example.settings
+    # What DRF reads when it is first imported: the tests' settings have the page's.
+    assert documented["REST_FRAMEWORK"] == settings.REST_FRAMEWORK
+    assert RATESYNC in documented["MIDDLEWARE"]
+    with override_settings(ROOT_URLCONF="shop.urls", RATESYNC=documented["RATESYNC"]):
+        client = as_user(APIClient(), tokens["alice"])
+        orders = [client.post("/orders") for _ in range(3)]
+        catalogue = client.get("/catalogue/")
+        health = [client.get("/catalogue/health/") for _ in range(8)]
+        as_user(client, tokens["bob"])
+        other = client.post("/orders")
+
+    assert [o.status_code for o in orders] == [201, 201, 429]
+    assert orders[0].json() == {"placed_by": "alice"}
+    assert orders[2].json() == {
+        "detail": "Request was throttled. Expected available in 30 seconds."
+    }
+    assert orders[2].headers["Retry-After"] == "30"
+    assert orders[2].headers["RateLimit-Policy"] == '"orders";q=2;w=60'
+    assert orders[2].headers["RateLimit"] == '"orders";r=0;t=30'
+    assert catalogue.headers["RateLimit-Policy"] == '"api";q=5;w=5'
+    assert [h.status_code for h in health] == [200] * 8
+    assert "RateLimit" not in health[0].headers
+    assert other.status_code == 201

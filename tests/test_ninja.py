@@ -8,6 +8,7 @@ configures Django.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.wsgi import WSGIHandler
 from django.test import AsyncClient, Client, override_settings
 
+from tests.doc_examples import write_example
 from tests.test_django import (
     AUTH,
     RATESYNC,
@@ -112,3 +114,27 @@ def test_an_unknown_limiter_on_an_operation_fails_start_up() -> None:
         pytest.raises(ImproperlyConfigured, match=r"no limiter 'logn' \(did you mean 'login'\?\)"),
     ):
         WSGIHandler()
+
+
+# --- docs/ninja.md -----------------------------------------------------------------------------
+
+
+def test_the_documented_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    documented = write_example("ninja.md", "Set up", tmp_path, monkeypatch).settings
+    assert RATESYNC in documented["MIDDLEWARE"]
+    with override_settings(ROOT_URLCONF="blog.urls", RATESYNC=documented["RATESYNC"]):
+        client = Client()
+        logins = [client.post("/api/login") for _ in range(4)]
+        searches = statuses(client, 3, "get", "/api/search?q=ninja")
+        posts = client.get("/api/posts")
+        health = [client.get("/api/health") for _ in range(8)]
+
+    assert [r.status_code for r in logins] == [200, 200, 200, 429]
+    refused = logins[3]
+    assert refused.headers["Retry-After"] == "20"
+    assert refused.headers["RateLimit-Policy"] == '"login";q=3;w=60'
+    assert refused.headers["RateLimit"] == '"login";r=0;t=20'
+    assert refused.json()["violated-policies"] == ["login"]
+    assert searches == [200, 200, 429]
+    assert posts.headers["RateLimit-Policy"] == '"api";q=100;w=60'
+    assert [r.status_code for r in health] == [200] * 8
