@@ -37,6 +37,9 @@ Flask hooks) that shows what one more layer costs by itself:
 - Django under ASGI (`ASGIHandler`): an `async def` view, bare vs ours (django-ratelimit's
   decorator wraps only sync views); and a sync view (Django runs it in a thread), bare vs ours vs
   django-ratelimit (whose sync-only middleware Django adapts with `sync_to_async`).
+- Django REST framework (`WSGIHandler`, `--only drf`): an `APIView` without a throttle; with
+  `RateSyncThrottle` alone, then with the middleware too (which leaves the view to the
+  throttle); and with DRF's own `AnonRateThrottle` (Django's locmem cache) as the peer.
 
 Method: each variant is first calibrated (its request count is chosen so that one sample lasts
 about `--seconds`), then the repetitions are interleaved and rotated by `_harness`. One sample is
