@@ -42,6 +42,7 @@ class RateLimitRefused(APIException):  # type: ignore[misc]  # APIException is u
     403 for a banned identity. DRF renders it as any `APIException`."""
 
     default_code = "rate_limited"
+    default_detail = "The rate limiter refused the request."
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail or None)

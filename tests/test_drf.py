@@ -172,6 +172,30 @@ def test_the_throttle_without_the_middleware(client: Any, tokens: dict[str, str]
     assert unthrottled == [200] * 5  # without the middleware, its marks have no one to apply them
 
 
+def test_a_view_called_without_url_resolution(tokens: dict[str, str]) -> None:
+    """DRF's APIRequestFactory calls a view directly: the throttle reads the view instance."""
+    from django.contrib.auth.models import User
+    from rest_framework.test import APIRequestFactory, force_authenticate
+
+    from tests.drf_project.views import Login, Sessions
+
+    factory = APIRequestFactory()
+    login, session_login = Login.as_view(), Sessions.as_view({"post": "login"})
+
+    def post(view: Any, path: str, name: str) -> int:
+        request = factory.post(path)
+        force_authenticate(request, user=User.objects.get(username=name))
+        return int(view(request).status_code)
+
+    with override_settings(MIDDLEWARE=[SESSION, AUTH]):
+        assert [post(login, "/login", "alice") for _ in range(3)] == [200, 200, 429]
+        assert [post(session_login, "/sessions/login/", "bob") for _ in range(3)] == [
+            200,
+            200,
+            429,
+        ]
+
+
 def test_a_fail_closed_store_that_cannot_decide_answers_503(client: Any) -> None:
     with override_settings(RATESYNC=dead_nats(fail_closed=True)):
         answer = client.get("/whoami")

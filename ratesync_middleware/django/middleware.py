@@ -180,7 +180,7 @@ class Limits:
         self.client_address = self.core.client_address
         self.view = view
         self._needs_user: dict[Plan, bool] = {}
-        self._throttled: BoundedCache[ViewFunction, bool] = BoundedCache(1024)
+        self._throttled: BoundedCache[ViewFunction | None, bool] = BoundedCache(1024)
 
     def plan(
         self, request: HttpRequest, view: ViewFunction | None, *, throttled: bool = False
@@ -197,7 +197,7 @@ class Limits:
         except TypeError:  # an unhashable callable as a view: not cached
             return plans.plan(method, path, *find(view, method))
 
-    def throttled(self, view: ViewFunction) -> bool:
+    def throttled(self, view: ViewFunction | None) -> bool:
         """Whether `RateSyncThrottle` decides the requests to `view` (a DRF view using it)."""
         try:
             found = self._throttled.get(view)
@@ -398,8 +398,9 @@ class RateLimitMiddleware:
         response = self.get_response(request)
         admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
         if admission is _UNCHECKED or type(admission) is Deferred:  # not counted yet: now, once
-            throttled = admission is not _UNCHECKED
-            plan = limits.plan(request, _resolved_view(request), throttled=throttled)
+            view = _resolved_view(request)
+            throttled = admission is not _UNCHECKED or limits.throttled(view)
+            plan = limits.plan(request, view, throttled=throttled)
             admission = limits.begin(request, plan) if plan else None
             if admission is not None and not admission.allowed:
                 return self._refuse(limits, request, admission, render=True)
@@ -460,8 +461,9 @@ class RateLimitMiddleware:
         response = await self.get_response(request)
         admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
         if admission is _UNCHECKED or type(admission) is Deferred:
-            throttled = admission is not _UNCHECKED
-            plan = limits.plan(request, _resolved_view(request), throttled=throttled)
+            view = _resolved_view(request)
+            throttled = admission is not _UNCHECKED or limits.throttled(view)
+            plan = limits.plan(request, view, throttled=throttled)
             admission = await limits.abegin(request, plan) if plan else None
             if admission is not None and not admission.allowed:
                 return await self._arefuse(limits, request, admission, render=True)
