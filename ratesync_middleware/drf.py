@@ -77,10 +77,11 @@ class RateSyncThrottle(BaseThrottle):  # type: ignore[misc]  # BaseThrottle is u
         plan = _plan(limits, django_request, view)
         admission = limits.admit(django_request, plan, request.user) if plan else None
         self.admission = admission
-        if isinstance(decided, Deferred):
-            # The middleware adds the headers and finishes the admission with the response.
-            django_request.__dict__[ADMISSION_ATTRIBUTE] = admission
-        elif admission is not None and (admission.settles or not admission.allowed):
+        # Decided: the middleware, if any, finishes the admission with the response, and
+        # another call for this request reports it without charging again.
+        django_request.__dict__[ADMISSION_ATTRIBUTE] = admission
+        standalone = not isinstance(decided, Deferred)
+        if standalone and admission is not None and (admission.settles or not admission.allowed):
             _on_response(view, admission)
         _add_headers(view, admission)
         if admission is None or admission.allowed:

@@ -112,6 +112,17 @@ def test_a_request_is_charged_once_when_the_middleware_and_the_throttle_both_app
     assert [a.headers["RateLimit"] for a in answers[:2]] == ['"api";r=4;t=100', '"api";r=3;t=200']
 
 
+def test_throttles_picked_in_get_throttles_report_the_middlewares_decision(
+    client: Any, tokens: dict[str, str]
+) -> None:
+    as_user(client, tokens["alice"])
+    answers = [client.get("/picks-its-throttles") for _ in range(6)]
+
+    assert [a.status_code for a in answers] == [200] * 5 + [429]  # charged once, by address
+    assert answers[0].headers["RateLimit"] == '"api";r=4;t=100'
+    assert answers[5].json()["violated-policies"] == ["api"]  # the middleware's refusal
+
+
 def test_requests_drf_refuses_before_its_throttles_are_counted_by_the_middleware(
     client: Any, tokens: dict[str, str]
 ) -> None:

@@ -15,6 +15,7 @@ urlpatterns = [
     path("login", views.Login.as_view()),
     path("whoami", views.Whoami.as_view()),
     path("profile", views.Profile.as_view()),
+    path("picks-its-throttles", views.PicksItsThrottles.as_view()),
     path("search", views.search),
     path("search-by-middleware", views.search_by_middleware),
     path("search-below-by-middleware", views.search_below_by_middleware),

@@ -6,6 +6,8 @@ it says `throttle_classes = []`: those are limited by the Django middleware alon
 
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework.decorators import action, api_view, throttle_classes
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -102,4 +104,18 @@ class Sessions(ViewSet):
     @limit("login")
     @action(detail=False, methods=["post"])
     def login(self, request: Request) -> Response:
+        return Response({"user": username(request)})
+
+
+class PicksItsThrottles(APIView):
+    """Throttles chosen in get_throttles(): the middleware cannot know, and decides itself."""
+
+    throttle_classes = ()
+
+    def get_throttles(self) -> list[Any]:
+        from ratesync_middleware.drf import RateSyncThrottle
+
+        return [RateSyncThrottle()]
+
+    def get(self, request: Request) -> Response:
         return Response({"user": username(request)})
