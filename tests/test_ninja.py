@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from django.core import checks
@@ -20,19 +19,11 @@ from django.test import AsyncClient, Client, override_settings
 from tests.doc_examples import write_example
 from tests.test_django import (
     AUTH,
+    CONFIG,
     RATESYNC,
     SESSION,
     django_project,  # noqa: F401  (the module's autouse settings)
 )
-
-CONFIG: dict[str, Any] = {
-    "limiters": {
-        "api": {"rate_per_second": 0.01, "burst": 5},
-        "login": {"limit": "2/minute"},
-        "search": {"rate_per_second": 0.01, "burst": 3},
-    },
-    "middleware": {"default": "api"},
-}
 
 
 @pytest.fixture(autouse=True)
