@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from django.http import HttpRequest
 from rest_framework.exceptions import APIException
-from rest_framework.throttling import BaseThrottle
 
 from .compat import mark_django_response_logged, on_django_response_close
 from .django.endpoints import throttle_candidates
@@ -49,8 +48,12 @@ class RateLimitRefused(APIException):  # type: ignore[misc]  # APIException is u
         self.status_code = status
 
 
-class RateSyncThrottle(BaseThrottle):  # type: ignore[misc]  # BaseThrottle is untyped
+class RateSyncThrottle:
     """A DRF throttle deciding with `settings.RATESYNC` after DRF's authentication.
+
+    DRF calls a throttle's `allow_request(request, view)` and, when it refuses, `wait()`. Not a
+    subclass of DRF's `BaseThrottle`, whose module reads DRF's settings when it is imported:
+    this one imports before Django is configured, as the rest of the package does.
 
     The limiters of a request: the view's `@limit` / `@exempt` marks, else its
     `throttle_scope` (a limiter's name), else the first matching `[[routes]]` rule, else
