@@ -305,8 +305,12 @@ def _unlogged(response: _Response) -> _Response:
     return response
 
 
-def _load(*, asynchronous: bool) -> Limits | None:
-    """The `Limits` of the current `settings.RATESYNC`, None when it says `enabled: False`."""
+def _load(*, asynchronous: bool, check_marks: bool = True) -> Limits | None:
+    """The `Limits` of the current `settings.RATESYNC`, None when it says `enabled: False`.
+
+    `check_marks`: fail on a mark of the URLconf that names no limiter (a middleware's start-up;
+    not the first request of a throttle without the middleware, which would turn every API
+    request into a 500: `manage.py check` reports it there)."""
     options = read_settings()
     if not options.enabled:
         return None
@@ -317,7 +321,8 @@ def _load(*, asynchronous: bool) -> Limits | None:
     view = None if options.view is None else import_view(options.view)
     hook = None if options.on_decision is None else import_hook(options.on_decision)
     limits = Limits(config, view, asynchronous=asynchronous, on_decision=hook)
-    limits.check_marks()
+    if check_marks:
+        limits.check_marks()
     return limits
 
 
@@ -341,7 +346,7 @@ def standalone_limits() -> Limits | None:
         known = _standalone
         if known is None or known[0] != _generation:
             generation, retired = _generation, None if known is None else known[1]
-            known = _standalone = (generation, _load(asynchronous=False))
+            known = _standalone = (generation, _load(asynchronous=False, check_marks=False))
             if retired is not None:
                 retired.close()
     return known[1]
