@@ -41,7 +41,7 @@ nox.options.error_on_missing_interpreters = True  # a missing Python fails, neve
 
 PYTEST = ("-m", "not slow", "-p", "no:cacheprovider", "-q")
 # The extras whose minimums are part of the contract, with the runtime dependencies.
-USER_EXTRAS = ("fastapi", "django", "flask", "quart", "prometheus")
+USER_EXTRAS = ("fastapi", "django", "flask", "quart", "prometheus", "drf", "ninja")
 # Quart (>= 0.19) is built on Flask >= 3.0, above Flask's own minimum: where Flask is at its
 # minimum, Quart is left out, and `oldest` tests it afterwards at its minimum on this Flask.
 QUART_TESTS = ("tests/test_quart.py",)
@@ -183,16 +183,22 @@ def one_at_a_time(names: list[str]) -> Any:
     )
 
 
-DJANGO_TESTS = ("tests/test_django.py", "tests/test_django_config.py")
+DJANGO_TESTS = (
+    "tests/test_django.py",
+    "tests/test_django_config.py",
+    "tests/test_drf.py",
+    "tests/test_ninja.py",
+)
 FLASK_TESTS = ("tests/test_flask.py", "tests/test_wsgi.py", "tests/test_sync.py")
 ASGI_TESTS = ("tests/test_asgi.py", "tests/test_asgi_nats.py", "tests/test_requests.py")
 NATS_TESTS = tuple(sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_nats_*.py")))
 
 
 @nox.session
-@one_at_a_time(["django"])
+@one_at_a_time(["django", "djangorestframework", "django-ninja"])
 def django(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None:
-    """Django 4.2 LTS, then the latest Django: the Django adapter's tests."""
+    """Django 4.2 LTS with the oldest DRF and Django Ninja, then the latest: the Django
+    adapter's tests, DRF's and Ninja's."""
     run_suite(session, *pins, tests=DJANGO_TESTS, at_minimum=at_minimum)
 
 

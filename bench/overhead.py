@@ -37,6 +37,9 @@ Flask hooks) that shows what one more layer costs by itself:
 - Django under ASGI (`ASGIHandler`): an `async def` view, bare vs ours (django-ratelimit's
   decorator wraps only sync views); and a sync view (Django runs it in a thread), bare vs ours vs
   django-ratelimit (whose sync-only middleware Django adapts with `sync_to_async`).
+- Django REST framework (`WSGIHandler`, `--only drf`): an `APIView` without a throttle; with
+  `RateSyncThrottle` alone, then with the middleware too (which leaves the view to the
+  throttle); and with DRF's own `AnonRateThrottle` (Django's locmem cache) as the peer.
 
 Method: each variant is first calibrated (its request count is chosen so that one sample lasts
 about `--seconds`), then the repetitions are interleaved and rotated by `_harness`. One sample is
@@ -89,6 +92,7 @@ PACKAGES = [
     "flask-limiter",
     "django",
     "django-ratelimit",
+    "djangorestframework",
     "limits",
     "asgiref",
     "werkzeug",
@@ -454,6 +458,14 @@ def _django_setup() -> types.ModuleType:
         CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
         RATELIMIT_VIEW=f"{DJANGO_MODULE}.ratelimited",
         SILENCED_SYSTEM_CHECKS=["django_ratelimit.E003", "django_ratelimit.W001"],
+        # DRF (the drf table): read when rest_framework.views is first imported. No auth app.
+        REST_FRAMEWORK={
+            "DEFAULT_AUTHENTICATION_CLASSES": [],
+            "DEFAULT_PERMISSION_CLASSES": [],
+            "DEFAULT_THROTTLE_CLASSES": [],
+            "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+            "UNAUTHENTICATED_USER": None,
+        },
     )
     django.setup()
     from django.http import HttpResponse
@@ -589,6 +601,58 @@ def django_asgi_sync_apps(scenario: Scenario) -> dict[str, Driver]:
     }
 
 
+def drf_apps(scenario: Scenario) -> dict[str, Driver]:
+    """A DRF `APIView` under WSGIHandler: without a throttle, with `RateSyncThrottle` (alone,
+    then with the middleware, which leaves the view to the throttle), and with DRF's own
+    `AnonRateThrottle` (Django's locmem cache), each answering `GET /` from one address."""
+    _django_setup()
+    from django.conf import settings
+    from django.core.signals import setting_changed
+    from django.urls import path
+    from rest_framework.response import Response
+    from rest_framework.throttling import AnonRateThrottle
+    from rest_framework.views import APIView
+
+    from ratesync_middleware.drf import RateSyncThrottle
+
+    class PeerThrottle(AnonRateThrottle):
+        rate = scenario.django_rate
+
+    def api_view(throttles: list[Any]) -> Any:
+        class Index(APIView):
+            throttle_classes = throttles
+
+            def get(self, request: Any) -> Response:
+                return Response("ok")
+
+        return Index.as_view()
+
+    variants = {
+        "bare": [],
+        "ours": [RateSyncThrottle],
+        "ours, with the middleware": [RateSyncThrottle],
+        "DRF AnonRateThrottle": [PeerThrottle],
+    }
+    for number, throttles in enumerate(variants.values()):
+        urls = types.ModuleType(f"{DJANGO_MODULE}_urls_drf_{scenario.name}_{number}")
+        urls.urlpatterns = [path("", api_view(throttles))]  # type: ignore[attr-defined]
+        sys.modules[urls.__name__] = urls
+    ratesync = ours_config(scenario)
+    settings.RATESYNC = ratesync
+    # A new configuration for the throttle's own limiter, as override_settings would signal.
+    setting_changed.send(sender=type(settings), setting="RATESYNC", value=ratesync, enter=True)
+    drivers: dict[str, Driver] = {}
+    for number, name in enumerate(variants):
+        middleware = [OURS_DJANGO] if name == "ours, with the middleware" else []
+        expected = 200 if name == "bare" else scenario.status
+        drivers[name] = WsgiDriver(
+            _django_handler("wsgi", middleware, ratesync),
+            expected,
+            _use_urlconf(f"drf_{scenario.name}_{number}"),
+        )
+    return drivers
+
+
 @dataclass
 class Framework:
     id: str
@@ -616,6 +680,7 @@ FRAMEWORKS = [
         "django-ratelimit",
         None,  # the issue sets no target here: shown for information
     ),
+    Framework("drf", "Django REST framework (WSGIHandler)", drf_apps, "DRF AnonRateThrottle", None),
     Framework(
         "django-asgi-async",
         "Django (ASGIHandler), async view",

@@ -71,6 +71,8 @@ def django_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 "django.contrib.contenttypes",
                 "django.contrib.auth",
                 "django.contrib.sessions",
+                "rest_framework",
+                "rest_framework.authtoken",
                 "ratesync_middleware.django",
             ],
             DATABASES={
@@ -82,6 +84,13 @@ def django_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
             PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
             USE_TZ=True,
+            # Read when DRF is first imported (APIView binds its defaults then): tests/test_drf.py
+            REST_FRAMEWORK={
+                "DEFAULT_AUTHENTICATION_CLASSES": [
+                    "rest_framework.authentication.TokenAuthentication",
+                ],
+                "DEFAULT_THROTTLE_CLASSES": ["ratesync_middleware.drf.RateSyncThrottle"],
+            },
             **PROJECT,
         )
         django.setup()
@@ -93,6 +102,12 @@ def django_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def database(django_project: None) -> None:
     """The auth and session tables, for the tests that log users in."""
     call_command("migrate", verbosity=0, interactive=False)
+
+
+def for_the_project(ratesync: dict[str, Any]) -> dict[str, Any]:
+    """`ratesync` plus the limiters the project's views name (`@limit("login")`, ...) where it
+    has none: the middleware checks every mark at start-up, as `manage.py check` does."""
+    return {**ratesync, "limiters": {**CONFIG["limiters"], **ratesync.get("limiters", {})}}
 
 
 def with_config(**changes: Any) -> dict[str, Any]:
@@ -777,18 +792,20 @@ def test_header_modes(mode: str) -> None:
 
 
 def dead_nats(fail_closed: bool) -> dict[str, Any]:
-    return {
-        "stores": {
-            "main": {
-                "engine": "nats",
-                "url": f"nats://127.0.0.1:{closed_port()}",
-                "connect_timeout": 0.2,
-                "timeout": 0.1,
-            }
-        },
-        "limiters": {"api": {"rate_per_second": 1.0, "burst": 5, "fail_closed": fail_closed}},
-        "middleware": {"default": "api"},
-    }
+    return for_the_project(
+        {
+            "stores": {
+                "main": {
+                    "engine": "nats",
+                    "url": f"nats://127.0.0.1:{closed_port()}",
+                    "connect_timeout": 0.2,
+                    "timeout": 0.1,
+                }
+            },
+            "limiters": {"api": {"rate_per_second": 1.0, "burst": 5, "fail_closed": fail_closed}},
+            "middleware": {"default": "api"},
+        }
+    )
 
 
 def test_fail_closed_answers_503_when_nats_is_unreachable(site: Site) -> None:
@@ -861,6 +878,12 @@ TOML = """
 rate_per_second = 0.01
 burst = 2
 
+[limiters.login]
+limit = "2/minute"
+
+[limiters.search]
+limit = "3/minute"
+
 [middleware]
 default = "api"
 """
@@ -892,7 +915,10 @@ def test_nothing_to_discover_limits_nothing(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RATE_SYNC_CONFIG", raising=False)
-    with override_settings(RATESYNC={"view": "tests.django_project.views.too_many"}):
+    with override_settings(
+        RATESYNC={"view": "tests.django_project.views.too_many"},
+        ROOT_URLCONF="tests.django_project.plain_urls",  # no view names a limiter
+    ):
         client = Client()
         assert [client.get("/").status_code for _ in range(20)] == [200] * 20
         assert "RateLimit" not in client.get("/").headers
@@ -1004,6 +1030,15 @@ def test_checks_find_an_unknown_limiter_in_a_views_limit() -> None:
     ]
     typo = errors["tests.django_project.typo_urls.typo"]
     assert "no limiter 'logn' (did you mean 'login'?) (defined: api, login, search)" in typo.msg
+
+
+def test_an_unknown_limiter_in_a_views_limit_fails_start_up() -> None:
+    typo = r"@limit on typo: no limiter 'logn' \(did you mean 'login'\?\)"
+    with override_settings(ROOT_URLCONF="tests.django_project.typo_urls"):
+        with pytest.raises(ImproperlyConfigured, match=typo):
+            WSGIHandler()  # as gunicorn loads the project
+        with pytest.raises(ImproperlyConfigured, match=typo):
+            ASGIHandler()
 
 
 def test_manage_py_check_fails_on_a_broken_configuration() -> None:
@@ -1125,14 +1160,13 @@ def test_example_under_uvicorn_on_nats(nats_url: str, bucket_name: str) -> None:
 
 
 def nats_config(store: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "stores": {"main": store},
-        "limiters": {
-            "api": {"rate_per_second": 0.01, "burst": 5},
-            "login": {"limit": "2/minute"},
-        },
-        "middleware": {"default": "api"},
-    }
+    return for_the_project(
+        {
+            "stores": {"main": store},
+            "limiters": {"api": {"rate_per_second": 0.01, "burst": 5}},
+            "middleware": {"default": "api"},
+        }
+    )
 
 
 @pytest.mark.nats
@@ -1218,10 +1252,12 @@ def test_a_refused_request_needs_no_finish(site: Site, finished: list[int | None
 
 # --- max_concurrent ------------------------------------------------------------------------------
 
-ONE_AT_A_TIME: dict[str, Any] = {
-    "limiters": {"api": {"max_concurrent": 1, "key": "global"}},
-    "middleware": {"default": "api"},
-}
+ONE_AT_A_TIME: dict[str, Any] = for_the_project(
+    {
+        "limiters": {"api": {"max_concurrent": 1, "key": "global"}},
+        "middleware": {"default": "api"},
+    }
+)
 
 
 def test_a_slot_is_released_after_a_streamed_response_and_an_exception(served_site: Site) -> None:
@@ -1238,7 +1274,9 @@ def test_a_slot_is_released_after_a_streamed_response_and_an_exception(served_si
 
 def waiting_config(timeout: float, **limiter: Any) -> dict[str, Any]:
     rate = limiter or {"rate_per_second": 5.0, "burst": 1}  # a token every 200 ms
-    return {"limiters": {"api": {**rate, "timeout": timeout}}, "middleware": {"default": "api"}}
+    return for_the_project(
+        {"limiters": {"api": {**rate, "timeout": timeout}}, "middleware": {"default": "api"}}
+    )
 
 
 @pytest.mark.parametrize(
@@ -1262,11 +1300,13 @@ IN_FLIGHT = 2
 
 
 def slots_on_nats(store: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "stores": {"main": {**store, "timeout": 2.0}},
-        "limiters": {"api": {"max_concurrent": IN_FLIGHT, "key": "global"}},
-        "middleware": {"default": "api"},
-    }
+    return for_the_project(
+        {
+            "stores": {"main": {**store, "timeout": 2.0}},
+            "limiters": {"api": {"max_concurrent": IN_FLIGHT, "key": "global"}},
+            "middleware": {"default": "api"},
+        }
+    )
 
 
 @pytest.mark.nats

@@ -114,7 +114,10 @@ def test_the_middleware_without_ratesync_setting_warns_that_nothing_is_configure
     monkeypatch.delenv("RATE_SYNC_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)
     reset_no_config_warning()
-    with override_settings(), caplog.at_level(logging.WARNING, logger="ratesync_middleware"):
+    with (
+        override_settings(ROOT_URLCONF="tests.django_project.plain_urls"),
+        caplog.at_level(logging.WARNING, logger="ratesync_middleware"),
+    ):
         del settings.RATESYNC  # inside override_settings: absent until the block ends
         middleware = RateLimitMiddleware(lambda request: HttpResponse("ok"))
         assert middleware(RequestFactory().get("/")).status_code == 200

@@ -33,6 +33,7 @@ from tests.test_django import (  # noqa: F401  (the Django sites, and their sett
     SITES,
     Site,
     django_project,
+    for_the_project,
 )
 
 SEARCH = "tests-test_inline_limits-starlette_app-locals-search"
@@ -237,7 +238,7 @@ def site(request: pytest.FixtureRequest) -> Iterator[Site]:
 
 
 def test_django_views_take_inline_rates(site: Site) -> None:
-    with override_settings(RATESYNC={"limiters": {}}):
+    with override_settings(RATESYNC=for_the_project({"limiters": {}})):
         responses = [site.get("/inline") for _ in range(3)]
         assert [response.status_code for response in responses] == [200, 200, 429]
         assert responses[0].headers["RateLimit-Policy"] == (
@@ -306,7 +307,8 @@ def test_django_inline_rates_on_a_nats_default_store(
 ) -> None:
     site = SITES[served]()
     try:
-        with override_settings(RATESYNC={"stores": {"default": {**nats_store, "timeout": 5.0}}}):
+        default_store = {"stores": {"default": {**nats_store, "timeout": 5.0}}}
+        with override_settings(RATESYNC=for_the_project(default_store)):
             assert site.statuses(3, "/inline") == [200, 200, 429]
             ann = [site.get("/inline-async", headers={"X-User": "ann"}) for _ in range(3)]
             assert [response.status_code for response in ann] == [200, 200, 429]

@@ -36,6 +36,7 @@ from tests.test_django import (  # noqa: F401  (the Django sites, and their sett
     SITES,
     Site,
     django_project,
+    for_the_project,
     with_config,
 )
 from tests.test_policies import APPS, Get, _serving, remaining
@@ -428,7 +429,7 @@ def test_django_tiers_on_nats(
 
     site = SITES[served]()
     try:
-        with override_settings(RATESYNC=tiered({**nats_store, "timeout": 5.0})):
+        with override_settings(RATESYNC=for_the_project(tiered({**nats_store, "timeout": 5.0}))):
             assert site.statuses(3, headers={"X-User": "alice"}) == [200, 200, 429]
             accounts["alice"] = "pro"
             upgraded = site.get("/async", headers={"X-User": "alice"})

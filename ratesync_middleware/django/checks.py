@@ -16,7 +16,8 @@ The ids are stable (silence one with `SILENCED_SYSTEM_CHECKS`); docs/django.md l
     ratesync.E010  RATESYNC["view"] cannot be imported or is not callable
     ratesync.E011  a key, cost, exempt_when or tier function ("package.module:function") cannot
                    be imported (or is an async def)
-    ratesync.E012  a view's @limit names a limiter that does not exist
+    ratesync.E012  a view's @limit (or the throttle_scope of a DRF view limited by
+                   RateSyncThrottle) names a limiter that does not exist
     ratesync.E013  a view's inline @limit("N/period") has a malformed rate or key
     ratesync.W001  RateLimitMiddleware is not in MIDDLEWARE
     ratesync.W002  a rate-sync key that the middleware ignores
@@ -34,15 +35,15 @@ from typing import Any, Final
 from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
-from django.urls import URLPattern, URLResolver, get_resolver
+from django.urls import get_resolver
 from django.utils.module_loading import import_string
 
 from ..config import Config, RateSyncConfigWarning, load_config
 from ..errors import ConfigError, ConfigErrorKind
 from ..identities import Identity
-from ..marks import get_marks
-from ..plans import PlanResolver, endpoint_objects
+from ..plans import PlanResolver
 from .conf import SETTING, RateSyncSettings, import_view, read_settings
+from .endpoints import ScopeMark, marked_endpoints
 from .middleware import RateLimitMiddleware
 
 __all__ = ["TAG", "check_settings", "check_views"]
@@ -220,29 +221,9 @@ def check_settings(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> l
 # --- @limit on the views of the URLconf ----------------------------------------------------
 
 
-def _views(patterns: Iterable[Any], depth: int = 0) -> Iterator[Any]:
-    for pattern in patterns:
-        if isinstance(pattern, URLResolver):
-            if depth >= _MAX_URLCONF_DEPTH:
-                continue
-            try:
-                inner = pattern.url_patterns
-            except Exception:  # Django's own URL checks report a broken include()
-                continue
-            yield from _views(inner, depth + 1)
-        elif isinstance(pattern, URLPattern):
-            yield pattern.callback
-
-
-def _marked(view: Any) -> Iterator[Any]:
-    """The view and, for a class-based view, its class and its methods."""
-    yield view
-    view_class = getattr(view, "view_class", None)
-    if view_class is not None:
-        yield from endpoint_objects(view_class)
-
-
 def _label(endpoint: Any) -> str:
+    if isinstance(endpoint, ScopeMark):
+        return repr(endpoint)
     module = getattr(endpoint, "__module__", None)
     name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
     return f"{module}.{name}" if module else name
@@ -268,27 +249,25 @@ def check_views(app_configs: Iterable[Any] | None = None, **kwargs: Any) -> list
     except Exception:  # no or a broken ROOT_URLCONF: Django's URL checks report it
         return []
     errors: list[checks.CheckMessage] = []
-    seen: set[int] = set()
-    for view in _views(patterns):
-        for endpoint in _marked(view):
-            marks = get_marks(endpoint)
-            if marks is None or id(endpoint) in seen:
-                continue
-            seen.add(id(endpoint))
-            try:
-                plans.marked_plan(marks, endpoint)
-            except ConfigError as error:
-                unknown = error.kind == "undefined_reference"
-                errors.append(
-                    checks.Error(
-                        str(error),
-                        hint="Define the limiter in the configuration, or correct the"
-                        " name in @limit(...)."
-                        if unknown
-                        else 'An inline rate is "N/second", "N/minute", "N/hour" or'
-                        ' "N/day", e.g. @limit("5/minute", key="header:X-User").',
-                        obj=_label(endpoint),
-                        id="ratesync.E012" if unknown else "ratesync.E013",
-                    )
+    for endpoint, marks in marked_endpoints(patterns):
+        try:
+            plans.marked_plan(marks, endpoint)
+        except ConfigError as error:
+            unknown = error.kind == "undefined_reference"
+            errors.append(
+                checks.Error(
+                    str(error),
+                    hint="Define the limiter in the configuration, or correct the"
+                    f" name in {_written_as(endpoint)}."
+                    if unknown
+                    else 'An inline rate is "N/second", "N/minute", "N/hour" or'
+                    ' "N/day", e.g. @limit("5/minute", key="header:X-User").',
+                    obj=_label(endpoint),
+                    id="ratesync.E012" if unknown else "ratesync.E013",
                 )
+            )
     return errors
+
+
+def _written_as(endpoint: Any) -> str:
+    return "throttle_scope" if isinstance(endpoint, ScopeMark) else "@limit(...)"

@@ -13,14 +13,17 @@ Each request is counted exactly once. Requests that reach a view are checked in 
 where the view (and its `@limit` / `@exempt` marks) is known, so a refused request never runs its
 view. Requests that reach no view (a 404, a response from a middleware listed later, or one an
 earlier middleware's `process_view` refused) are checked by `[[routes]]` and the default once
-their response is known; a refusal replaces that response.
+their response is known; a refusal replaces that response. A DRF view limited by
+`ratesync_middleware.drf.RateSyncThrottle` is left to the throttle (it decides after DRF's
+authentication, with this middleware's limiter); if DRF answers before its throttles run (a
+failed authentication, a denied permission), the middleware counts it after the response.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
@@ -28,6 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
+from django.urls import get_resolver
 
 from ..client_ip import ClientAddress
 from ..compat import mark_django_response_logged, on_django_response_close
@@ -37,9 +41,10 @@ from ..facts import RequestFacts
 from ..headers import add_missing, text_headers
 from ..lifecycle import Admission, RequestLimiter
 from ..limiter import AsyncRateLimiter, DecisionHook
-from ..plans import Plan, method_handler
+from ..plans import BoundedCache, Plan
 from ..sync import SyncRequestLimiter
 from .conf import SETTING, LimitedView, import_hook, import_view, read_settings
+from .endpoints import marked_endpoints, throttle_candidates, throttled_by_ratesync, view_candidates
 
 __all__ = ["DjangoFacts", "RateLimitMiddleware", "view_candidates"]
 
@@ -131,25 +136,7 @@ def _evaluated_user(request: HttpRequest) -> Any:
     return user
 
 
-# --- which objects carry a view's marks ----------------------------------------------------
-
-
-def view_candidates(view: ViewFunction | None, method: str) -> tuple[Any, ...]:
-    """What may carry the `@limit` / `@exempt` marks of `view` for `method`, in precedence order.
-
-    A function view carries them itself (decorators built with `functools.wraps` copy them).
-    For a class-based view: the handler method of the request (`post`, with `@limit` or
-    `method_decorator`), the `as_view()` function (marked in the URLconf, or given the marks
-    of `dispatch`, which `as_view()` copies), and the class. A class without a handler for the
-    method answers 405 itself: none of its marks apply (rules and the default still do).
-    """
-    if view is None:
-        return ()
-    view_class = getattr(view, "view_class", None)
-    if view_class is None:
-        return (view,)
-    handler = method_handler(view_class, method, getattr(view_class, "http_method_names", ()))
-    return () if handler is None else (handler, view, view_class)
+# --- the view of a request ------------------------------------------------------------------
 
 
 def _resolved_view(request: HttpRequest) -> ViewFunction | None:
@@ -158,10 +145,21 @@ def _resolved_view(request: HttpRequest) -> ViewFunction | None:
     return None if match is None else match.func
 
 
+class Deferred:
+    """Left on a request whose view `RateSyncThrottle` limits: the throttle decides it with
+    these limits and replaces this with its admission; still there after the response, the
+    throttle never ran (DRF refused first) and the middleware counts the request."""
+
+    __slots__ = ("limits",)
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+
+
 # --- everything RATESYNC decides -----------------------------------------------------------
 
 
-class _Limits:
+class Limits:
     """The limiter, headers and refusal view of one value of `settings.RATESYNC`.
 
     `sync` drives the limiter for a synchronous middleware; an asynchronous one awaits `core`.
@@ -182,17 +180,56 @@ class _Limits:
         self.client_address = self.core.client_address
         self.view = view
         self._needs_user: dict[Plan, bool] = {}
+        self._throttled: BoundedCache[ViewFunction | None, bool] = BoundedCache(1024)
 
-    def plan(self, request: HttpRequest, view: ViewFunction | None) -> Plan:
+    def plan(
+        self, request: HttpRequest, view: ViewFunction | None, *, throttled: bool = False
+    ) -> Plan:
+        """The plan of a request to `view`; `throttled`: as `RateSyncThrottle` decides it (its
+        view's `throttle_scope` after its marks)."""
         method = request.method or "GET"
         plans = (self.sync or self.core).plans
         path = request.path_info
+        find = throttle_candidates if throttled else view_candidates
+        key = (view, method, path, True) if throttled else (view, method, path)
         try:
-            return plans.cached_plan(
-                (view, method, path), method, path, view_candidates, view, method
-            )
+            return plans.cached_plan(key, method, path, find, view, method)
         except TypeError:  # an unhashable callable as a view: not cached
-            return plans.plan(method, path, *view_candidates(view, method))
+            return plans.plan(method, path, *find(view, method))
+
+    def throttled(self, view: ViewFunction | None) -> bool:
+        """Whether `RateSyncThrottle` decides the requests to `view` (a DRF view using it)."""
+        try:
+            found = self._throttled.get(view)
+        except TypeError:  # an unhashable callable as a view
+            return throttled_by_ratesync(view)
+        if found is None:
+            found = self._throttled.put(view, throttled_by_ratesync(view))
+        return found
+
+    def check_marks(self) -> None:
+        """Every mark reachable from the URLconf names a limiter (or is a well-formed inline
+        rate): `ImproperlyConfigured` with the first that does not, so a typo fails start-up."""
+        try:
+            patterns = get_resolver().url_patterns
+        except Exception:  # no or a broken ROOT_URLCONF: Django reports it at the first request
+            return
+        plans = (self.sync or self.core).plans
+        for endpoint, marks in marked_endpoints(patterns):
+            try:
+                plans.marked_plan(marks, endpoint)
+            except ConfigError as error:
+                raise ImproperlyConfigured(f"{SETTING}: {error}") from error
+
+    def admit(self, request: HttpRequest, plan: Plan, user: Any) -> Admission:
+        """The admission of a plan for `RateSyncThrottle`, from a synchronous DRF view (under
+        ASGI, Django runs it in a thread: the store is awaited on the server's loop)."""
+        facts = DjangoFacts(request, self.client_address)
+        facts.user = user
+        if self.sync is not None:
+            return self.sync.begin(facts, plan)
+        begun = self.core.begin(facts, plan)
+        return begun if isinstance(begun, Admission) else async_to_sync(_awaited)(begun)
 
     def begin(self, request: HttpRequest, plan: Plan) -> Admission:
         """The admission of a plan, blocking (synchronous middleware)."""
@@ -234,8 +271,10 @@ class _Limits:
 
     def respond(self, response: HttpResponseBase, admission: Admission | None) -> HttpResponseBase:
         """An admitted request's response: the rate-limit headers, and `finish` at its close."""
-        if admission is None or not admission.allowed:  # a refusal has its headers already
+        if admission is None:
             return response
+        if not admission.allowed:  # RateSyncThrottle's refusal (DRF's), with its headers
+            return _unlogged(response)
         add_missing(response, admission.headers())
         if admission.settles:  # Django closes a response once sent (a streamed one at its end)
             on_django_response_close(
@@ -266,8 +305,12 @@ def _unlogged(response: _Response) -> _Response:
     return response
 
 
-def _load(*, asynchronous: bool) -> _Limits | None:
-    """The `_Limits` of the current `settings.RATESYNC`, None when it says `enabled: False`."""
+def _load(*, asynchronous: bool, check_marks: bool = True) -> Limits | None:
+    """The `Limits` of the current `settings.RATESYNC`, None when it says `enabled: False`.
+
+    `check_marks`: fail on a mark of the URLconf that names no limiter (a middleware's start-up;
+    not the first request of a throttle without the middleware, which would turn every API
+    request into a 500: `manage.py check` reports it there)."""
     options = read_settings()
     if not options.enabled:
         return None
@@ -277,7 +320,36 @@ def _load(*, asynchronous: bool) -> _Limits | None:
         raise ImproperlyConfigured(f"{SETTING}: {error}") from error
     view = None if options.view is None else import_view(options.view)
     hook = None if options.on_decision is None else import_hook(options.on_decision)
-    return _Limits(config, view, asynchronous=asynchronous, on_decision=hook)
+    limits = Limits(config, view, asynchronous=asynchronous, on_decision=hook)
+    if check_marks:
+        limits.check_marks()
+    return limits
+
+
+async def _awaited(admission: Coroutine[Any, Any, Admission]) -> Admission:
+    return await admission
+
+
+_standalone: tuple[int, Limits | None] | None = None
+_standalone_lock = threading.Lock()
+
+
+def standalone_limits() -> Limits | None:
+    """The `Limits` of the current `settings.RATESYNC` for a request no middleware handles
+    (`RateSyncThrottle` without the middleware): one per process, synchronous, rebuilt when
+    the setting changes as a middleware's are. None when it says `enabled: False`."""
+    global _standalone
+    known = _standalone
+    if known is not None and known[0] == _generation:
+        return known[1]
+    with _standalone_lock:
+        known = _standalone
+        if known is None or known[0] != _generation:
+            generation, retired = _generation, None if known is None else known[1]
+            known = _standalone = (generation, _load(asynchronous=False, check_marks=False))
+            if retired is not None:
+                retired.close()
+    return known[1]
 
 
 def _rendered(response: HttpResponseBase) -> HttpResponseBase:
@@ -330,8 +402,10 @@ class RateLimitMiddleware:
             return self.get_response(request)
         response = self.get_response(request)
         admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
-        if admission is _UNCHECKED:  # no view was reached: count it here, once
-            plan = limits.plan(request, _resolved_view(request))
+        if admission is _UNCHECKED or type(admission) is Deferred:  # not counted yet: now, once
+            view = _resolved_view(request)
+            throttled = admission is not _UNCHECKED or limits.throttled(view)
+            plan = limits.plan(request, view, throttled=throttled)
             admission = limits.begin(request, plan) if plan else None
             if admission is not None and not admission.allowed:
                 return self._refuse(limits, request, admission, render=True)
@@ -347,6 +421,9 @@ class RateLimitMiddleware:
         limits = self._current()
         if limits is None:
             return None
+        if limits.throttled(view):
+            request.__dict__[ADMISSION_ATTRIBUTE] = Deferred(limits)
+            return None
         plan = limits.plan(request, view)
         admission = limits.begin(request, plan) if plan else None
         request.__dict__[ADMISSION_ATTRIBUTE] = admission
@@ -355,7 +432,7 @@ class RateLimitMiddleware:
         return self._refuse(limits, request, admission, render=False)
 
     def _refuse(
-        self, limits: _Limits, request: HttpRequest, admission: Admission, *, render: bool
+        self, limits: Limits, request: HttpRequest, admission: Admission, *, render: bool
     ) -> HttpResponseBase:
         view = limits.view
         if view is None:
@@ -368,7 +445,7 @@ class RateLimitMiddleware:
         # From process_view, Django renders a TemplateResponse itself; after the fact, we do.
         return limits.complete(_rendered(response) if render else response, admission)
 
-    def _current(self) -> _Limits | None:
+    def _current(self) -> Limits | None:
         if self._generation == _generation:
             return self._limits
         with self._reload_lock:
@@ -388,8 +465,10 @@ class RateLimitMiddleware:
             return await self.get_response(request)
         response = await self.get_response(request)
         admission = request.__dict__.pop(ADMISSION_ATTRIBUTE, _UNCHECKED)
-        if admission is _UNCHECKED:
-            plan = limits.plan(request, _resolved_view(request))
+        if admission is _UNCHECKED or type(admission) is Deferred:
+            view = _resolved_view(request)
+            throttled = admission is not _UNCHECKED or limits.throttled(view)
+            plan = limits.plan(request, view, throttled=throttled)
             admission = await limits.abegin(request, plan) if plan else None
             if admission is not None and not admission.allowed:
                 return await self._arefuse(limits, request, admission, render=True)
@@ -405,6 +484,9 @@ class RateLimitMiddleware:
         limits = await self._acurrent()
         if limits is None:
             return None
+        if limits.throttled(view):
+            request.__dict__[ADMISSION_ATTRIBUTE] = Deferred(limits)
+            return None
         plan = limits.plan(request, view)
         admission = await limits.abegin(request, plan) if plan else None
         request.__dict__[ADMISSION_ATTRIBUTE] = admission
@@ -413,7 +495,7 @@ class RateLimitMiddleware:
         return await self._arefuse(limits, request, admission, render=False)
 
     async def _arefuse(
-        self, limits: _Limits, request: HttpRequest, admission: Admission, *, render: bool
+        self, limits: Limits, request: HttpRequest, admission: Admission, *, render: bool
     ) -> HttpResponseBase:
         view = limits.view
         if view is None:
@@ -427,7 +509,7 @@ class RateLimitMiddleware:
             response = await sync_to_async(_rendered)(response)
         return limits.complete(response, admission)
 
-    async def _acurrent(self) -> _Limits | None:
+    async def _acurrent(self) -> Limits | None:
         if self._generation == _generation:
             return self._limits
         generation, retired = _generation, self._limits

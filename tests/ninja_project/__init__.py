@@ -1,0 +1,1 @@
+"""A tiny Django Ninja API for tests/test_ninja.py."""
