@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .bucket import Decision
 from .client_ip import ClientAddress
-from .compat import expand_fastapi_routes
+from .compat import expand_fastapi_routes, fastapi_dependencies
 from .config import ConfigSource
 from .errors import ConfigError
 from .facts import RequestFacts
@@ -31,7 +31,7 @@ from .headers import Header, add_missing
 from .lifecycle import Admission, RequestLimiter
 from .limiter import AsyncRateLimiter, logger
 from .marks import exempt, get_marks, limit
-from .plans import Plan, endpoint_objects, method_handler
+from .plans import EXEMPT, Plan, endpoint_objects, method_handler
 
 __all__ = ["OnLimited", "RateLimitMiddleware", "ScopeFacts", "exempt", "limit"]
 
@@ -192,7 +192,12 @@ class _RouteFinder:
             if routes is None or depth >= _MAX_DEPTH:
                 return (inner,)
             return self.find(routes, scope, depth + 1)
-        return _endpoint_candidates(getattr(route, "endpoint", None), scope)
+        candidates = _endpoint_candidates(getattr(route, "endpoint", None), scope)
+        if any(get_marks(call) is not None for call in fastapi_dependencies(route)):
+            # A `RateLimit` dependency limits the route: the middleware's rules and default
+            # leave it alone (the endpoint's own marks still come first).
+            return (*candidates, EXEMPT)
+        return candidates
 
     def endpoints(self, routes: list[BaseRoute] | None) -> Iterator[Any]:
         """Every endpoint under `routes` (classes with their methods), for start-up checks."""
@@ -210,6 +215,7 @@ class _RouteFinder:
         while isinstance(endpoint, functools.partial):
             endpoint = endpoint.func
         yield from endpoint_objects(endpoint)
+        yield from fastapi_dependencies(route)  # a `RateLimit` dependency's names are checked
 
 
 def _websocket_close(decision: Decision | None) -> Message:
