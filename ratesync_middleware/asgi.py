@@ -287,7 +287,7 @@ class RateLimitMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        config: ConfigSource | AsyncRateLimiter = None,
+        config: ConfigSource | AsyncRateLimiter | RequestLimiter = None,
         *,
         on_limited: OnLimited | None = None,
     ) -> None:
@@ -295,14 +295,14 @@ class RateLimitMiddleware:
         self.on_limited = on_limited
         self._routes = _RouteFinder()
         self._closer = _WebSocketCloser()
+        self._error_logged = False
         try:
-            self.core = RequestLimiter(config)
+            self.core = config if isinstance(config, RequestLimiter) else RequestLimiter(config)
         except ConfigError as error:
             # Raised here, it would escape Starlette's lazy middleware stack before the
             # lifespan starts: uvicorn would take the app for one without lifespan and answer
             # every request 500 with a traceback. Reported at start-up instead.
             self._config_error: ConfigError | None = error
-            self._error_logged = False
             return
         self._config_error = None
         self.config = self.core.config

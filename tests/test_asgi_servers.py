@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from .servers import ROOT, asgi_server, asgi_server_command, free_port
 
 CHAT = "tests.apps.asgi_servers_app:chat"
-TYPO = "tests.apps.asgi_servers_app:typo"
+TYPOS = ["tests.apps.asgi_servers_app:typo", "tests.apps.asgi_servers_app:litestar_typo"]
 
 
 async def chat_until_closed(url: str) -> tuple[list[str], int | None]:
@@ -43,9 +43,10 @@ def test_the_one_message_too_many_closes_the_socket_with_a_code_the_server_accep
     assert "Traceback" not in log
 
 
-def test_an_unknown_limiter_name_fails_uvicorn_start_up_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app", TYPOS, ids=["starlette", "litestar"])
+def test_an_unknown_limiter_name_fails_uvicorn_start_up_in_one_line(app: str) -> None:
     finished = subprocess.run(
-        asgi_server_command("uvicorn", TYPO, free_port()),
+        asgi_server_command("uvicorn", app, free_port()),
         cwd=ROOT,
         env={"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)},
         capture_output=True,
