@@ -180,12 +180,20 @@ def asgi_server_command(server: str, app: str, port: int) -> list[str]:
         return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
     if server == "daphne":
         return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+    if server == "hypercorn":
+        return [sys.executable, "-m", "hypercorn", "-b", f"127.0.0.1:{port}", app]
+    if server == "granian":
+        return [
+            *(sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1"),
+            *("--port", str(port), "--workers", "1", app),
+        ]
     raise ValueError(f"unknown ASGI server {server!r}")
 
 
 @contextmanager
 def asgi_server(server: str, app: str, log: Path, timeout: float = 30.0) -> Iterator[AsgiServer]:
-    """`server` (uvicorn, daphne) serving `app` on loopback, until it listens; stopped after."""
+    """`server` (uvicorn, daphne, hypercorn, granian) serving `app` on loopback, until it
+    listens; stopped after."""
     port = free_port()
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as output:

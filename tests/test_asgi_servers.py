@@ -30,7 +30,10 @@ async def chat_until_closed(url: str) -> tuple[list[str], int | None]:
     return echoes, None
 
 
-@pytest.mark.parametrize(("server", "close_code"), [("uvicorn", 1008), ("daphne", 4008)])
+@pytest.mark.parametrize(
+    ("server", "close_code"),
+    [("uvicorn", 1008), ("hypercorn", 1008), ("granian", 1008), ("daphne", 4008)],
+)
 def test_the_one_message_too_many_closes_the_socket_with_a_code_the_server_accepts(
     server: str, close_code: int, tmp_path: Path
 ) -> None:
@@ -43,20 +46,34 @@ def test_the_one_message_too_many_closes_the_socket_with_a_code_the_server_accep
     assert "Traceback" not in log
 
 
-@pytest.mark.parametrize("app", TYPOS, ids=["starlette", "litestar"])
-def test_an_unknown_limiter_name_fails_uvicorn_start_up_in_one_line(app: str) -> None:
+def start_up(server: str, app: str) -> str:
+    """Run `server` with `app` until it exits by itself (a failed start-up); its output."""
     finished = subprocess.run(
-        asgi_server_command("uvicorn", app, free_port()),
+        asgi_server_command(server, app, free_port()),
         cwd=ROOT,
         env={"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)},
         capture_output=True,
         text=True,
         timeout=60,
     )
+    assert server == "hypercorn" or finished.returncode != 0  # hypercorn's master exits 0
+    return finished.stdout + finished.stderr
 
-    assert finished.returncode != 0
-    log = finished.stdout + finished.stderr
+
+@pytest.mark.parametrize("app", TYPOS, ids=["starlette", "litestar"])
+def test_an_unknown_limiter_name_fails_uvicorn_start_up_in_one_line(app: str) -> None:
+    log = start_up("uvicorn", app)
+
     assert "Traceback" not in log
     named = [line for line in log.splitlines() if "did you mean" in line]
     assert len(named) == 1, log
     assert "no limiter 'logn' (did you mean 'login'?)" in named[0]
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "granian"])
+@pytest.mark.parametrize("app", TYPOS, ids=["starlette", "litestar"])
+def test_an_unknown_limiter_name_fails_the_start_up_under_other_servers(
+    server: str, app: str
+) -> None:
+    # Both print the reason, then a traceback of their own making (the server's style).
+    assert "no limiter 'logn' (did you mean 'login'?)" in start_up(server, app)
