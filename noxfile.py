@@ -41,7 +41,7 @@ nox.options.error_on_missing_interpreters = True  # a missing Python fails, neve
 
 PYTEST = ("-m", "not slow", "-p", "no:cacheprovider", "-q")
 # The extras whose minimums are part of the contract, with the runtime dependencies.
-USER_EXTRAS = ("fastapi", "django", "flask", "prometheus")
+USER_EXTRAS = ("fastapi", "django", "flask", "litestar", "prometheus")
 
 
 def find_interpreters() -> list[str]:
@@ -167,7 +167,14 @@ def one_at_a_time(names: list[str]) -> Any:
 
 DJANGO_TESTS = ("tests/test_django.py", "tests/test_django_config.py")
 FLASK_TESTS = ("tests/test_flask.py", "tests/test_wsgi.py", "tests/test_sync.py")
-ASGI_TESTS = ("tests/test_asgi.py", "tests/test_asgi_nats.py", "tests/test_requests.py")
+ASGI_TESTS = (
+    "tests/test_asgi.py",
+    "tests/test_asgi_nats.py",
+    "tests/test_requests.py",
+    "tests/test_fastapi_dependency.py",
+    "tests/test_litestar.py",
+    "tests/test_asgi_servers.py",
+)
 NATS_TESTS = tuple(sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_nats_*.py")))
 
 
@@ -186,9 +193,10 @@ def flask(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None:
 
 
 @nox.session
-@one_at_a_time(["starlette", "fastapi"])
+@one_at_a_time(["starlette", "fastapi", "litestar"])
 def asgi(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None:
-    """The declared minimum Starlette and FastAPI, then the latest: the ASGI adapter's tests."""
+    """The declared minimum Starlette, FastAPI and Litestar, then the latest: the ASGI
+    adapters' tests (the middleware, the FastAPI dependency, the Litestar plugin, the servers)."""
     run_suite(session, *pins, tests=ASGI_TESTS, at_minimum=at_minimum)
 
 

@@ -20,8 +20,8 @@ a `RateLimit` dependency is left to it by the middleware (as a route with `@limi
 `[middleware] default` and `[[routes]]` rules do not charge it again.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the annotations of `RateLimit.__call__`
+# at run time, and before 0.115 it cannot resolve them as strings on a callable instance.
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final

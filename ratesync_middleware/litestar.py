@@ -39,9 +39,9 @@ from .lifecycle import RequestLimiter
 from .limiter import AsyncRateLimiter
 from .plans import Plan
 
-try:  # Litestar 2.8+: told of each route as it is registered (to report start-up errors)
-    from litestar.plugins import ReceiveRoutePlugin
-except ImportError:  # pragma: no cover - older Litestar: its own traceback reports them
+try:  # told of each route as it is registered (to report start-up errors in one line)
+    from litestar.plugins.base import ReceiveRoutePlugin
+except ImportError:  # pragma: no cover - a Litestar without it: its own traceback reports them
 
     class ReceiveRoutePlugin:  # type: ignore[no-redef]
         """A stand-in: this Litestar tells plugins nothing of its routes."""
