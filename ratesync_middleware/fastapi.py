@@ -29,7 +29,7 @@ from typing import Any, Final
 from fastapi import HTTPException, Request, Response
 from starlette.responses import Response as StarletteResponse
 
-from .asgi import RateLimitMiddleware, ScopeFacts
+from .asgi import RateLimitMiddleware, ScopeFacts, _route_path
 from .headers import Denial, header_name
 from .identities import Identity
 from .lifecycle import Admission, RequestLimiter
@@ -103,7 +103,8 @@ class _DependencyFacts(ScopeFacts):
     __slots__ = ("_request",)
 
     def __init__(self, request: Request, core: RequestLimiter) -> None:
-        ScopeFacts.__init__(self, request.scope, request.url.path, core.client_address)
+        scope = request.scope
+        ScopeFacts.__init__(self, scope, _route_path(scope), core.client_address)
         self._request = request
 
     @property
