@@ -110,6 +110,19 @@ def test_beside_the_middleware_a_request_is_charged_once() -> None:
     assert first.headers.get_list("RateLimit-Policy") == ['"api";q=2;w=60']  # once, not twice
 
 
+def test_beside_the_middleware_a_router_dependency_is_charged_once_too() -> None:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(RateLimit("api"))])
+
+    @router.get("/items")
+    async def items() -> list[str]:
+        return []
+
+    app = with_middleware(FastAPI(), settings(default="api"))
+    app.include_router(router)
+    with TestClient(app) as client:
+        assert statuses(client, "/v1/items", 3) == [200, 200, 429]
+
+
 def user_of(request: Request) -> str:
     """An authentication dependency: the user of the `X-User` header, else 401."""
     user = request.headers.get("X-User")

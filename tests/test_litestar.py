@@ -86,6 +86,7 @@ def test_marks_on_handlers_functions_and_controllers_and_the_default(store: dict
         assert statuses(client, "POST", "/signup", 1) == [429]  # login, above @post
         assert statuses(client, "GET", "/", 4) == [200, 200, 200, 429]  # the default, api
         assert statuses(client, "GET", "/health", 5) == [200] * 5  # exempt
+        assert statuses(client, "GET", "/nowhere", 5) == [404] * 5  # Litestar answers first
 
 
 def test_the_same_responses_and_headers_as_the_asgi_middleware() -> None:
