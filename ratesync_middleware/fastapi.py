@@ -30,6 +30,7 @@ from fastapi import HTTPException, Request, Response
 from starlette.responses import Response as StarletteResponse
 
 from .asgi import RateLimitMiddleware, ScopeFacts, _route_path
+from .errors import RequestFunctionError
 from .headers import Denial, header_name
 from .identities import Identity
 from .lifecycle import Admission, RequestLimiter
@@ -91,9 +92,15 @@ class _GivenKey(Identity):
         key = self._key
         if not callable(key):
             return str(key)
-        value = key(facts.request)
-        if inspect.isawaitable(value):
-            value = await value
+        try:  # the user's code: reported without its text, answered by the fail rule
+            value = key(facts.request)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as error:
+            label = getattr(key, "__qualname__", repr(key))
+            raise RequestFunctionError(
+                f"key function {label!r} raised {type(error).__name__}"
+            ) from error
         return facts.client_ip if value is None else str(value)
 
 
