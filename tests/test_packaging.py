@@ -97,7 +97,7 @@ def test_the_wheel_holds_the_package_its_types_and_license_only(dist: Path) -> N
     urls = {entry.split(",")[0] for entry in metadata.get_all("Project-URL") or []}
     assert urls == {"Documentation", "Changelog", "Source", "Issues"}
     extras = set(metadata.get_all("Provides-Extra") or [])
-    assert {"django", "flask", "fastapi", "prometheus", "docs"} <= extras
+    assert {"django", "flask", "fastapi", "litestar", "prometheus", "docs"} <= extras
 
 
 IMPORT_EVERYTHING = textwrap.dedent(
@@ -147,7 +147,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_every_public_name_imports(
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        f"ratesync-middleware[django,flask,fastapi,prometheus] @ {wheel.as_uri()}",
+        f"ratesync-middleware[django,flask,fastapi,litestar,prometheus] @ {wheel.as_uri()}",
     )
     # Run away from the tree, so that only the installed copy can be imported.
     result = run(python, "-c", IMPORT_EVERYTHING, cwd=tmp_path)
