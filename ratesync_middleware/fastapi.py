@@ -15,7 +15,8 @@ read what an authentication dependency found (`request.state.user_id`).
 
 The limiter is the app's `RateLimitMiddleware`'s when it has one (its configuration, its store
 connection, opened at start-up and closed at shutdown, and its start-up check of the names);
-else one limiter per app from the discovered configuration, opened on first use. A route with
+else one limiter per app from the discovered configuration, opened on first use and closed by
+the app's `on_shutdown` handlers (which FastAPI runs when the app has no `lifespan` of its own). A route with
 a `RateLimit` dependency is left to it by the middleware (as a route with `@limit` is): the
 `[middleware] default` and `[[routes]]` rules do not charge it again.
 """
@@ -142,6 +143,11 @@ def _request_limiter(request: Request) -> RequestLimiter:
             core = middleware.core
         else:
             core = RequestLimiter(None)  # discovery: $RATE_SYNC_CONFIG, ./rate-sync.toml, ...
+            # Closed at shutdown where the app runs `on_shutdown` (FastAPI's own lifespan,
+            # when the app gives none).
+            shutdown = getattr(getattr(app, "router", None), "on_shutdown", None)
+            if isinstance(shutdown, list):
+                shutdown.append(core.aclose)
         setattr(app.state, _STATE_ATTRIBUTE, core)
     return core
 

@@ -13,6 +13,9 @@ from fastapi.testclient import TestClient
 from ratesync_middleware import ConfigError, RateLimitMiddleware, limit
 from ratesync_middleware.fastapi import RateLimit
 
+from .monitored import connections
+from .natsserver import NatsServer
+
 
 def settings(store: dict[str, Any] | None = None, **middleware: Any) -> dict[str, Any]:
     return {
@@ -89,6 +92,31 @@ def test_without_the_middleware_the_configuration_is_discovered(
 
     assert [r.status_code for r in responses] == [200, 200, 429]
     assert responses[-1].headers["Content-Type"] == "application/problem+json"
+
+
+@pytest.mark.nats
+def test_without_the_middleware_one_connection_opened_on_first_use_closed_at_shutdown(
+    monitored_nats: tuple[NatsServer, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, monitoring = monitored_nats
+    store = {"engine": "nats", "url": server.url, "bucket_name": "rl_fastapi", "timeout": 2.0}
+    discovered(settings(store), tmp_path, monkeypatch)
+    app = FastAPI()
+
+    @app.get("/items", dependencies=[Depends(RateLimit("api"))])
+    async def items() -> list[str]:
+        return []
+
+    @app.get("/search", dependencies=[Depends(RateLimit("search"))])
+    async def search() -> list[str]:
+        return []
+
+    with TestClient(app) as client:
+        assert connections(monitoring) == 0
+        assert statuses(client, "/items", 3) == [200, 200, 429]
+        assert statuses(client, "/search", 1) == [200]
+        assert connections(monitoring) == 1
+    assert connections(monitoring) == 0
 
 
 def test_beside_the_middleware_a_request_is_charged_once() -> None:

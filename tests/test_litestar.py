@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from litestar import Controller, Litestar, get, post, websocket
 from litestar.connection import WebSocket
@@ -16,11 +14,11 @@ from litestar.testing import TestClient
 from ratesync_middleware import ConfigError, exempt, limit
 from ratesync_middleware.litestar import RateLimitPlugin
 
+from .monitored import connections
 from .natsserver import NatsServer
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup  # anyio's dependency there
-from .servers import free_port
 
 
 def settings(store: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -171,19 +169,6 @@ def config_error_in(error: BaseException) -> ConfigError:
         assert inner, f"not a ConfigError: {error!r}"
         error = inner[0]
     return error
-
-
-@pytest.fixture(scope="module")
-def monitored_nats() -> Iterator[tuple[NatsServer, str]]:
-    """A nats-server of its own with the monitoring port, which counts client connections."""
-    monitoring = free_port()
-    with NatsServer("-m", str(monitoring)) as server:
-        yield server, f"http://127.0.0.1:{monitoring}"
-
-
-def connections(monitoring: str) -> int:
-    count: int = httpx.get(f"{monitoring}/connz").json()["num_connections"]
-    return count
 
 
 @pytest.mark.nats
