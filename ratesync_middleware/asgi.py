@@ -284,6 +284,8 @@ class RateLimitMiddleware:
     request gets a plain 500 and the error is logged once.
     """
 
+    _facts: type[ScopeFacts] = ScopeFacts  # how a scope is read (Litestar's users differ)
+
     def __init__(
         self,
         app: ASGIApp,
@@ -335,7 +337,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self.core
-        admission = core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        admission = core.begin(self._facts(scope, path, core.client_address), plan)
         if not isinstance(admission, Admission):  # a store that must be awaited
             admission = await admission
         if not admission.allowed:
@@ -403,7 +405,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self.core
-        facts = ScopeFacts(scope, path, core.client_address)
+        facts = self._facts(scope, path, core.client_address)
         admission: Admission | None = None
         if plan:
             begun = core.begin(facts, plan)

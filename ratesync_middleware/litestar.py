@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 from litestar import Litestar
 from litestar._asgi.asgi_router import ASGIRouter
@@ -32,7 +32,7 @@ from litestar.config.app import AppConfig
 from litestar.plugins import InitPluginProtocol
 from starlette.types import ASGIApp, Scope
 
-from .asgi import Candidates, RateLimitMiddleware, startup_failed
+from .asgi import Candidates, RateLimitMiddleware, ScopeFacts, startup_failed
 from .config import ConfigSource
 from .errors import ConfigError
 from .lifecycle import RequestLimiter
@@ -75,9 +75,34 @@ def _route_handlers(app: Litestar) -> Iterator[Any]:
         yield from handlers
 
 
+_USER_ATTRIBUTES: Final = ("id", "identity", "username", "email")
+
+
+class LitestarScopeFacts(ScopeFacts):
+    """A Litestar scope: `scope["user"]` is whatever the app's authentication put there (any
+    object, no `is_authenticated`): its id, identity, username or email, or itself when it is a
+    str or an int; else None (the client address)."""
+
+    __slots__ = ()
+
+    def user_id(self) -> str | None:
+        user = self.scope.get("user")
+        if user is None or isinstance(user, bool):
+            return None
+        if isinstance(user, (str, int)):
+            return str(user) or None
+        for attribute in _USER_ATTRIBUTES:
+            value = getattr(user, attribute, None)
+            if value is not None and value != "":
+                return str(value)
+        return None
+
+
 class _HandlerMiddleware(RateLimitMiddleware):
     """The ASGI middleware of one route handler, on the plugin's shared limiter: the route
     handler Litestar picked (`scope["route_handler"]`) is the endpoint whose marks count."""
+
+    _facts = LitestarScopeFacts
 
     def __init__(self, app: ASGIApp, core: RequestLimiter | ConfigError) -> None:
         if isinstance(core, ConfigError):  # every request answers 500; start-up fails

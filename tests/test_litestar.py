@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -101,6 +102,34 @@ def test_the_same_responses_and_headers_as_the_asgi_middleware() -> None:
     assert int(refused.headers["Retry-After"]) > 0
     assert refused.json()["violated-policies"] == ["login"]
     assert "RateLimit" not in health_response.headers
+
+
+class Authentication:
+    """A Litestar middleware listed in the app: the user of the `X-User` header in
+    `scope["user"]` (an object of the app's own, as Litestar's security backends put there)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        name = dict(scope["headers"]).get(b"x-user")
+        scope["user"] = SimpleNamespace(username=name.decode()) if name else None
+        await self.app(scope, receive, send)
+
+
+def test_key_user_reads_the_user_an_authentication_middleware_put_in_the_scope() -> None:
+    config = settings()
+    config["limiters"]["api"] = {"store": "main", "limit": "2/minute", "key": "user"}
+    app = Litestar(
+        route_handlers=[index],
+        middleware=[Authentication],
+        plugins=[RateLimitPlugin(config=config)],
+    )
+    kim, lee = {"X-User": "kim"}, {"X-User": "lee"}
+    with TestClient(app=app) as client:
+        assert [client.get("/", headers=kim).status_code for _ in range(3)] == [200, 200, 429]
+        assert [client.get("/", headers=lee).status_code for _ in range(2)] == [200, 200]
+        assert statuses(client, "GET", "/", 3) == [200, 200, 429]  # anonymous: by address
 
 
 @websocket("/ws/chat")
