@@ -260,7 +260,8 @@ class _WebSocketCloser:
 
 def startup_failed(error: ConfigError) -> Message:
     """The `lifespan.startup.failed` of a configuration that cannot be used: one line, which
-    uvicorn and hypercorn log as the reason they exit (no traceback: the error says it all)."""
+    uvicorn logs as the reason it exits (no traceback: the error says it all; hypercorn and
+    granian print it, then a traceback of their own)."""
     text = " ".join(str(error).split())
     return {"type": "lifespan.startup.failed", "message": f"ratesync: {text}"}
 
