@@ -41,7 +41,7 @@ nox.options.error_on_missing_interpreters = True  # a missing Python fails, neve
 
 PYTEST = ("-m", "not slow", "-p", "no:cacheprovider", "-q")
 # The extras whose minimums are part of the contract, with the runtime dependencies.
-USER_EXTRAS = ("fastapi", "django", "flask", "quart", "prometheus", "drf", "ninja")
+USER_EXTRAS = ("fastapi", "django", "flask", "quart", "litestar", "prometheus", "drf", "ninja")
 # Quart (>= 0.19) is built on Flask >= 3.0, above Flask's own minimum: where Flask is at its
 # minimum, Quart is left out, and `oldest` tests it afterwards at its minimum on this Flask.
 QUART_TESTS = ("tests/test_quart.py",)
@@ -190,7 +190,14 @@ DJANGO_TESTS = (
     "tests/test_ninja.py",
 )
 FLASK_TESTS = ("tests/test_flask.py", "tests/test_wsgi.py", "tests/test_sync.py")
-ASGI_TESTS = ("tests/test_asgi.py", "tests/test_asgi_nats.py", "tests/test_requests.py")
+ASGI_TESTS = (
+    "tests/test_asgi.py",
+    "tests/test_asgi_nats.py",
+    "tests/test_requests.py",
+    "tests/test_fastapi_dependency.py",
+    "tests/test_litestar.py",
+    "tests/test_asgi_servers.py",
+)
 NATS_TESTS = tuple(sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_nats_*.py")))
 
 
@@ -217,9 +224,10 @@ def quart(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None:
 
 
 @nox.session
-@one_at_a_time(["starlette", "fastapi"])
+@one_at_a_time(["starlette", "fastapi", "litestar"])
 def asgi(session: nox.Session, pins: list[str], at_minimum: list[str]) -> None:
-    """The declared minimum Starlette and FastAPI, then the latest: the ASGI adapter's tests."""
+    """The declared minimum Starlette, FastAPI and Litestar, then the latest: the ASGI
+    adapters' tests (the middleware, the FastAPI dependency, the Litestar plugin, the servers)."""
     run_suite(session, *pins, tests=ASGI_TESTS, at_minimum=at_minimum)
 
 

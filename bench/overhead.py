@@ -28,6 +28,9 @@ Flask hooks) that shows what one more layer costs by itself:
   `SlowAPIMiddleware` (a `BaseHTTPMiddleware`) and its pure-ASGI `SlowAPIASGIMiddleware`, both
   with `app.state.limiter = Limiter(key_func=get_remote_address, default_limits=[...])` and the
   `RateLimitExceeded` handler.
+- FastAPI: the bare app; a do-nothing dependency with `yield` (what FastAPI spends on such a
+  dependency by itself); ours as the middleware (its default); ours as the `RateLimit`
+  dependency on the route (the middleware present without a default, lending its limiter).
 - Flask: the bare app; ours (`RateLimit(app, config=...)`); ours without headers; flask-limiter
   (`Limiter(get_remote_address, app=app, default_limits=[...], storage_uri="memory://")`).
 - Django (`WSGIHandler`, settings configured once here, locmem cache): no middleware; ours
@@ -71,7 +74,7 @@ import sys
 import time
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,6 +389,39 @@ def starlette_apps(scenario: Scenario) -> dict[str, Driver]:
     }
 
 
+def fastapi_apps(scenario: Scenario) -> dict[str, Driver]:
+    """FastAPI: the middleware (its default) vs the `RateLimit` dependency on the route (the
+    middleware there only lends its limiter: no default)."""
+    from fastapi import Depends, FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    from ratesync_middleware.asgi import RateLimitMiddleware
+    from ratesync_middleware.fastapi import RateLimit
+
+    def app(config: dict[str, Any] | None, dependencies: list[Any]) -> FastAPI:
+        built = FastAPI()
+        if config is not None:
+            built.add_middleware(RateLimitMiddleware, config=config)
+
+        @built.get("/", response_class=PlainTextResponse, dependencies=dependencies)
+        async def index() -> str:
+            return "ok"
+
+        return built
+
+    async def noop_dependency() -> AsyncIterator[None]:
+        yield  # what FastAPI itself spends on a dependency with work after the endpoint
+
+    without_default = {**ours_config(scenario), "middleware": {}}
+    status = scenario.status
+    return {
+        "bare": AsgiDriver(app(None, []), 200),
+        "no-op dependency": AsgiDriver(app(None, [Depends(noop_dependency)]), 200),
+        "ours": AsgiDriver(app(ours_config(scenario), []), status),
+        "ours, dependency": AsgiDriver(app(without_default, [Depends(RateLimit("api"))]), status),
+    }
+
+
 def flask_apps(scenario: Scenario) -> dict[str, Driver]:
     from flask import Flask
     from flask_limiter import Limiter
@@ -671,6 +707,7 @@ FRAMEWORKS = [
         "slowapi ASGI",
         1 / 5,
     ),
+    Framework("fastapi", "FastAPI: middleware vs dependency", fastapi_apps, None, None),
     Framework("flask", "Flask (WSGI)", flask_apps, "flask-limiter", 1 / 3),
     Framework("django", "Django (WSGIHandler)", django_wsgi_apps, "django-ratelimit", 1 / 3),
     Framework(

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .bucket import Decision
 from .client_ip import ClientAddress
-from .compat import expand_fastapi_routes
+from .compat import expand_fastapi_routes, fastapi_dependencies
 from .config import ConfigSource
 from .errors import ConfigError
 from .facts import RequestFacts
@@ -31,7 +31,7 @@ from .headers import Header, add_missing
 from .lifecycle import Admission, RequestLimiter
 from .limiter import AsyncRateLimiter, logger
 from .marks import exempt, get_marks, limit
-from .plans import Plan, endpoint_objects, method_handler
+from .plans import EXEMPT, Plan, endpoint_objects, method_handler
 
 __all__ = ["OnLimited", "RateLimitMiddleware", "ScopeFacts", "exempt", "limit"]
 
@@ -41,6 +41,7 @@ OnLimited = Callable[[Request, Decision], Response | Awaitable[Response]]
 WS_POLICY_VIOLATION: Final = 1008  # a websocket refused for its rate limit
 WS_TRY_AGAIN_LATER: Final = 1013  # a websocket refused because the store failed (fail_closed)
 WS_INTERNAL_ERROR: Final = 1011  # no usable rate-limit configuration
+WS_PRIVATE_OFFSET: Final = 3000  # 1008 -> 4008, 1013 -> 4013: for servers that refuse 1xxx codes
 _MAX_DEPTH: Final = 16  # mounts and wrapping middleware followed when looking for routes
 _STARLETTE_ROUTES: Final = (Route, WebSocketRoute, Mount, Host)
 
@@ -191,7 +192,12 @@ class _RouteFinder:
             if routes is None or depth >= _MAX_DEPTH:
                 return (inner,)
             return self.find(routes, scope, depth + 1)
-        return _endpoint_candidates(getattr(route, "endpoint", None), scope)
+        candidates = _endpoint_candidates(getattr(route, "endpoint", None), scope)
+        if any(get_marks(call) is not None for call in fastapi_dependencies(route)):
+            # A `RateLimit` dependency limits the route: the middleware's rules and default
+            # leave it alone (the endpoint's own marks still come first).
+            return (*candidates, EXEMPT)
+        return candidates
 
     def endpoints(self, routes: list[BaseRoute] | None) -> Iterator[Any]:
         """Every endpoint under `routes` (classes with their methods), for start-up checks."""
@@ -209,6 +215,7 @@ class _RouteFinder:
         while isinstance(endpoint, functools.partial):
             endpoint = endpoint.func
         yield from endpoint_objects(endpoint)
+        yield from fastapi_dependencies(route)  # a `RateLimit` dependency's names are checked
 
 
 def _websocket_close(decision: Decision | None) -> Message:
@@ -219,6 +226,44 @@ def _websocket_close(decision: Decision | None) -> Message:
         "code": WS_TRY_AGAIN_LATER if degraded else WS_POLICY_VIOLATION,
         "reason": "rate limit unavailable" if degraded else "rate limit exceeded",
     }
+
+
+class _WebSocketCloser:
+    """Closes an accepted WebSocket for its rate limit with a code the server takes.
+
+    RFC 6455 reserves 1008 and 1013 for this, and uvicorn, hypercorn and granian send them;
+    daphne (autobahn) raises on any code from an application but 1000 and 3000-4999. There
+    the same codes in the private range are sent, 4008 and 4013: the first refusal finds it
+    out, every later one uses them at once.
+    """
+
+    __slots__ = ("offset",)
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    async def close(self, send: Send, decision: Decision | None) -> Message:
+        """Send the close for `decision`; the message sent."""
+        close = _websocket_close(decision)
+        if self.offset:
+            close["code"] += self.offset
+            await send(close)
+            return close
+        try:
+            await send(close)
+        except Exception:  # the server refuses the code (it raises before anything is sent)
+            close["code"] += WS_PRIVATE_OFFSET
+            await send(close)  # anything else wrong with the socket raises again, here
+            self.offset = WS_PRIVATE_OFFSET
+        return close
+
+
+def startup_failed(error: ConfigError) -> Message:
+    """The `lifespan.startup.failed` of a configuration that cannot be used: one line, which
+    uvicorn logs as the reason it exits (no traceback: the error says it all; hypercorn and
+    granian print it, then a traceback of their own)."""
+    text = " ".join(str(error).split())
+    return {"type": "lifespan.startup.failed", "message": f"ratesync: {text}"}
 
 
 class RateLimitMiddleware:
@@ -240,24 +285,27 @@ class RateLimitMiddleware:
     request gets a plain 500 and the error is logged once.
     """
 
+    _facts: type[ScopeFacts] = ScopeFacts  # how a scope is read (Litestar's users differ)
+
     def __init__(
         self,
         app: ASGIApp,
-        config: ConfigSource | AsyncRateLimiter = None,
+        config: ConfigSource | AsyncRateLimiter | RequestLimiter = None,
         *,
         on_limited: OnLimited | None = None,
     ) -> None:
         self.app = app
         self.on_limited = on_limited
         self._routes = _RouteFinder()
+        self._closer = _WebSocketCloser()
+        self._error_logged = False
         try:
-            self.core = RequestLimiter(config)
+            self.core = config if isinstance(config, RequestLimiter) else RequestLimiter(config)
         except ConfigError as error:
             # Raised here, it would escape Starlette's lazy middleware stack before the
             # lifespan starts: uvicorn would take the app for one without lifespan and answer
             # every request 500 with a traceback. Reported at start-up instead.
             self._config_error: ConfigError | None = error
-            self._error_logged = False
             return
         self._config_error = None
         self.config = self.core.config
@@ -290,7 +338,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self.core
-        admission = core.begin(ScopeFacts(scope, path, core.client_address), plan)
+        admission = core.begin(self._facts(scope, path, core.client_address), plan)
         if not isinstance(admission, Admission):  # a store that must be awaited
             admission = await admission
         if not admission.allowed:
@@ -358,7 +406,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         core = self.core
-        facts = ScopeFacts(scope, path, core.client_address)
+        facts = self._facts(scope, path, core.client_address)
         admission: Admission | None = None
         if plan:
             begun = core.begin(facts, plan)
@@ -379,9 +427,11 @@ class RateLimitMiddleware:
     ) -> tuple[Receive, Send]:
         """`receive` and `send` for an app whose received messages each spend from `plan`
         (`[[routes]] messages`). A refused message closes the socket (1008, or 1013 for a
-        fail-closed store down); the app is told the client left, and what it sends after
-        that goes nowhere."""
+        fail-closed store down; 4008 and 4013 under servers that refuse those, see
+        `_WebSocketCloser`); the app is told the client left, and what it sends after that
+        goes nowhere."""
         core = self.core
+        closer = self._closer
         closed = False
 
         async def limited_receive() -> Message:
@@ -395,8 +445,7 @@ class RateLimitMiddleware:
             if admission.allowed:
                 return message
             closed = True
-            close = _websocket_close(admission.decision)
-            await send(close)
+            close = await closer.close(send, admission.decision)
             return {"type": "websocket.disconnect", "code": close["code"]}
 
         async def guarded_send(message: Message) -> None:
@@ -450,17 +499,34 @@ class RateLimitMiddleware:
     # -- lifespan -------------------------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        failure: ConfigError | None = None  # what made the start-up fail, once it has
+        reported = False
+
         async def send_wrapper(message: Message) -> None:
+            nonlocal failure, reported
             kind = message["type"]
             if kind == "lifespan.startup.complete":
-                # A ConfigError raised here fails the app's start-up: its lifespan reports
-                # "lifespan.startup.failed" and the server stops.
-                await self.core.startup(self._endpoints(scope))
+                # A ConfigError raised here fails the app's start-up: its lifespan unwinds
+                # and reports "lifespan.startup.failed", and the server stops.
+                try:
+                    await self.core.startup(self._endpoints(scope))
+                except ConfigError as error:
+                    failure = error
+                    raise
+            elif kind == "lifespan.startup.failed" and failure is not None:
+                # The app's report is the traceback of our error: the error says it all.
+                message = startup_failed(failure)
+                reported = True
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.core.aclose()
             await send(message)
 
-        await self.app(scope, receive, send_wrapper)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except ConfigError as error:
+            if error is failure and not reported:  # an app that does not report its failures
+                await send(startup_failed(error))
+            raise  # as Starlette does: a test client raises it; a server has the report
 
     async def _misconfigured(
         self, scope: Scope, receive: Receive, send: Send, error: ConfigError
@@ -470,8 +536,8 @@ class RateLimitMiddleware:
         if kind == "lifespan":
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.failed", "message": f"ratesync: {error}"})
-                raise error  # as Starlette's router does: the server logs it and exits
+                await send(startup_failed(error))
+                raise error  # as Starlette's router does: the server has the report and exits
             return
         if not self._error_logged:
             self._error_logged = True

@@ -14,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "expand_fastapi_routes",
+    "fastapi_dependencies",
     "flask_error_handlers",
     "mark_django_response_logged",
     "on_django_response_close",
@@ -49,6 +50,26 @@ def expand_fastapi_routes() -> Callable[[list[Any]], Iterable[Any]] | None:
     Older FastAPI copies the routes into the app, so there is nothing to expand: None.
     """
     return getattr(sys.modules.get("fastapi.routing"), "iter_route_contexts", None)
+
+
+def fastapi_dependencies(route: Any) -> Iterable[Any]:
+    """The dependencies FastAPI calls for a route (the app's, its routers' and its own, and
+    theirs in turn): each `Dependant.call` under `route.dependant`.
+
+    `APIRoute.dependant` and `Dependant.dependencies` / `.call` are FastAPI's model of a
+    route's dependencies, unchanged in shape from 0.110 to 0.165. Without them a `RateLimit`
+    dependency still limits, but the middleware would also apply its default to the route.
+    """
+    dependant = getattr(route, "dependant", None)
+    pending = list(getattr(dependant, "dependencies", None) or ())
+    seen = 0
+    while pending and seen < 1000:  # a dependency graph, not a tree: bounded all the same
+        dependency = pending.pop(0)
+        seen += 1
+        call = getattr(dependency, "call", None)
+        if call is not None:
+            yield call
+        pending.extend(getattr(dependency, "dependencies", None) or ())
 
 
 def on_django_response_close(response: Any, callback: Callable[..., object], *args: Any) -> None:

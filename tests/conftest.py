@@ -177,3 +177,14 @@ def finished(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
         if "finish" in vars(kind):
             monkeypatch.setattr(kind, "finish", recording(kind.finish))
     return calls
+
+
+@pytest.fixture(scope="module")
+def monitored_nats() -> Iterator[tuple[NatsServer, str]]:
+    """A nats-server of its own with its monitoring port: the server and the monitoring URL
+    (`tests.monitored.connections` counts the client connections there)."""
+    from tests.servers import free_port
+
+    monitoring = free_port()
+    with NatsServer("-m", str(monitoring)) as server:
+        yield server, f"http://127.0.0.1:{monitoring}"

@@ -55,16 +55,7 @@ def uvicorn_servers(
     try:
         deadline = time.monotonic() + timeout
         for port, process in zip(ports, processes, strict=True):
-            while True:  # a TCP connect, not a request: a request would spend a token
-                if process.poll() is not None:
-                    raise RuntimeError(f"uvicorn exited with {process.returncode}")
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            wait_until_listening(port, process, deadline, "uvicorn")
         yield urls
     finally:
         for process in processes:
@@ -74,6 +65,23 @@ def uvicorn_servers(
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def wait_until_listening(
+    port: int, process: subprocess.Popen[bytes], deadline: float, name: str
+) -> None:
+    """Until something accepts a TCP connection on `port` (a connect, not a request: a
+    request would spend a token); RuntimeError if `process` exits first."""
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 class Gunicorn:
@@ -152,6 +160,64 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
+
+
+class AsgiServer:
+    """A running ASGI server process: its base URL and its log (stdout and stderr)."""
+
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = url
+        self.process = process
+        self.log = log
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def asgi_server_command(server: str, app: str, port: int) -> list[str]:
+    """The command line that serves `app` ("module:attribute") with `server` on `port`."""
+    if server == "uvicorn":
+        return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    if server == "daphne":
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+    if server == "hypercorn":
+        return [sys.executable, "-m", "hypercorn", "-b", f"127.0.0.1:{port}", app]
+    if server == "granian":
+        return [
+            *(sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1"),
+            *("--port", str(port), "--workers", "1", app),
+        ]
+    raise ValueError(f"unknown ASGI server {server!r}")
+
+
+@contextmanager
+def asgi_server(server: str, app: str, log: Path, timeout: float = 30.0) -> Iterator[AsgiServer]:
+    """`server` (uvicorn, daphne, hypercorn, granian) serving `app` on loopback, until it
+    listens; stopped after."""
+    port = free_port()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            asgi_server_command(server, app, port),
+            cwd=ROOT,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    running = AsgiServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        try:
+            wait_until_listening(port, process, time.monotonic() + timeout, server)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}:\n{running.read_log()}") from None
+        yield running
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 @contextmanager

@@ -97,7 +97,17 @@ def test_the_wheel_holds_the_package_its_types_and_license_only(dist: Path) -> N
     urls = {entry.split(",")[0] for entry in metadata.get_all("Project-URL") or []}
     assert urls == {"Documentation", "Changelog", "Source", "Issues"}
     extras = set(metadata.get_all("Provides-Extra") or [])
-    assert {"django", "flask", "quart", "fastapi", "prometheus", "docs", "drf", "ninja"} <= extras
+    assert {
+        "django",
+        "flask",
+        "quart",
+        "fastapi",
+        "prometheus",
+        "docs",
+        "drf",
+        "ninja",
+        "litestar",
+    } <= extras
 
 
 IMPORT_EVERYTHING = textwrap.dedent(
@@ -147,7 +157,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_every_public_name_imports(
         "install",
         "--quiet",
         "--disable-pip-version-check",
-        f"ratesync-middleware[django,drf,flask,quart,fastapi,prometheus] @ {wheel.as_uri()}",
+        f"ratesync-middleware[django,drf,flask,quart,fastapi,litestar,prometheus] @ {wheel.as_uri()}",
     )
     # Run away from the tree, so that only the installed copy can be imported.
     result = run(python, "-c", IMPORT_EVERYTHING, cwd=tmp_path)
