@@ -300,3 +300,24 @@ def test_an_app_handler_for_the_refusal_answers_it() -> None:
         refused = [client.get("/items") for _ in range(3)][-1]
     assert (refused.status_code, refused.text) == (429, "slow down")
     assert "Retry-After" in refused.headers
+
+
+def test_a_key_function_that_raises_is_answered_by_the_fail_rule() -> None:
+    def broken(request: Request) -> str:
+        raise KeyError("no user on this request")
+
+    config = settings()
+    config["limiters"]["strict"] = {"store": "main", "limit": "2/minute", "fail_closed": True}
+    app = with_middleware(FastAPI(), config)
+
+    @app.get("/open", dependencies=[Depends(RateLimit("api", key=broken))])
+    async def open_() -> str:
+        return "ok"
+
+    @app.get("/closed", dependencies=[Depends(RateLimit("strict", key=broken))])
+    async def closed() -> str:
+        return "ok"
+
+    with TestClient(app) as client:
+        assert statuses(client, "/open", 3) == [200, 200, 200]
+        assert statuses(client, "/closed", 2) == [503, 503]
