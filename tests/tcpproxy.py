@@ -31,6 +31,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._upstream_ports: set[int] = set()
         self._gate: asyncio.Event | None = None
 
     @property
@@ -57,6 +58,15 @@ class TcpProxy:
             asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+    def upstream_ports(self) -> set[int]:
+        """The local ports of the open connections to the target: what the target sees as the
+        peer of a connection that came through this proxy."""
+
+        async def read() -> set[int]:
+            return set(self._upstream_ports)
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(5)
 
     def _call(self, change: object) -> None:
         async def apply() -> None:
@@ -95,9 +105,12 @@ class TcpProxy:
         except OSError:
             client.close()
             return
+        upstream_port = server.get_extra_info("sockname")[1]
         self._writers |= {client, server}
+        self._upstream_ports.add(upstream_port)
         await asyncio.gather(self._pump(client_reader, server), self._pump(server_reader, client))
         self._writers -= {client, server}
+        self._upstream_ports.discard(upstream_port)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Copy one direction; a delayed chunk goes out `delay` after it came in, in order."""

@@ -265,8 +265,14 @@ class NatsStore:
             await self._open()
         except StoreError as error:
             raise self._failed(error) from None
-        assert self._js is not None
-        return self._js
+        js = self._js
+        if js is None:  # dropped while the rules loaded (a probe gave the connection up)
+            raise self._failed(
+                StoreUnavailableError(
+                    f"store {self.config.name!r}: the connection to NATS was lost while opening"
+                )
+            )
+        return js
 
     def _failed(self, error: StoreError) -> StoreError:
         """Record a failure: calls fail at once with `error` until the back-off ends."""
