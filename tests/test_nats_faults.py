@@ -239,16 +239,24 @@ async def test_one_late_answer_ends_the_back_off_it_opened(
             assert not decision.degraded, "the back-off outlived the late answer"
 
 
+@pytest.mark.parametrize("outage", ["sigstop", "killed-and-restarted"])
 async def test_the_store_says_when_it_answers_again(
-    own_server: NatsServer, bucket_name: str, caplog: pytest.LogCaptureFixture
+    own_server: NatsServer, bucket_name: str, caplog: pytest.LogCaptureFixture, outage: str
 ) -> None:
     async with AsyncRateLimiter(limits(own_server.url, bucket_name, backoff=0.2)) as limiter:
         assert not (await limiter.hit("api", key="k")).degraded
         with caplog.at_level(logging.INFO, "ratesync_middleware"):
-            with stopped(own_server):
+            if outage == "sigstop":
+                with stopped(own_server):
+                    for _ in range(3):
+                        assert (await limiter.hit("api", key="k")).degraded
+            else:
+                own_server.kill()
                 for _ in range(3):
                     assert (await limiter.hit("api", key="k")).degraded
-            deadline = time.monotonic() + 10
+                    await asyncio.sleep(0.1)
+                await asyncio.to_thread(own_server.start)  # same port, same store directory
+            deadline = time.monotonic() + 15
             while (await limiter.hit("api", key="k")).degraded:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
