@@ -63,6 +63,11 @@ class BucketGoneError(StoreUnavailableError):
     """Nothing stores `$KV.<bucket>.>` any more: the bucket was deleted."""
 
 
+class SilentLinkError(nats.errors.TimeoutError):
+    """A request missed its deadline and NATS answered no other request meanwhile: a hang, a
+    black hole, a partition, or (in a cluster) a stream without a leader."""
+
+
 class NoQuorumError(BucketGoneError):
     """In a cluster, no server answers for the bucket's stream: it has no leader (the cluster
     lost its majority), or the bucket was deleted. Reopened after the back-off, like a gone
@@ -258,6 +263,15 @@ class Translator:
         timeout = isinstance(error, nats.errors.TimeoutError | asyncio.TimeoutError)
         if refused is not None and (timeout or is_permission_violation(error)):
             return self.refused(refused, what)
+        if timeout and clustered and isinstance(error, SilentLinkError):
+            # Nothing of the cluster answered: the stream may have no leader (servers answer,
+            # JetStream does not), or the server or link hangs (the PING probe tells, next).
+            return DeadlineError(
+                f"No JetStream quorum, or a server or link that hangs: nothing of the NATS "
+                f"cluster answered store {name!r} within the deadline ({self.config.timeout:g}s)"
+                f" for KV bucket {bucket!r} (a {what}). Decisions follow each limiter's fail "
+                "rule meanwhile; check the cluster with `nats server report jetstream`."
+            )
         if timeout:
             return DeadlineError(
                 f"store {name!r}: no answer from NATS to a {what} within the deadline "

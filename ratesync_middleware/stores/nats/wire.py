@@ -23,6 +23,7 @@ from ...algorithms import Algorithm
 from ...bucket import Policy, Rates
 from ...slots import Holders
 from ...window import Log
+from .errors import SilentLinkError
 
 VALUE_VERSION = 1
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
@@ -274,10 +275,6 @@ class Replies:
         if self.answers == answers:
             raise SilentLinkError
         raise nats.errors.TimeoutError
-
-
-class SilentLinkError(nats.errors.TimeoutError):
-    """A request missed its deadline and NATS answered no other request meanwhile."""
 
 
 def _time_out(future: asyncio.Future[Msg]) -> None:
