@@ -113,6 +113,7 @@ NEEDS_NEWER_TEST_CLIENT = {
         "tests/test_asgi.py::test_forwarded_for_from_a_trusted_proxy_separates_clients",
         "tests/test_asgi.py::test_spoofed_forwarded_for_from_an_untrusted_peer_does_not_change_the_key",
         "tests/test_asgi_nats.py::test_spoofed_forwarded_for_from_an_untrusted_peer",
+        "tests/test_cli_identities.py::test_a_ban_by_parts_refuses_the_apps_next_request",
     ],
     # django.test.AsyncClient.aforce_login() and request.auser() arrived in Django 5.0.
     "django": ["tests/test_django.py::test_user_key_under_asgi_reads_the_user_with_auser"],
