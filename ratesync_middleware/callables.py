@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import math
 import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
 from .errors import ConfigError, RequestFunctionError
+from .throttle import LogThrottle
 
 __all__ = [
     "SLOW_FUNCTION_SECONDS",
@@ -37,8 +37,7 @@ _SLOW_WARNING_INTERVAL: Final = 10.0  # seconds between two warnings about one f
 
 logger = logging.getLogger("ratesync_middleware")
 
-_slow_warned: dict[str, float] = {}
-_slow_since_warning: dict[str, int] = {}
+_slow_throttle = LogThrottle(_SLOW_WARNING_INTERVAL)  # one warning per function per interval
 _slow_listeners: list[weakref.WeakMethod[Callable[[str, float], None]]] = []
 
 
@@ -71,19 +70,16 @@ def _slow(label: str, took: float) -> None:
             listener(label, took)
         except Exception:  # a metrics backend's problem must not fail a request
             logger.exception("a slow-function listener failed")
-    now = time.monotonic()
-    if now - _slow_warned.get(label, -math.inf) < _SLOW_WARNING_INTERVAL:
-        _slow_since_warning[label] = _slow_since_warning.get(label, 0) + 1
+    more = _slow_throttle.due(label, "slow calls")
+    if more is None:
         return
-    _slow_warned[label] = now
-    more = _slow_since_warning.pop(label, 0)
     logger.warning(
         "request function %r took %.2fs (over %gs)%s: it runs on every request's path (under "
         "ASGI, on the event loop that serves every request); move blocking work to a thread",
         label,
         took,
         SLOW_FUNCTION_SECONDS,
-        f" ({more} more slow calls since the last report)" if more else "",
+        more,
     )
 
 

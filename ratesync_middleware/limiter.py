@@ -27,6 +27,7 @@ from .slots import Slot, Slots
 from .stores import create_store
 from .stores.base import Clock, DecidesNow, Store, wall_clock
 from .stores.memory import MemoryStore
+from .throttle import LogThrottle
 
 if TYPE_CHECKING:
     from .sync import SyncRequestLimiter
@@ -66,8 +67,7 @@ class _FailureLog:
     """One warning per store per interval during an outage, with the count of failures since."""
 
     def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._due = LogThrottle(_WARNING_INTERVAL).due
         self._outages: dict[str, _Outage] = {}  # store -> since when it fails, and how often
 
     def report(self, store: str, error: StoreError) -> None:
@@ -75,7 +75,7 @@ class _FailureLog:
         if outage is None:
             outage = self._outages[store] = _Outage(time.monotonic())
         outage.answers += 1
-        more = self._due(store)
+        more = self._due(store, "failures")
         if more is not None:
             outage.reported = True
             logger.warning("store %r failed: %s%s", store, error, more)
@@ -92,20 +92,9 @@ class _FailureLog:
             )
 
     def report_function(self, limiter: str, error: RequestFunctionError) -> None:
-        more = self._due(f"function:{limiter}")
+        more = self._due(f"function:{limiter}", "failures")
         if more is not None:
             logger.error("limiter %r: %s; answered by its fail rule%s", limiter, error, more)
-
-    def _due(self, subject: str, what: str = "failures") -> str | None:
-        """None while `subject` was reported less than an interval ago (counted), else what
-        to append to its line: how many failures went unreported since the last one."""
-        now = time.monotonic()
-        if now - self._last.get(subject, -math.inf) < _WARNING_INTERVAL:
-            self._suppressed[subject] = self._suppressed.get(subject, 0) + 1
-            return None
-        self._last[subject] = now
-        suppressed = self._suppressed.pop(subject, 0)
-        return f" ({suppressed} more {what} since the last report)" if suppressed else ""
 
     def report_shadow(self, limiter: str, decision: Decision) -> None:
         more = self._due(f"shadow:{limiter}", "refusals")
@@ -125,9 +114,7 @@ class _FailureLog:
             )
 
     def report_hook(self, limiter: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(f"hook:{limiter}", -math.inf) >= _WARNING_INTERVAL:
-            self._last[f"hook:{limiter}"] = now
+        if self._due(f"hook:{limiter}", "failures") is not None:  # a traceback: no count
             logger.exception("the on_decision hook failed for limiter %r", limiter)
 
 

@@ -37,6 +37,7 @@ from ratesync_middleware import (
 )
 from ratesync_middleware.flask import RateLimit
 from ratesync_middleware.limiter import DecisionEvent
+from ratesync_middleware.throttle import LogThrottle
 from ratesync_middleware.wsgi import RateLimitMiddleware as WSGIRateLimitMiddleware
 from tests import request_functions
 
@@ -267,7 +268,7 @@ def test_a_raising_key_function_of_a_fail_closed_limiter_refuses_with_503(
 def test_a_slow_request_function_is_named_in_a_warning(
     serve: Callable[..., Get], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(callables, "_slow_warned", {})  # the throttle is the process's
+    monkeypatch.setattr(callables, "_slow_throttle", LogThrottle(10.0))  # the process's
     get = serve(config(cost="tests.request_functions:slow"))
     with caplog.at_level(logging.WARNING, logger="ratesync_middleware"):
         assert statuses(get, 2) == [200, 200]
