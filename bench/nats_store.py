@@ -221,7 +221,7 @@ class Ours:
         self.max_retries: float = 0  # most conflicts one compare-and-set went through
         self.batches: list[int] = []  # decisions per compare-and-set (coalescing)
         store = self.store
-        original_write = getattr(store, "_write", None)
+        original_write = getattr(store, "write_raw", None)
         original_failure = getattr(store, "_call_failure", None)
         original_commit = getattr(store, "_commit", None)
         if original_write is None:
@@ -236,7 +236,7 @@ class Ours:
                         self.lost += 1
                     raise
 
-            store._write = counting_write
+            store.write_raw = counting_write
         if original_failure is not None:
 
             def recording_failure(state: Any, error: BaseException, **options: Any) -> Any:

@@ -902,7 +902,8 @@ class NatsStore:
             if last and state.expires_at and started >= state.expires_at + _EXPIRY_MARGIN:
                 last = 0  # its TTL has ended: the server removed the key (else: read, retry)
             try:
-                revision = await self._write(subject, new_state, written, last, remaining, ttl)
+                payload = encode_state(written, new_state)
+                revision = await self.write_raw(subject, payload, last, remaining, ttl)
             except nats.js.errors.APIError as error:
                 if not is_wrong_last_sequence(error):
                     raise self._call_failure(state, error) from None
@@ -1071,10 +1072,9 @@ class NatsStore:
         if nc is None or not nc.is_connected or time.monotonic() < self._retry_at or left <= 0:
             return len(returnable)  # NATS is failing, or the time is up
         returns = [
-            self._write(
+            self.write_raw(
                 self._prefix + key,
-                tat,
-                policy,
+                encode_state(policy, tat),
                 state.revision or 0,
                 left,
                 self.ttl_until(policy.idle_at(tat)),
@@ -1151,25 +1151,6 @@ class NatsStore:
         elif isinstance(failure, DeadlineError):
             self._suspect_connection()
         return self._failed(failure)
-
-    async def _write(
-        self,
-        subject: str,
-        state: Any,
-        policy: Algorithm,
-        last_revision: int,
-        timeout: float,
-        ttl: int = 0,
-    ) -> int:
-        """Store `state` if the subject's last revision is `last_revision`; the new revision.
-        With `ttl`, the server removes the key that many seconds later unless written again."""
-        headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
-        if ttl:
-            headers[MESSAGE_TTL] = f"{ttl}s"
-        message = await self._connected_replies().request(
-            subject, encode_state(policy, state), headers, timeout
-        )
-        return ack_revision(message)
 
     def ttl_until(self, idle_at_ns: int) -> int:
         """The per-message TTL of a value whose state is full again at `idle_at_ns` (the
